@@ -1,0 +1,98 @@
+"""Device timing with CUDA events: warm-up, cold L2 between repetitions, median and spread."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Latency of one callable in milliseconds over ``reps`` cold-L2 repetitions."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    mean_ms: float
+    reps: int
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+
+
+def _stats(samples: list[float]) -> TimingStats:
+    a = np.asarray(samples, dtype=np.float64)
+    return TimingStats(
+        median_ms=float(np.median(a)),
+        p10_ms=float(np.percentile(a, 10)),
+        p90_ms=float(np.percentile(a, 90)),
+        min_ms=float(a.min()),
+        mean_ms=float(a.mean()),
+        reps=int(a.size),
+    )
+
+
+_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def l2_flush_buffer(device: torch.device, nbytes: int = 256 << 20) -> torch.Tensor:
+    """A buffer larger than L2 (50 MB on H100); writing it evicts whatever the last repetition left."""
+    buf = _FLUSH.get(device)
+    if buf is None or buf.numel() * 4 < nbytes:
+        buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+        _FLUSH[device] = buf
+    return buf
+
+
+def time_device(
+    fn: Callable[[], object],
+    reps: int = 50,
+    warmup: int = 5,
+    cold_l2: bool = True,
+    device: torch.device | str | None = None,
+) -> TimingStats:
+    """Median CUDA-event time of ``fn`` (device work only), flushing L2 before every repetition."""
+    device = torch.device(device or "cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    flush = l2_flush_buffer(device) if cold_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return _stats([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+
+
+def time_host(fn: Callable[[], object], reps: int = 20, warmup: int = 2, sync: Callable[[], None] | None = None) -> TimingStats:
+    """Median wall time of host work (plans), synchronising the device after each call if ``sync`` is given."""
+    for _ in range(warmup):
+        fn()
+        if sync is not None:
+            sync()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _stats(samples)
+
+
+def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    stats = time_device(lambda: dst.copy_(src), reps=reps, warmup=3, cold_l2=False, device=device)
+    return 2 * nbytes / (stats.median_ms * 1e-3)
