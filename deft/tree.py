@@ -189,17 +189,23 @@ class DecodingTree:
 
     @cached_property
     def dfs_order_unchecked(self) -> np.ndarray:
+        # plain Python lists: a per-node loop over numpy scalars costs several times more
+        roots = np.flatnonzero(self.parent == -1)
+        if not roots.size:
+            return np.zeros(0, dtype=np.int64)
+        kids = np.flatnonzero(self.parent >= 0)
+        by_parent = kids[np.argsort(self.parent[kids], kind="stable")].tolist()
+        ptr = np.zeros(max(self.n_nodes, int(self.parent.max()) + 1) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.parent[kids], minlength=ptr.size - 1), out=ptr[1:])
+        ptr_l = ptr.tolist()
         order: list[int] = []
-        stack = [int(np.flatnonzero(self.parent == -1)[0])] if (self.parent == -1).any() else []
-        seen = np.zeros(self.n_nodes, dtype=bool)
-        children = self.children
-        while stack:
+        stack = [int(roots[0])]
+        while stack:  # each node has one parent, so each is pushed at most once
             v = stack.pop()
-            if seen[v]:
-                continue
-            seen[v] = True
             order.append(v)
-            stack.extend(children[v][::-1].tolist())
+            a, b = ptr_l[v], ptr_l[v + 1]
+            if b > a:
+                stack.extend(reversed(by_parent[a:b]))
         return np.asarray(order, dtype=np.int64)
 
     @property
@@ -214,12 +220,13 @@ class DecodingTree:
         order = self.dfs_order
         tin = np.empty(self.n_nodes, dtype=np.int64)
         tin[order] = np.arange(order.size)
-        size = np.ones(self.n_nodes, dtype=np.int64)
-        for v in order[::-1]:  # per node, not per token
-            p = self.parent[v]
+        size_l = [1] * self.n_nodes
+        par = self.parent.tolist()
+        for v in reversed(order.tolist()):  # per node, not per token
+            p = par[v]
             if p >= 0:
-                size[p] += size[v]
-        return tin, size
+                size_l[p] += size_l[v]
+        return tin, np.asarray(size_l, dtype=np.int64)
 
     @property
     def tin(self) -> np.ndarray:
@@ -286,11 +293,11 @@ class DecodingTree:
         seen = np.zeros(self.n_nodes, dtype=np.int64)
         if self.n_queries:
             np.maximum.at(seen, self.query_node, self.query_visible)
-        lens = self.node_len
-        for v in self.dfs_order[::-1]:  # children before parents
-            p = self.parent[v]
-            if p >= 0 and seen[v] > 0:
-                seen[p] = lens[p]
+            # a node with a query strictly below it is seen in full: count queries in (tin, tin + size)
+            tin, size = self._euler
+            qt = np.sort(tin[self.query_node])
+            below = np.searchsorted(qt, tin + size, side="left") - np.searchsorted(qt, tin, side="right")
+            seen = np.where(below > 0, self.node_len, seen)
         return seen
 
     @property
