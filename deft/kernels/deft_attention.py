@@ -1,0 +1,323 @@
+"""DeFT tree attention as a method: KV-guided grouping (plan), fused partial attention plus the global
+reduction (run), and the analytic HBM traffic of exactly that tiling (io).
+
+The three paper variants (Flatten, Node, Node-Chunk) subclass :class:`DeftAttention` and only pick the
+grouping mode; see ``deft_flatten.py`` and ``deft_node.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from deft.attention import (
+    DTYPES,
+    AttentionMethod,
+    AttentionShape,
+    IOCounts,
+    Plan,
+    UnsupportedInput,
+    check_inputs,
+)
+from deft.kernels.global_reduce import launch_reduce
+from deft.kernels.kv_groups import KVGroups, build_groups, flatten_chunk_count
+from deft.kernels.tree_attention import launch_partials
+from deft.tree import DecodingTree
+
+#: head dims the kernels take; 64 and 128 are the models', 16 and 32 keep interpreter tests small
+HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+#: int32 fields per tile record (token range, query range, partial base, mask flag)
+TILE_FIELDS = 6
+
+
+@dataclass(frozen=True, eq=False)
+class DeftPlan(Plan):
+    """One step's DeFT plan: the packed index array on the device, its section views and the workspace."""
+
+    groups: KVGroups
+    meta: torch.Tensor
+    part_o: torch.Tensor
+    part_lse: torch.Tensor
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_p: int
+
+
+class _PinnedStaging:
+    """Two pinned int32 staging buffers used in turn, so a plan never overwrites a copy still in flight."""
+
+    def __init__(self) -> None:
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def alloc(self, n: int) -> np.ndarray:
+        i = self.turn
+        buf = self.bufs[i]
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(
+                max(n, 2 * (buf.numel() if buf is not None else 0), 1 << 16), dtype=torch.int32, pin_memory=True
+            )
+            self.bufs[i] = buf
+        elif self.events[i] is not None:
+            self.events[i].synchronize()  # the copy made from this buffer two plans ago
+        return buf.numpy()[:n]
+
+    def upload(self, n: int, device: torch.device) -> torch.Tensor:
+        """Copy the first ``n`` entries of the current buffer (filled through :meth:`alloc`) to the device."""
+        i = self.turn
+        self.turn ^= 1
+        dev = torch.empty(n, dtype=torch.int32, device=device)
+        dev.copy_(self.bufs[i][:n], non_blocking=True)
+        ev = self.events[i]
+        if ev is None:
+            ev = self.events[i] = torch.cuda.Event()
+        ev.record()
+        return dev
+
+
+class DeftAttention(AttentionMethod):
+    """DeFT tree attention (arXiv 2404.00242) with GQA-aware tiles, paged token-granular KV.
+
+    ``chunk_size``: fixed chunk size in tokens (Flatten, Node-Chunk); ``None`` picks per tree the
+    number of chunks that gives about ``ctas_per_sm`` programs per SM, chunks kept within
+    ``[chunk_min, chunk_max]``. ``block_m``: most tile rows (queries x heads per KV head); ``block_n``:
+    K/V tokens per inner step. ``num_warps``/``num_stages``: ``None`` picks by tile rows. ``prefetch``:
+    load the next K/V block into registers before computing the current one.
+    ``partial_dtype``: ``"float32"`` keeps partial outputs exact (measured faster on H100, see
+    notes/deft_kernels.md); ``"input"`` stores them in q's dtype (half the partial bytes). ``autotune``: on first CUDA plan, load (or measure and
+    cache) the best of a few tree-independent configurations for this GPU and shape.
+    """
+
+    name = "deft"
+    mode = "flatten"
+
+    def __init__(
+        self,
+        chunk_size: int | None = None,
+        chunk_min: int = 128,
+        chunk_max: int = 4096,
+        ctas_per_sm: float = 4.0,
+        block_m: int = 64,
+        block_n: int = 64,
+        num_warps: int | None = None,
+        num_stages: int | None = None,
+        partial_dtype: str = "float32",
+        prefetch: bool = False,
+        autotune: bool = False,
+        n_sms: int | None = None,
+    ) -> None:
+        if partial_dtype not in ("input", "float32"):
+            raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
+        if block_m not in (16, 32, 64, 128, 256) or block_n not in (16, 32, 64, 128):
+            raise ValueError(f"block_m {block_m} / block_n {block_n} must be powers of two (16..256 / 16..128)")
+        self.chunk_size = chunk_size
+        self.chunk_min = int(chunk_min)
+        self.chunk_max = int(chunk_max)
+        self.ctas_per_sm = float(ctas_per_sm)
+        self.block_m = int(block_m)
+        self.block_n = int(block_n)
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+        self.partial_dtype = partial_dtype
+        self.prefetch = bool(prefetch)
+        self.autotune = autotune
+        self._n_sms = n_sms
+        self._tuned: dict[tuple, dict[str, Any]] = {}
+        self._config_source = "constructor"
+        self._staging: dict[torch.device, _PinnedStaging] = {}
+        self._ws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        import os
+
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "needs a CUDA GPU (or TRITON_INTERPRET=1 for the Triton interpreter on CPU)"
+        return None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def n_sms(self) -> int:
+        if self._n_sms is None:
+            self._n_sms = (
+                torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+            )
+        return self._n_sms
+
+    def chunk_for(self, tree: DecodingTree, shape: AttentionShape) -> int:
+        """The chunk size this method uses for ``tree`` (0 for one chunk per node)."""
+        if self.mode == "node":
+            return 0
+        if self.chunk_size:
+            return int(self.chunk_size)
+        n_tok = max(1, tree.unique_kv_tokens)
+        n = flatten_chunk_count(
+            n_tok, shape.n_kv_heads, self.chunk_min, self.chunk_max, int(self.ctas_per_sm * self.n_sms)
+        )
+        return -(-n_tok // n)
+
+    def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
+        """The KV-guided grouping of ``tree`` (host only)."""
+        _check_shape(shape)
+        return build_groups(tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc)
+
+    def _launch_config(self, rows: int, head_dim: int) -> tuple[int, int]:
+        warps = self.num_warps or (8 if rows * head_dim >= 128 * 128 else 4)
+        stages = self.num_stages or 3
+        return warps, stages
+
+    def _maybe_autotune(self, shape: AttentionShape, device: torch.device) -> None:
+        if not self.autotune or device.type != "cuda":
+            return
+        key = (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.dtype)
+        if key in self._tuned:
+            return
+        from deft.kernels.autotune import tuned_config
+
+        cfg, source = tuned_config(type(self), shape, device)
+        self._tuned[key] = cfg
+        for k, v in cfg.items():
+            setattr(self, k, v)
+        self._config_source = source
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "chunk_size": self.chunk_size
+            if self.chunk_size
+            else f"auto[{self.chunk_min},{self.chunk_max}]x{self.ctas_per_sm}/SM",
+            "block_m": self.block_m,
+            "block_n": self.block_n,
+            "num_warps": self.num_warps or "auto",
+            "num_stages": self.num_stages or "auto",
+            "partial_dtype": self.partial_dtype,
+            "prefetch": self.prefetch,
+            "config_source": self._config_source,
+        }
+
+    def _workspace(self, n_part: int, shape: AttentionShape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial outputs and LSE, owned by the method and grown geometrically: plans on one stream
+        run in order, so consecutive plans may share it (plans run concurrently on several streams
+        may not)."""
+        p_dtype = shape.torch_dtype if self.partial_dtype == "input" else torch.float32
+        key = (device, p_dtype, shape.n_heads, shape.head_dim)
+        ws = self._ws.get(key)
+        if ws is None or ws[0].shape[0] < n_part:
+            n = max(n_part, 2 * ws[0].shape[0] if ws is not None else 0)
+            ws = (
+                torch.empty(n, shape.n_heads, shape.head_dim, dtype=p_dtype, device=device),
+                torch.empty(n, shape.n_heads, dtype=torch.float32, device=device),
+            )
+            self._ws[key] = ws
+        return ws[0][:n_part], ws[1][:n_part]
+
+    # ------------------------------------------------------------------ plan / run / io
+    def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> DeftPlan:
+        device = torch.device(device)
+        _check_shape(shape)
+        self._maybe_autotune(shape, device)
+        staging = None
+        if device.type == "cuda":
+            staging = self._staging.get(device)
+            if staging is None:
+                staging = self._staging[device] = _PinnedStaging()
+        g = self.groups(tree, shape, staging.alloc if staging else None)
+        meta = staging.upload(g.packed.size, device) if staging else torch.from_numpy(g.packed)
+        part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
+        warps, stages = self._launch_config(g.rows, shape.head_dim)
+        block_p = min(64, max(2, 1 << max(0, (g.max_parts - 1).bit_length())))
+        return DeftPlan(
+            n_queries=tree.n_queries, shape=shape, device=str(device), groups=g, meta=meta,
+            part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
+            num_warps=warps, num_stages=stages, block_p=block_p,
+        )  # fmt: skip
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        plan: DeftPlan,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Partial attention per (tile, KV head), then the global reduction into ``out`` (new if ``None``)."""
+        check_inputs(q, k_pool, v_pool, HEAD_DIMS, KERNEL_DTYPES)
+        s = plan.shape
+        if (
+            q.shape[0] != plan.n_queries
+            or q.shape[1] != s.n_heads
+            or k_pool.shape[1] != s.n_kv_heads
+            or q.shape[2] != s.head_dim
+        ):
+            raise UnsupportedInput(
+                f"inputs q {tuple(q.shape)}, pool {tuple(k_pool.shape)} do not match the plan "
+                f"({plan.n_queries} queries, {s.n_heads}/{s.n_kv_heads} heads, head_dim {s.head_dim})"
+            )
+        if q.dtype != s.torch_dtype:
+            raise UnsupportedInput(f"q is {q.dtype} but the plan was made for {s.dtype}")
+        if q.stride(2) != 1 or k_pool.stride(2) != 1 or v_pool.stride(2) != 1:
+            raise UnsupportedInput("q, k_pool and v_pool need a contiguous head_dim (stride 1)")
+        if str(q.device) != plan.device and not (q.device.type == "cuda" and plan.device.startswith("cuda")):
+            raise UnsupportedInput(f"q is on {q.device} but the plan was made for {plan.device}")
+        if out is None:
+            out = torch.empty_like(q)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+            raise UnsupportedInput(f"out {tuple(out.shape)} {out.dtype} must match q {tuple(q.shape)} {q.dtype}")
+        if plan.n_queries == 0:
+            return out
+        g = plan.groups
+        self.last_kernel = launch_partials(
+            q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
+            plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch,
+        )  # fmt: skip
+        launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
+        return out
+
+    def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
+        return groups_io(self.groups(tree, shape), tree.n_queries, shape, self.partial_dtype)
+
+
+def _check_shape(shape: AttentionShape) -> None:
+    if shape.head_dim not in HEAD_DIMS:
+        raise UnsupportedInput(f"head_dim {shape.head_dim} not supported by the DeFT kernels; supported: {HEAD_DIMS}")
+    if DTYPES[shape.dtype] not in KERNEL_DTYPES:
+        raise UnsupportedInput(f"dtype {shape.dtype} not supported by the DeFT kernels; use float16 or bfloat16")
+
+
+def groups_io(g: KVGroups, n_queries: int, shape: AttentionShape, partial_dtype: str = "input") -> IOCounts:
+    """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores.
+
+    - kv: every (tile, KV head) program loads its chunk's K and V rows once (masked tail rows are not
+      fetched), so a chunk split into two query tiles counts twice.
+    - q: each tile's queries, all heads (the KV-head programs of a tile split the row between them).
+    - o: the reduction writes every query row once.
+    - partial: each (chunk, query) partial row, all heads, output plus fp32 log-sum-exp, written by the
+      attention kernel and read back by the reduction.
+    - mask: per masked program, the node index of each token (int32); the per-node table it indexes
+      (offset, DFS entry, subtree end) is a few KB, counted once.
+    - meta: per program the tile record, one slot index per token and its queries' records (index,
+      entry, visible); per (query, head) of the reduction its list pointers, query index and
+      partial-row indices.
+    """
+    t = g.records("tiles")
+    ntok = t["tok_hi"] - t["tok_lo"]
+    nq_t = t["q_hi"] - t["q_lo"]
+    masked = t["mask"] != 0
+    kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim
+    p_bytes = shape.elem_bytes if partial_dtype == "input" else 4
+    per_program_meta = g.n_tiles * TILE_FIELDS * 4 + int(ntok.sum()) * 4 + int(nq_t.sum()) * 12
+    return IOCounts(
+        kv=int(ntok.sum()) * shape.kv_token_bytes,
+        q=int(nq_t.sum()) * shape.q_row_bytes,
+        o=n_queries * shape.q_row_bytes,
+        partial=2 * g.n_partials * heads * (d * p_bytes + 4),
+        mask=kvh * int(ntok[masked].sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
+        meta=kvh * per_program_meta + heads * (n_queries * 3 * 4 + g.n_partials * 4),
+    )

@@ -1,0 +1,216 @@
+"""The fused DeFT attention kernel: per (tile, KV head), partial attention of the tile's queries over
+its chunk of gathered K/V, with online softmax; writes a normalised partial output and its log-sum-exp.
+
+GQA-aware: a tile's rows are (local query, query head of this KV head), so each K/V block is loaded
+once for all ``group`` query heads that share it; ``tl.dot`` runs the rows on tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    """The Triton interpreter (3.6) computes bf16 ``tl.dot`` wrongly; there, upcast to fp32 first."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _attend_chunk(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    tok_slot,
+    tok_node,
+    nodes,
+    t_lo,
+    t_hi,
+    row_tin,
+    row_vis,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Online softmax of the tile's rows over flat tokens ``[t_lo, t_hi)``: the inner loop.
+
+    The next block's slot indices are loaded one iteration ahead, and K and V of a block are issued
+    together, so the gathers never wait on an index load; with ``PREFETCH`` the next block's K and V
+    themselves are loaded into registers before the current block is computed (two blocks in flight)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t = t_lo + offs_n
+    slot = tl.load(tok_slot + t, mask=t < t_hi, other=0).to(tl.int64)
+    if PREFETCH:
+        # K/V of the next block are loaded into registers before this block is computed
+        k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=(t < t_hi)[:, None], other=0.0)
+        v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=(t < t_hi)[:, None], other=0.0)
+        slot = tl.load(tok_slot + t + BLOCK_N, mask=t + BLOCK_N < t_hi, other=0).to(tl.int64)
+    for _start in range(t_lo, t_hi, BLOCK_N):
+        valid = t < t_hi
+        t_next = t + BLOCK_N
+        if PREFETCH:
+            nvalid = t_next < t_hi
+            k_cur = k
+            v_cur = v
+            k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=nvalid[:, None], other=0.0)
+            v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=nvalid[:, None], other=0.0)
+            slot = tl.load(tok_slot + t_next + BLOCK_N, mask=t_next + BLOCK_N < t_hi, other=0).to(tl.int64)
+        else:
+            k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+            slot = tl.load(tok_slot + t_next, mask=t_next < t_hi, other=0).to(tl.int64)
+        if DOT_F32:
+            k_cur = k_cur.to(tl.float32)
+            v_cur = v_cur.to(tl.float32)
+        s = tl.dot(q, tl.trans(k_cur)) * qk_scale
+        if MASKED:
+            # visibility: ancestor-or-self, and causal inside the query's own node
+            node = tl.load(tok_node + t, mask=valid, other=0) * 3
+            pos = t - tl.load(nodes + node, mask=valid, other=0)
+            tin = tl.load(nodes + node + 1, mask=valid, other=0)
+            end = tl.load(nodes + node + 2, mask=valid, other=0)
+            vis = (
+                (tin[None, :] <= row_tin[:, None])
+                & (row_tin[:, None] < end[None, :])
+                & ((row_tin[:, None] != tin[None, :]) | (pos[None, :] < row_vis[:, None]))
+            )
+            s = tl.where(vis & valid[None, :], s, float("-inf"))
+        else:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_cur.dtype), v_cur)
+        m_i = m_new
+        t = t_next
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries"])
+def deft_partial_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    part_o,
+    part_lse,
+    meta,
+    off_tok_slot,
+    off_tok_node,
+    off_nodes,
+    off_queries,
+    stride_qn,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_pn,
+    stride_ph,
+    stride_ln,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    rec = meta + tile * 6  # the tiles section starts the packed array
+    t_lo = tl.load(rec)
+    t_hi = tl.load(rec + 1)
+    q_lo = tl.load(rec + 2)
+    n_q = tl.load(rec + 3) - q_lo
+    pbase = tl.load(rec + 4)
+    need_mask = tl.load(rec + 5)
+
+    rows = tl.arange(0, BLOCK_M)
+    lq = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = lq < n_q
+    qrec = meta + off_queries + (q_lo + lq) * 3
+    qid = tl.load(qrec, mask=row_ok, other=0).to(tl.int64)
+    row_tin = tl.load(qrec + 1, mask=row_ok, other=-1)
+    row_vis = tl.load(qrec + 2, mask=row_ok, other=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + qid[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    # two copies of the loop: tiles that need no visibility test carry none of its registers
+    if need_mask != 0:
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
+            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
+            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32,
+        )  # fmt: skip
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    prow = (pbase + lq).to(tl.int64)
+    tl.store(
+        part_o + prow[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
+        o.to(part_o.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(part_lse + prow * stride_ln + head, lse, mask=row_ok)
+
+
+def launch_partials(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    meta: torch.Tensor,
+    offsets: dict[str, tuple[int, int]],
+    n_tiles: int,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    prefetch: bool = False,
+):
+    """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
+    Returns the compiled kernel (registers, spills, shared memory are on it)."""
+    n_kv, d = k_pool.shape[1], k_pool.shape[2]
+    return deft_partial_kernel[(n_tiles, n_kv)](
+        q, k_pool, v_pool, part_o, part_lse, meta,
+        offsets["tok_slot"][0], offsets["tok_node"][0], offsets["nodes"][0], offsets["queries"][0],
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        part_o.stride(0), part_o.stride(1), part_lse.stride(0),
+        LOG2E / math.sqrt(d),
+        GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip

@@ -1,0 +1,338 @@
+"""DeFT-Flatten / Node / Node-Chunk against the fp64 reference, under the Triton interpreter on CPU.
+
+Small trees and head_dim 16/32 keep the interpreter fast; every shape feature the GPU sees (chunk
+boundaries inside and across nodes, split query tiles, GQA 1/4/8, causal speculative nodes) is here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from deft.attention import AttentionShape, UnsupportedInput
+from deft.kernels import deft_attention
+from deft.kernels.deft_flatten import DeftFlatten
+from deft.kernels.deft_node import DeftNode, DeftNodeChunk
+from deft.reference import TOLERANCE, reference_attention, relative_error
+from deft.tree import DecodingTree
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="DeFT kernels need a CUDA GPU or TRITON_INTERPRET=1",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METHODS = {
+    "flatten": lambda **kw: DeftFlatten(**kw),
+    "node": lambda **kw: DeftNode(**{k: v for k, v in kw.items() if k != "chunk_size"}),
+    "node_chunk": lambda **kw: DeftNodeChunk(**kw),
+}
+
+
+# ---------------------------------------------------------------------- tree builders
+def random_tree(rng, n_nodes: int, max_len: int, extra_queries: int = 0, pool_extra: int = 37) -> DecodingTree:
+    """Random parents, lengths and scattered pool slots; one query per leaf (full node) plus
+    ``extra_queries`` at random nodes with a random visible prefix."""
+    parent = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, n_nodes)])
+    lens = rng.integers(1, max_len + 1, n_nodes)
+    n_tok = int(lens.sum())
+    slots = rng.permutation(n_tok + pool_extra)[:n_tok]
+    leaves = np.setdiff1d(np.arange(n_nodes), parent[parent >= 0])
+    qn = list(leaves)
+    qv = list(lens[leaves])
+    for _ in range(extra_queries):
+        n = int(rng.integers(0, n_nodes))
+        qn.append(n)
+        qv.append(int(rng.integers(1, lens[n] + 1)))
+    perm = rng.permutation(len(qn))  # query order must not matter
+    return DecodingTree.from_arrays(
+        parent, lens, slots, np.array(qn)[perm], np.array(qv)[perm], n_slots=n_tok + pool_extra
+    )
+
+
+def fan_tree(prompt: int, width: int, branch: int, rng=None) -> DecodingTree:
+    """Few-shot shape: a prompt and ``width`` branches, one query at each branch's newest token."""
+    lens = [prompt] + [branch] * width
+    n_tok = sum(lens)
+    slots = np.arange(n_tok) if rng is None else rng.permutation(n_tok)
+    return DecodingTree.from_arrays([-1] + [0] * width, lens, slots, np.arange(1, width + 1), [branch] * width)
+
+
+def chain_tree(depth: int, node_len: int, rng) -> DecodingTree:
+    """A deep chain; queries at several depths, some seeing only part of their node."""
+    lens = [node_len] * depth
+    n_tok = depth * node_len
+    qn = [depth - 1, depth // 2, 3, 0]
+    qv = [node_len, 1, node_len - 1, node_len]
+    return DecodingTree.from_arrays([-1] + list(range(depth - 1)), lens, rng.permutation(n_tok), qn, qv)
+
+
+def speculative_tree(prompt: int, n_candidates: int, rng) -> DecodingTree:
+    """A prompt node and a random token tree of candidates under it. Candidate nodes are chains of 1..4
+    tokens; every candidate token is a query (causal inside its node via ``visible``)."""
+    parent = [-1]
+    lens = [prompt]
+    qn: list[int] = []
+    qv: list[int] = []
+    left = n_candidates
+    while left > 0:
+        ln = int(min(left, rng.integers(1, 5)))
+        parent.append(int(rng.integers(0, len(parent))))
+        lens.append(ln)
+        qn += [len(lens) - 1] * ln
+        qv += list(range(1, ln + 1))
+        left -= ln
+    n_tok = sum(lens)
+    return DecodingTree.from_arrays(parent, lens, rng.permutation(n_tok + 5)[:n_tok], qn, qv, n_slots=n_tok + 5)
+
+
+def tensors(tree: DecodingTree, heads: int, kv_heads: int, head_dim: int, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n_slots = tree.n_slots or int(tree.slots.max()) + 1
+    q = torch.randn(tree.n_queries, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(n_slots, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(n_slots, kv_heads, head_dim, generator=g).to(dtype)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def check(method, tree, heads=8, kv_heads=2, head_dim=16, dtype=torch.float16, seed=0):
+    """Run with NaN-poisoned partials and output; compare with the fp64 reference."""
+    q, k, v = tensors(tree, heads, kv_heads, head_dim, dtype, seed)
+    shape = AttentionShape(heads, kv_heads, head_dim, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
+    plan = method.plan(tree, shape, DEVICE)
+    plan.part_o.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    method.run(q, k, v, plan, out=out)
+    err = relative_error(out, reference_attention(q, k, v, tree))
+    assert err < TOLERANCE[dtype], f"{method.name} rel err {err:.2e} on {tree}"
+    return plan
+
+
+# ---------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("seed", range(4))
+def test_random_trees_chunk_boundaries_inside_and_across_nodes_match_reference(mode, seed):
+    rng = np.random.default_rng(seed)
+    tree = random_tree(rng, n_nodes=int(rng.integers(2, 14)), max_len=40, extra_queries=3)
+    dtype = (torch.float16, torch.bfloat16)[seed % 2]
+    check(METHODS[mode](chunk_size=int(rng.integers(5, 40)), block_n=16), tree, dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_node_longer_than_many_chunks_matches_reference(mode):
+    rng = np.random.default_rng(1)
+    tree = fan_tree(300, 3, 5, rng)
+    plan = check(METHODS[mode](chunk_size=16, block_n=16), tree)
+    assert plan.groups.n_chunks >= 300 // 16
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_more_queries_than_a_tile_holds_split_and_match_reference(mode):
+    rng = np.random.default_rng(2)
+    tree = fan_tree(40, 12, 3, rng)  # 12 queries x 4 heads; tiles of 16 rows hold 4 queries
+    plan = check(METHODS[mode](chunk_size=32, block_m=16, block_n=16), tree)
+    assert plan.groups.n_tiles > plan.groups.n_chunks
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_deep_chain_with_partial_visibility_matches_reference(mode):
+    check(METHODS[mode](chunk_size=7, block_n=16), chain_tree(30, 3, np.random.default_rng(3)), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_wide_fan_width_64_matches_reference(mode):
+    tree = fan_tree(60, 64, 2, np.random.default_rng(4))
+    check(METHODS[mode](chunk_size=48, block_n=16), tree, heads=4, kv_heads=1, head_dim=32)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gqa_ratios_and_dtypes_match_reference(heads, kv_heads, dtype):
+    rng = np.random.default_rng(5)
+    tree = random_tree(rng, n_nodes=8, max_len=20, extra_queries=2)
+    check(DeftFlatten(chunk_size=19, block_n=16, block_m=32), tree, heads, kv_heads, 32, dtype)
+
+
+@pytest.mark.parametrize("n_candidates,mode", [(5, "flatten"), (37, "flatten"), (256, "flatten"), (37, "node_chunk")])
+def test_speculative_tree_causal_inside_nodes_matches_reference(n_candidates, mode):
+    rng = np.random.default_rng(n_candidates)
+    tree = speculative_tree(50, n_candidates, rng)
+    check(METHODS[mode](chunk_size=24, block_n=16), tree, heads=4, kv_heads=1, dtype=torch.bfloat16)
+
+
+def test_speculative_tree_node_mode_matches_reference():
+    check(DeftNode(block_n=16), speculative_tree(30, 20, np.random.default_rng(9)), heads=4, kv_heads=1)
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_single_sequence_plain_decoding_matches_reference(mode):
+    rng = np.random.default_rng(6)
+    tree = DecodingTree.from_arrays([-1], [77], rng.permutation(77), [0], [77])
+    check(METHODS[mode](chunk_size=20, block_n=16), tree, head_dim=64)
+
+
+def test_single_node_many_causal_queries_matches_reference():
+    tree = DecodingTree.from_arrays([-1], [40], np.arange(40), np.zeros(20, dtype=int), np.arange(21, 41))
+    check(DeftFlatten(chunk_size=9, block_n=16), tree)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_partials_in_input_dtype_match_reference(dtype):
+    tree = random_tree(np.random.default_rng(7), n_nodes=6, max_len=30, extra_queries=2)
+    check(DeftFlatten(chunk_size=16, block_n=16, partial_dtype="input"), tree, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["flatten", "node"])
+def test_register_prefetch_pipeline_matches_reference(mode):
+    tree = random_tree(np.random.default_rng(12), n_nodes=7, max_len=40, extra_queries=2)
+    check(METHODS[mode](chunk_size=40, block_n=16, prefetch=True), tree, dtype=torch.bfloat16)
+
+
+def test_head_dim_128_default_tiles_match_reference():
+    check(DeftFlatten(chunk_size=64), fan_tree(100, 3, 9, np.random.default_rng(8)), heads=4, kv_heads=1, head_dim=128)
+
+
+def test_one_plan_serves_every_layer():
+    tree = random_tree(np.random.default_rng(10), n_nodes=5, max_len=20)
+    m = DeftFlatten(chunk_size=16, block_n=16)
+    plan = m.plan(tree, AttentionShape(8, 2, 16, "float16"), DEVICE)
+    for layer in range(2):
+        q, k, v = tensors(tree, 8, 2, 16, torch.float16, seed=layer)
+        assert relative_error(m.run(q, k, v, plan), reference_attention(q, k, v, tree)) < TOLERANCE[torch.float16]
+
+
+# ---------------------------------------------------------------------- errors before launch
+@pytest.fixture
+def no_launch(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("kernel launched on bad input")
+
+    monkeypatch.setattr(deft_attention, "launch_partials", boom)
+    monkeypatch.setattr(deft_attention, "launch_reduce", boom)
+
+
+def test_bad_inputs_raise_before_launch(no_launch):
+    tree = fan_tree(10, 2, 2)
+    m = DeftFlatten()
+    with pytest.raises(UnsupportedInput, match="head_dim 80"):
+        m.plan(tree, AttentionShape(8, 2, 80, "float16"), DEVICE)
+    with pytest.raises(UnsupportedInput, match="float32"):
+        m.plan(tree, AttentionShape(8, 2, 64, "float32"), DEVICE)
+    with pytest.raises(UnsupportedInput, match="multiple"):
+        AttentionShape(6, 4, 64, "float16")
+    plan = m.plan(tree, AttentionShape(8, 2, 16, "float16"), DEVICE)
+    q, k, v = tensors(tree, 8, 2, 16, torch.float16)
+    with pytest.raises(UnsupportedInput, match="dtype mismatch"):
+        m.run(q, k.bfloat16(), v.bfloat16(), plan)
+    with pytest.raises(UnsupportedInput, match="not a multiple"):
+        m.run(q[:, :6], k[:, :1].expand(-1, 4, -1), v[:, :1].expand(-1, 4, -1), plan)
+    with pytest.raises(UnsupportedInput, match="do not match the plan"):
+        m.run(q[:1], k, v, plan)
+    k24 = torch.zeros(k.shape[0], 2, 24, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(UnsupportedInput, match="head_dim 24"):
+        m.run(torch.zeros(q.shape[0], 8, 24, dtype=torch.float16, device=DEVICE), k24, k24, plan)
+    with pytest.raises(UnsupportedInput, match="plan was made for"):
+        m.run(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan)
+
+
+# ---------------------------------------------------------------------- plan structure and io
+def _plan_counts(g, tree: DecodingTree):
+    """Walk the plan tile by tile: check that it covers exactly the visible (query, token) pairs, and
+    count what the kernels move."""
+    tiles, nodes, queries = g.records("tiles"), g.records("nodes"), g.records("queries")
+    tok_slot = g.section("tok_slot").astype(np.int64)
+    tok_node = g.section("tok_node").astype(np.int64)
+    n_tok = tok_slot.size
+    # the plan's flat tokens are exactly the tree's seen tokens, each once, grouped by node
+    assert np.array_equal(np.sort(tok_slot), np.sort(tree.token_table()[0][_seen_mask(tree)]))
+    assert np.array_equal(tok_node, np.searchsorted(nodes["off"], np.arange(n_tok), side="right") - 1)
+    slot_to_flat = {int(s): i for i, s in enumerate(tok_slot)}
+    slot, node, pos = tree.token_table()
+    vis = tree.visibility(node, pos)  # [Q, T_all] in token_table order
+    flat_of_col = np.array([slot_to_flat.get(int(s), -1) for s in slot])
+    covered = np.zeros((tree.n_queries, n_tok), dtype=np.int64)
+    counts = dict(kv_tokens=0, q_rows=0, masked_tokens=0)
+    rows_seen = set()
+    for t in range(g.n_tiles):
+        lo, hi = tiles["tok_lo"][t], tiles["tok_hi"][t]
+        qs = queries["idx"][tiles["q_lo"][t] : tiles["q_hi"][t]]
+        counts["kv_tokens"] += hi - lo
+        counts["q_rows"] += qs.size
+        counts["masked_tokens"] += (hi - lo) * int(tiles["mask"][t] != 0)
+        rows_seen.update(range(int(tiles["pbase"][t]), int(tiles["pbase"][t]) + qs.size))
+        cols = (flat_of_col >= lo) & (flat_of_col < hi)
+        sub = vis[:, cols]
+        covered[np.ix_(qs, flat_of_col[cols])] += sub[qs].astype(np.int64)
+        if tiles["mask"][t] == 0:  # an unmasked tile: all its queries see all its tokens
+            assert sub[qs].all()
+    assert len(rows_seen) == g.n_partials
+    counts["partial_rows"] = g.n_partials
+    # every visible (query, token) pair is computed exactly once
+    want = np.zeros_like(covered)
+    want[:, flat_of_col[flat_of_col >= 0]] = vis[:, flat_of_col >= 0]
+    assert np.array_equal(covered, want)
+    # the reduction merges, per query, exactly the partial rows its tiles wrote
+    ptr, idx = g.section("red_ptr"), g.section("red_idx")
+    assert ptr[-1] == g.n_partials and np.array_equal(np.sort(idx), np.arange(g.n_partials))
+    return counts
+
+
+def _seen_mask(tree: DecodingTree) -> np.ndarray:
+    _, node, pos = tree.token_table()
+    return pos < tree.node_seen_len[node]
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("seed", range(6))
+def test_io_matches_counts_taken_from_the_plan(mode, seed):
+    rng = np.random.default_rng(100 + seed)
+    if seed < 3:
+        tree = random_tree(rng, n_nodes=int(rng.integers(1, 25)), max_len=30, extra_queries=int(rng.integers(0, 6)))
+    elif seed == 3:
+        tree = speculative_tree(40, 60, rng)
+    else:
+        tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])))
+    g = m.groups(tree, shape)
+    c = _plan_counts(g, tree)
+    io = m.io(tree, shape)
+    assert io.kv == c["kv_tokens"] * shape.kv_token_bytes
+    assert io.q == c["q_rows"] * shape.q_row_bytes
+    assert io.o == tree.n_queries * shape.q_row_bytes
+    p_bytes = 4 if m.partial_dtype == "float32" else shape.elem_bytes
+    assert io.partial == 2 * c["partial_rows"] * shape.n_heads * (shape.head_dim * p_bytes + 4)
+    assert io.mask >= shape.n_kv_heads * c["masked_tokens"] * 4
+    assert io.kv >= tree.unique_kv_tokens * shape.kv_token_bytes  # never below the floor
+    if g.n_tiles == g.n_chunks:
+        assert io.kv == tree.unique_kv_tokens * shape.kv_token_bytes
+
+
+def test_flatten_chunks_are_near_equal_and_node_chunks_follow_nodes():
+    tree = random_tree(np.random.default_rng(11), n_nodes=20, max_len=50)
+    shape = AttentionShape(8, 2, 64, "float16")
+    g = DeftFlatten(chunk_size=33).groups(tree, shape)
+    lo, hi = g.records("tiles")["tok_lo"], g.records("tiles")["tok_hi"]
+    sizes = np.unique(np.stack([lo, hi]), axis=1)
+    sizes = sizes[1] - sizes[0]
+    assert sizes.max() - sizes.min() <= 1 and sizes.max() <= 33
+    gn = DeftNode().groups(tree, shape)
+    assert gn.n_chunks == int((tree.node_seen_len > 0).sum())
+    gc = DeftNodeChunk(chunk_size=10).groups(tree, shape)
+    assert gc.n_chunks == int(np.ceil(tree.node_seen_len[tree.node_seen_len > 0] / 10).sum())
+
+
+def test_plan_with_no_queries_runs_to_empty_output():
+    tree = DecodingTree.from_arrays([-1], [5], np.arange(5), [], [])
+    m = DeftFlatten()
+    q, k, v = tensors(tree, 8, 2, 16, torch.float16)
+    assert m(q, k, v, tree).shape == (0, 8, 16)
+
+
+def test_describe_reports_tunables():
+    d = DeftFlatten(chunk_size=256, block_m=64).describe()
+    assert d["chunk_size"] == 256 and d["block_m"] == 64 and d["mode"] == "flatten"
