@@ -1,12 +1,41 @@
 # Source at the start of every GPU-machine command (it has no network):
 #   source scripts/device_env.sh
-# Installs the carried wheels (.whl/, from scripts/download_wheels.sh) into /tmp/site, puts the project
-# on PYTHONPATH, and points FlashInfer's JIT cache at .cache/flashinfer so it can be carried between calls.
+# - installs the carried wheels (.whl/, from scripts/download_wheels.sh) into /tmp/site and puts it and the
+#   project on PYTHONPATH;
+# - removes xformers' CUDA extension (built for torch 2.10; it cannot load on the machine's torch 2.11) so
+#   xformers takes its no-extension path; its Triton split-K operator does not need it;
+# - points FlashInfer's JIT workspace at ./.cache/flashinfer (FLASHINFER_WORKSPACE_BASE=$PWD) and installs
+#   previously built FlashInfer modules from .cache/flashinfer_aot.tar.gz as FlashInfer AOT modules
+#   (flashinfer/data/aot/<name>/<name>.so, which FlashInfer loads before trying to JIT-compile), so a
+#   carried cache is used without ninja re-checking source timestamps or paths.
+# End a command with `deft_pack_flashinfer_cache "$OUT"` to send the built modules back (<= 15 MiB parts:
+# flashinfer_aot.tar.gz.part-aa, -ab, ...); here, `cat <files_at>/flashinfer_aot.tar.gz.part-* >
+# .cache/flashinfer_aot.tar.gz` and pass carry [".whl", ".cache"] to the next call.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "device_env: wheel install failed" >&2; return 1 2>/dev/null || exit 1; }
+  rm -f /tmp/site/xformers/_C.so
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache
+export FLASHINFER_WORKSPACE_BASE=$PWD   # FlashInfer appends .cache/flashinfer/<version>/<arch>/
 mkdir -p .cache
+if [ -f .cache/flashinfer_aot.tar.gz ] && [ -d /tmp/site/flashinfer ]; then
+  mkdir -p /tmp/site/flashinfer/data/aot
+  tar -xzf .cache/flashinfer_aot.tar.gz -C /tmp/site/flashinfer/data/aot \
+    && echo "device_env: FlashInfer modules from cache: $(ls /tmp/site/flashinfer/data/aot | tr '\n' ' ')"
+fi
+
+deft_pack_flashinfer_cache() {  # deft_pack_flashinfer_cache DEST: built FlashInfer modules -> DEST/flashinfer_aot.tar.gz.part-*
+  local dest=${1:?destination folder} stage
+  stage=$(mktemp -d)
+  for so in .cache/flashinfer/*/*/cached_ops/*/*.so /tmp/site/flashinfer/data/aot/*/*.so; do
+    [ -f "$so" ] || continue
+    mkdir -p "$stage/$(basename "$(dirname "$so")")" && cp -n "$so" "$stage/$(basename "$(dirname "$so")")/"
+  done
+  if [ -n "$(ls "$stage")" ]; then
+    tar -czf - -C "$stage" . | split -b 15M - "$dest/flashinfer_aot.tar.gz.part-"
+    echo "deft_pack_flashinfer_cache: $(ls "$stage" | wc -l) modules, $(du -ch "$dest"/flashinfer_aot.tar.gz.part-* | tail -1 | cut -f1) packed"
+  fi
+  rm -rf "$stage"
+}

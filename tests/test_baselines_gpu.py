@@ -1,0 +1,315 @@
+"""Library baselines (FlashInfer paged and cascade, xformers split-K, FlexAttention) vs the fp64 reference.
+
+GPU tests are marked ``gpu`` and skip, naming the method and the reason, where the method cannot run. The
+CPU tests pin what runs everywhere: one-line unavailability reasons, ``io`` without a GPU, the host-side
+layouts (checked by emulating the library's algorithm in fp64), and eager FlexAttention on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from baselines.flashinfer_cascade import FlashInferCascade, cascade_layout
+from baselines.flashinfer_paged import FlashInferPaged, query_paths, split_kv_chunks
+from baselines.flex_attention import FlexAttention, tree_mask_tables
+from baselines.xformers_splitk import XformersSplitK, xformers_split_k
+from deft.attention import AttentionShape, IOCounts, floor_io
+from deft.reference import TOLERANCE, reference_attention, relative_error
+from deft.tree import DecodingTree
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "flashinfer_paged": FlashInferPaged,
+    "flashinfer_cascade": FlashInferCascade,
+    "xformers_splitk": XformersSplitK,
+    "flex_attention": FlexAttention,
+}
+GPU_ONLY = ("flashinfer_paged", "flashinfer_cascade", "xformers_splitk")
+SHAPE = AttentionShape(n_heads=8, n_kv_heads=2, head_dim=128, dtype="bfloat16")  # GQA group 4, head_dim 128
+
+
+# ---------------------------------------------------------------------------------------------- trees
+def multi_level_tree(rng: np.random.Generator, depth: int = 3, fanout: int = 3, max_len: int = 40) -> DecodingTree:
+    """Root prompt plus ``depth`` levels of branches with multi-token nodes; one query per leaf (plain decoding),
+    plus a query on one internal node and two on the root (queries whose path ends above the deepest level)."""
+    parent, lens = [-1], [int(rng.integers(64, 300))]
+    frontier = [0]
+    for _ in range(depth):
+        nxt = []
+        for p in frontier:
+            for _ in range(int(rng.integers(1, fanout + 1))):
+                parent.append(p)
+                lens.append(int(rng.integers(1, max_len + 1)))
+                nxt.append(len(parent) - 1)
+        frontier = nxt
+    leaves = sorted(set(range(len(parent))) - set(parent))
+    queries = [(v, lens[v]) for v in rng.permutation(leaves)]  # not in DFS order: run must reorder
+    queries += [(1, lens[1]), (0, lens[0]), (0, int(rng.integers(1, lens[0])))]
+    return _scattered(parent, lens, queries, rng)
+
+
+def speculative_tree(rng: np.random.Generator, prompt: int = 200, n_cand: int = 24) -> DecodingTree:
+    """Medusa-style: a prompt, a random tree of single-token candidates (one query each), plus a multi-token
+    node whose every token is a query (partial visibility inside a node)."""
+    parent, lens = [-1], [prompt]
+    for i in range(1, n_cand + 1):
+        parent.append(int(rng.integers(0, i)))
+        lens.append(1)
+    parent.append(int(rng.integers(1, n_cand + 1)))
+    lens.append(7)
+    queries = [(v, 1) for v in range(1, n_cand + 1)] + [(n_cand + 1, k) for k in range(1, 8)]
+    return _scattered(parent, lens, queries, rng)
+
+
+def _scattered(parent, lens, queries, rng, spare: int = 100) -> DecodingTree:
+    lens = np.asarray(lens)
+    n_slots = int(lens.sum()) + spare
+    slots = rng.permutation(n_slots)[: lens.sum()]
+    ptr = np.concatenate([[0], np.cumsum(lens)])
+    return DecodingTree.from_lists(parent, [slots[ptr[i] : ptr[i + 1]] for i in range(len(lens))], queries, n_slots=n_slots)
+
+
+def _inputs(tree: DecodingTree, shape: AttentionShape, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = shape.torch_dtype
+    q = torch.randn(tree.n_queries, shape.n_heads, shape.head_dim, generator=g).to(device, dt)
+    k = torch.randn(tree.n_slots, shape.n_kv_heads, shape.head_dim, generator=g).to(device, dt)
+    v = torch.randn(tree.n_slots, shape.n_kv_heads, shape.head_dim, generator=g).to(device, dt)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def _skip_unless_runs(name: str) -> None:
+    reason = METHODS[name].unavailable_reason()
+    if reason is None and name in GPU_ONLY + ("flex_attention",) and not torch.cuda.is_available():
+        reason = "needs a CUDA GPU (torch sees none)"
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+
+
+def _method(name: str):
+    return METHODS[name]()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["multi_level", "speculative", "random"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_library_baseline_matches_reference_on_gpu(name, kind, dtype, make_random_tree):
+    _skip_unless_runs(name)
+    rng = np.random.default_rng(zlib.crc32(f"{name}{kind}{dtype}".encode()))
+    shape = AttentionShape(SHAPE.n_heads, SHAPE.n_kv_heads, SHAPE.head_dim, dtype)
+    method = _method(name)
+    if kind == "multi_level":
+        trees = [multi_level_tree(rng)]
+    elif kind == "speculative":
+        trees = [speculative_tree(rng)]
+    else:
+        n = 2 if name == "flex_attention" else 3  # flex compiles once per tree shape
+        trees = [make_random_tree(rng, max_nodes=12, max_len=20, max_queries=6) for _ in range(n)]
+    for tree in trees:
+        q, k, v = _inputs(tree, shape, "cuda")
+        out = method.run(q, k, v, method.plan(tree, shape, "cuda"))
+        torch.cuda.synchronize()
+        assert out.shape == q.shape and out.dtype == q.dtype
+        err = relative_error(out, reference_attention(q, k, v, tree))
+        assert err < TOLERANCE[shape.torch_dtype], f"{name} on {tree}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_flashinfer_paged_without_tensor_cores_matches_reference():
+    _skip_unless_runs("flashinfer_paged")
+    tree = multi_level_tree(np.random.default_rng(1))
+    q, k, v = _inputs(tree, SHAPE, "cuda")
+    method = FlashInferPaged(use_tensor_cores=False)
+    err = relative_error(method.run(q, k, v, method.plan(tree, SHAPE, "cuda")), reference_attention(q, k, v, tree))
+    assert err < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("force", [True, False])
+def test_flex_attention_forced_kernel_matches_reference(force):
+    _skip_unless_runs("flex_attention")
+    tree = speculative_tree(np.random.default_rng(3), n_cand=40)  # 47 queries x 4 heads: taller than 128 rows
+    q, k, v = _inputs(tree, SHAPE, "cuda")
+    method = FlexAttention(force_flex_attention=force)
+    err = relative_error(method.run(q, k, v, method.plan(tree, SHAPE, "cuda")), reference_attention(q, k, v, tree))
+    assert err < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_flashinfer_stale_plan_is_refused():
+    _skip_unless_runs("flashinfer_paged")
+    rng = np.random.default_rng(2)
+    method = FlashInferPaged()
+    t1, t2 = multi_level_tree(rng), multi_level_tree(rng)
+    p1 = method.plan(t1, SHAPE, "cuda")
+    method.plan(t2, SHAPE, "cuda")
+    q, k, v = _inputs(t1, SHAPE, "cuda")
+    with pytest.raises(RuntimeError, match="superseded"):
+        method.run(q, k, v, p1)
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize("name", GPU_ONLY)
+def test_unavailable_reason_is_one_line_without_gpu(name):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    reason = METHODS[name].unavailable_reason()
+    assert isinstance(reason, str) and reason and "\n" not in reason and "Traceback" not in reason
+
+
+def test_flex_attention_is_available_on_cpu_in_eager_form():
+    assert FlexAttention.unavailable_reason() is None
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_io_runs_without_gpu_and_respects_the_floor(name, make_random_tree):
+    rng = np.random.default_rng(3)
+    shape = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
+    method = METHODS[name]()
+    for tree in [multi_level_tree(rng), speculative_tree(rng)] + [make_random_tree(rng) for _ in range(5)]:
+        io = method.io(tree, shape)
+        assert isinstance(io, IOCounts)
+        assert all(getattr(io, f) >= 0 for f in ("kv", "q", "o", "partial", "mask", "logits", "meta"))
+        floor = floor_io(tree, shape)
+        assert io.kv >= floor.kv and io.q >= floor.q and io.o >= floor.o
+
+
+def test_sequence_based_io_reads_every_path():
+    tree = multi_level_tree(np.random.default_rng(4))
+    io = FlashInferPaged().io(tree, SHAPE)
+    assert io.kv == tree.path_kv_tokens * SHAPE.kv_token_bytes
+    assert XformersSplitK().io(tree, SHAPE).kv == 3 * io.kv  # gather read + packed write + kernel read
+
+
+def test_cascade_reads_each_shared_node_once_per_query_tile():
+    # root shared by 50 leaves, group 4: 200 packed rows, two 128-row tiles read the root twice
+    parent = [-1] + [0] * 50
+    lens = [4096] + [200] * 50
+    tree = _scattered(parent, lens, [(i, 200) for i in range(1, 51)], np.random.default_rng(5))
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    io = FlashInferCascade().io(tree, shape)
+    assert io.kv == (2 * 4096 + 50 * 200) * shape.kv_token_bytes
+
+
+def test_query_paths_are_each_querys_visible_slots(make_random_tree):
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        tree = make_random_tree(rng)
+        indptr, slots = query_paths(tree)
+        for j in range(tree.n_queries):
+            np.testing.assert_array_equal(slots[indptr[j] : indptr[j + 1]], tree.query_slots(j))
+
+
+def test_split_kv_planner_splits_only_when_the_grid_is_underfilled():
+    assert (split_kv_chunks(np.array([50, 60]), 8, 264) == 1).all()  # short: one chunk each
+    assert split_kv_chunks(np.array([4296] * 50), 8, 264).sum() == 50  # 400 CTAs already exceed the grid
+    assert split_kv_chunks(np.array([16384]), 8, 264).sum() > 1
+    assert xformers_split_k(1, 16384) == 64 and xformers_split_k(64, 300) == 4  # xformers FwOp.get_split_k
+
+
+def _emulate_cascade(q, k, v, tree: DecodingTree, scale: float) -> torch.Tensor:
+    """FlashInfer's cascade algorithm in fp64 on the host layout: per-level attention with log-sum-exp
+    (zero output and -inf for empty segments), merged in the wrapper's order (last level first)."""
+    layout = cascade_layout(tree)
+    group = q.shape[1] // k.shape[1]
+    qs = q[torch.from_numpy(layout.order)].double()
+    out = torch.zeros_like(qs)
+    lse = torch.full(qs.shape[:2], float("-inf"), dtype=torch.float64)
+    for lv in layout.levels[-1:] + layout.levels[:-1]:
+        assert lv.qo_indptr[0] == 0 and lv.qo_indptr[-1] == tree.n_queries
+        seq_len = np.maximum(np.diff(lv.kv_indptr) - 1, 0) + lv.last_page_len  # FlashInfer's get_seq_lens
+        np.testing.assert_array_equal(seq_len, np.diff(lv.kv_indptr))
+        o_l = torch.zeros_like(qs)
+        s_l = torch.full(qs.shape[:2], float("-inf"), dtype=torch.float64)
+        for i in range(lv.qo_indptr.size - 1):
+            rows = slice(int(lv.qo_indptr[i]), int(lv.qo_indptr[i + 1]))
+            idx = torch.from_numpy(lv.kv_indices[lv.kv_indptr[i] : lv.kv_indptr[i + 1]].astype(np.int64))
+            if idx.numel() == 0:
+                continue
+            kk = k[idx].double().repeat_interleave(group, 1)
+            vv = v[idx].double().repeat_interleave(group, 1)
+            s = torch.einsum("qhd,thd->qht", qs[rows], kk) * scale
+            s_l[rows] = torch.logsumexp(s, -1)
+            o_l[rows] = torch.einsum("qht,thd->qhd", torch.softmax(s, -1), vv)
+        m = torch.maximum(lse, s_l)
+        w0, w1 = torch.exp(lse - m).nan_to_num(0.0), torch.exp(s_l - m).nan_to_num(0.0)
+        out = (out * w0[..., None] + o_l * w1[..., None]) / (w0 + w1)[..., None]
+        lse = m + torch.log(w0 + w1)
+        assert torch.isfinite(lse).all()  # the own-node level, merged first, is never empty
+    return out[torch.from_numpy(np.argsort(layout.order))]
+
+
+def test_cascade_layout_gives_reference_attention(make_random_tree):
+    rng = np.random.default_rng(7)
+    trees = [multi_level_tree(rng, max_len=6), speculative_tree(rng, prompt=9, n_cand=10)]
+    trees += [make_random_tree(rng, max_nodes=10) for _ in range(30)]
+    for tree in trees:
+        q, k, v = _inputs(tree, AttentionShape(4, 2, 16, "float32"), "cpu")
+        err = relative_error(_emulate_cascade(q, k, v, tree, 16**-0.5), reference_attention(q, k, v, tree))
+        assert err < 1e-10, f"{tree}: {err}"
+
+
+def test_cascade_levels_follow_depth_and_own_nodes():
+    tree = multi_level_tree(np.random.default_rng(8), depth=3)
+    layout = cascade_layout(tree)
+    assert len(layout.levels) == int(tree.depth[tree.query_node].max()) + 1
+    qn = tree.query_node[layout.order]
+    assert (np.diff(tree.tin[qn]) >= 0).all()  # DFS order: a node's queries are contiguous
+    root_level = layout.levels[0]
+    assert root_level.seg_len.max() == tree.node_len[tree.root]  # the root span is one shared segment
+
+
+def test_flex_decoding_kernel_only_where_its_tile_fits_a_query_block():
+    llama = AttentionShape(32, 8, 128, "bfloat16")
+    assert not FlexAttention()._force(32, llama) and FlexAttention()._force(50, llama)
+    assert FlexAttention(force_flex_attention=False)._decoding(50, llama)
+    assert not FlexAttention(force_flex_attention=False)._decoding(128, llama)
+
+
+def test_flex_mask_tables_equal_tree_visibility(make_random_tree):
+    rng = np.random.default_rng(9)
+    for _ in range(30):
+        tree = make_random_tree(rng, max_nodes=10)
+        t = tree_mask_tables(tree)
+        slot, node, pos = tree.token_table()
+        mine = (t.slot_pos[slot][None, :] < t.q_end[:, None]) & (t.q_start[:, None] < t.slot_end[slot][None, :])
+        np.testing.assert_array_equal(mine, tree.visibility(node, pos))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_eager_on_cpu_matches_reference(make_random_tree):
+    rng = np.random.default_rng(10)
+    shape = AttentionShape(4, 2, 16, "float32")
+    method = FlexAttention()
+    trees = [multi_level_tree(rng, max_len=6), speculative_tree(rng, prompt=9, n_cand=10)]
+    trees += [make_random_tree(rng, max_nodes=10) for _ in range(10)]
+    for tree in trees:
+        q, k, v = _inputs(tree, shape, "cpu")
+        out = method.run(q, k, v, method.plan(tree, shape, "cpu"))
+        assert relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[torch.float32]
+
+
+def test_gpu_tests_really_skip_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the GPU tests run here")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-m", "gpu", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert re.search(r"\b\d+ skipped", res.stdout), res.stdout[-2000:]
+    assert not re.search(r"\b\d+ (passed|failed|error)", res.stdout), res.stdout[-2000:]
+    for name in METHODS:  # every skip names its method
+        assert f"{name}: " in res.stdout, res.stdout[-2000:]
