@@ -1,0 +1,100 @@
+"""Tables and figures are built from result rows alone, deterministically."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from deft.bench import results
+from scripts import plots, tables
+
+PROV = {"gpu": "h100", "gpu_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0", "triton": "3.6.0",
+        "git_commit": "abc123def456", "git_dirty": False, "date": "2026-01-02T03:04:05Z", "model": "llama3_8b",
+        "dtype": "bfloat16", "n_layers": 32}  # fmt: skip
+TIMES = {"deft_flatten": 1.0, "radix": 2.5, "flashinfer_cascade": 1.25}
+
+
+def _attention_rows():
+    rows = []
+    for width in (20, 50):
+        for p in (1000, 4000):
+            for m, t in TIMES.items():
+                rows.append({**PROV, "bench": "attention", "kind": "aggregate", "workload": "few_shot", "wl.width": width,
+                             "prompt_len": p, "method": m, "total_attn_ms": 1000 * t * p / 1000, "run_key": f"{m}{width}{p}"})  # fmt: skip
+                for step in (1, 200):
+                    rows.append({**PROV, "bench": "attention", "kind": "step", "step": step, "bench.steps": "[1, 200]",
+                                 "workload": "few_shot", "wl.width": width, "prompt_len": p, "method": m, "latency_ms": 0.1 * t,
+                                 "latency_p10_ms": 0.09 * t, "latency_p90_ms": 0.11 * t, "plan_ms": 0.2, "n_queries": width,
+                                 "unique_kv_tokens": p + width, "achieved_bw_gbps": 2000 / t, "copy_bw_gbps": 2900.0,
+                                 "bw_fraction": 0.69 / t, "rel_error": 1e-3})  # fmt: skip
+    return rows
+
+
+def _io_rows():
+    rows = []
+    for m, kv, part in (("deft_flatten", 1e9, 0.0), ("radix", 1e10, 1e8), ("tree_mask", 4e9, 3e9)):
+        rows.append({**PROV, "gpu": "cpu", "bench": "io", "kind": "aggregate", "workload": "reasoning", "wl.file": "sorting128ToT.json",
+                     "prompt_len": 4000, "method": m, "io_kv": kv, "io_partial": part, "io_q": 1e6, "io_o": 1e6, "io_mask": 0,
+                     "io_logits": 0, "io_meta": 1e3, "io_total": kv + part + 2e6, "floor_kv": 9e8, "floor_total": 9.02e8,
+                     "run_key": f"1e{len(m)}5a"})  # fmt: skip
+    return rows
+
+
+def _write(root, rows, sub):
+    df = results.to_frame(rows)
+    for i, (_, g) in enumerate(df.groupby(["method", "bench"])):
+        results.write_atomic(g, root / sub / str(g["bench"].iloc[0]) / f"w__{i}__k.csv")
+
+
+def test_attention_table_speedups_from_fixture_rows(tmp_path):
+    _write(tmp_path, _attention_rows(), "h100")
+    df = results.load_results(tmp_path, gpu="h100")
+    t = tables.attention_table(df)
+    assert list(t["label"].unique()) == ["few-shot b=20", "few-shot b=50"]
+    assert (t["x Radix"].round(6) == 2.5).all() and (t["x FlashInfer cascade"].round(6) == 1.25).all()
+    assert (t["x best other"].round(6) == 1.25).all()
+    snap = tables.snapshot_table(df)
+    assert set(snap["step"]) == {1, 200} and (snap["x Radix"].round(6) == 2.5).all()
+    bw = tables.bandwidth_table(df)
+    assert (bw["fraction of copy BW"].round(6) == 0.69).all()
+
+
+def test_io_table_reductions(tmp_path):
+    _write(tmp_path, _io_rows(), "cpu")
+    df = results.load_results(tmp_path, bench="io")
+    row = tables.io_reduction_table(df).iloc[0]
+    assert row["label"] == "sorting128ToT"
+    assert round(row["KV vs Radix"], 6) == 90.0 and round(row["KV vs Tree-mask (PyTorch)"], 6) == 75.0
+    assert round(row["partial vs Radix"], 6) == 100.0
+    kv = tables.io_table(df, "kv").iloc[0]
+    assert kv["unique-KV floor (GB)"] == 0.9 and kv["Radix (GB)"] == 10.0
+    assert tables.io_table(df, "partial").iloc[0]["Tree-mask (PyTorch) (GB)"] == 3.0
+
+
+def test_build_all_is_deterministic_and_states_provenance(tmp_path):
+    _write(tmp_path, _attention_rows(), "h100")
+    _write(tmp_path, _io_rows(), "cpu")
+    first = {p.name: p.read_text() for p in tables.build_all(tmp_path)}
+    second = {p.name: p.read_text() for p in tables.build_all(tmp_path)}
+    assert first == second
+    assert {"attention_h100.md", "snapshots_h100.md", "bandwidth_h100.md", "io_reduction.md", "io_kv.md", "io_partial.md"} <= set(first)
+    text = first["attention_h100.md"]
+    assert "NVIDIA H100 80GB HBM3" in text and "abc123def456" in text and "torch 2.11.0" in text and "2026-01-02" in text
+    assert "73-99%" in first["io_reduction.md"]
+
+
+def test_figures_from_fixture_rows(tmp_path):
+    _write(tmp_path, _attention_rows(), "h100")
+    _write(tmp_path, _io_rows(), "cpu")
+    names = {p.name for p in plots.build_all(tmp_path)}
+    assert {"speedup_h100.png", "bandwidth_h100.png", "io_breakdown.png", "tree_chunks.png"} <= names
+
+
+def test_tree_figure_uses_the_deft_flatten_plan():
+    bounds, qranges, note = plots.flatten_chunks(plots.example_tree(), chunk_size=128)
+    assert "DeftFlatten" in note and bounds[0] == 0 and bounds[-1] == plots.example_tree().unique_kv_tokens
+    assert len(qranges) == len(bounds) - 1
+
+
+def test_markdown_renders_missing_values():
+    md = tables.to_markdown(pd.DataFrame({"a": [1.0, None], "b": ["x", "y"]}))
+    assert md.splitlines()[0] == "| a | b |" and "–" in md
