@@ -37,13 +37,19 @@ SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 #: graph-replayed device time) is then used for all three variants on every snapshot
 SWEEP = {
     "default": {},
-    "c2": {"ctas_per_sm": 2.0},
-    "c8": {"ctas_per_sm": 8.0},
-    "c16": {"ctas_per_sm": 16.0},
     "c8bf16p": {"ctas_per_sm": 8.0, "partial_dtype": "input"},
-    "c8s2": {"ctas_per_sm": 8.0, "num_stages": 2},
-    "m128w8c8": {"block_m": 128, "num_warps": 8, "ctas_per_sm": 8.0},
-    "c8pre": {"ctas_per_sm": 8.0, "num_stages": 1, "prefetch": True},
+    "inl": {"idx_inloop": True},
+    "inl_s4": {"idx_inloop": True, "num_stages": 4},
+    "inl_n32": {"idx_inloop": True, "block_n": 32},
+    "inl_n128": {"idx_inloop": True, "block_n": 128, "num_stages": 2},
+    "inl_m128": {"idx_inloop": True, "block_m": 128, "num_warps": 8},
+    "snap": {"snap": 0.3},
+    "inl_snap": {"idx_inloop": True, "snap": 0.3},
+    "inl_snap_bf": {"idx_inloop": True, "snap": 0.3, "partial_dtype": "input"},
+    "inl_snap_c2": {"idx_inloop": True, "snap": 0.3, "ctas_per_sm": 2.0},
+    "inl_snap_c8": {"idx_inloop": True, "snap": 0.3, "ctas_per_sm": 8.0},
+    "inl_snap_cs1k": {"idx_inloop": True, "snap": 0.3, "chunk_size": 1024},
+    "inl_snap_cs2k": {"idx_inloop": True, "snap": 0.3, "chunk_size": 2048},
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",
@@ -230,7 +236,7 @@ def main() -> None:
     # correctness on random trees with the real shape
     rng = np.random.default_rng(0)
     worst: dict[str, float] = {}
-    checks = {"flatten_" + n: (DeftFlatten, SWEEP[n]) for n in ("default", "c8bf16p", "m128w8c8", "c8pre")}
+    checks = {"flatten_" + n: (DeftFlatten, SWEEP[n]) for n in ("default", "inl_n128", "inl_m128", "inl_snap_bf")}
     checks |= {"node": (DeftNode, {}), "node_chunk": (DeftNodeChunk, {"chunk_min": 64})}
     for _ in range(6):
         tree = random_tree(rng, int(rng.integers(2, 40)), int(rng.integers(8, 700)))
@@ -273,7 +279,7 @@ def main() -> None:
         best,
     )
 
-    tiles = {k: v for k, v in SWEEP[best].items() if k not in ("ctas_per_sm",)}
+    tiles = {k: v for k, v in SWEEP[best].items() if k not in ("ctas_per_sm", "chunk_size", "snap")}
     table = {
         "flatten": (DeftFlatten, SWEEP[best]),
         "node": (DeftNode, tiles),

@@ -192,6 +192,34 @@ def test_register_prefetch_pipeline_matches_reference(mode):
     check(METHODS[mode](chunk_size=40, block_n=16, prefetch=True), tree, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_index_loads_inside_the_loop_match_reference(seed):
+    tree = random_tree(np.random.default_rng(40 + seed), n_nodes=8, max_len=45, extra_queries=3)
+    check(DeftFlatten(chunk_size=37, block_n=16, idx_inloop=True), tree, dtype=torch.bfloat16, seed=seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flatten_cuts_snapped_to_node_boundaries_match_reference(seed):
+    tree = random_tree(np.random.default_rng(50 + seed), n_nodes=12, max_len=30, extra_queries=3)
+    check(DeftFlatten(chunk_size=23, block_n=16, snap=0.4), tree, seed=seed)
+
+
+def test_snapped_cuts_sit_on_node_boundaries_when_one_is_near():
+    tree = fan_tree(100, 6, 20, np.random.default_rng(3))  # node starts at 0, 100, 120, ..., 200
+    shape = AttentionShape(8, 2, 64, "float16")
+    plain = DeftFlatten(chunk_size=44).groups(tree, shape)
+    snapped = DeftFlatten(chunk_size=44, snap=0.3).groups(tree, shape)
+    node_starts = {0, *range(100, 221, 20)}
+    cuts = set(np.unique(snapped.records("tiles")["tok_lo"]).tolist())
+    plain_cuts = set(np.unique(plain.records("tiles")["tok_lo"]).tolist())
+    assert not plain_cuts <= node_starts  # the balanced cut straddles nodes ...
+    # ... the snapped one only where no boundary is within 0.3 x 44 tokens (inside the prompt)
+    assert all(c in node_starts or c < 100 - 13 for c in cuts)
+    assert snapped.n_tokens == plain.n_tokens
+    with pytest.raises(ValueError, match="snap"):
+        DeftFlatten(snap=0.7)
+
+
 def test_head_dim_128_default_tiles_match_reference():
     check(DeftFlatten(chunk_size=64), fan_tree(100, 3, 9, np.random.default_rng(8)), heads=4, kv_heads=1, head_dim=128)
 

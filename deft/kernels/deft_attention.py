@@ -89,7 +89,10 @@ class DeftAttention(AttentionMethod):
     number of chunks that gives about ``ctas_per_sm`` programs per SM, chunks kept within
     ``[chunk_min, chunk_max]``. ``block_m``: most tile rows (queries x heads per KV head); ``block_n``:
     K/V tokens per inner step. ``num_warps``/``num_stages``: ``None`` picks by tile rows. ``prefetch``:
-    load the next K/V block into registers before computing the current one.
+    load the next K/V block into registers before computing the current one. ``idx_inloop``: load
+    each block's slot indices inside the loop (the gather idiom Triton pipelines several blocks ahead)
+    instead of one block ahead by hand. ``snap`` (Flatten): cut at a node boundary within ``snap`` x
+    chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`).
     ``partial_dtype``: ``"float32"`` keeps partial outputs exact (measured faster on H100, see
     notes/deft_kernels.md); ``"input"`` stores them in q's dtype (half the partial bytes). ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -112,6 +115,8 @@ class DeftAttention(AttentionMethod):
         prefetch: bool = False,
         autotune: bool = False,
         n_sms: int | None = None,
+        snap: float = 0.0,
+        idx_inloop: bool = False,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
@@ -129,6 +134,10 @@ class DeftAttention(AttentionMethod):
         self.prefetch = bool(prefetch)
         self.autotune = autotune
         self._n_sms = n_sms
+        if not 0.0 <= float(snap) < 0.5:
+            raise ValueError(f"snap must be in [0, 0.5), got {snap}")
+        self.snap = float(snap)
+        self.idx_inloop = bool(idx_inloop)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, _PinnedStaging] = {}
@@ -166,7 +175,10 @@ class DeftAttention(AttentionMethod):
     def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
         """The KV-guided grouping of ``tree`` (host only)."""
         _check_shape(shape)
-        return build_groups(tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc)
+        snap = self.snap if self.mode == "flatten" else 0.0
+        return build_groups(
+            tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc, snap
+        )
 
     def _launch_config(self, rows: int, head_dim: int) -> tuple[int, int]:
         warps = self.num_warps or (8 if rows * head_dim >= 128 * 128 else 4)
@@ -199,6 +211,8 @@ class DeftAttention(AttentionMethod):
             "num_stages": self.num_stages or "auto",
             "partial_dtype": self.partial_dtype,
             "prefetch": self.prefetch,
+            "snap": self.snap,
+            "idx_inloop": self.idx_inloop,
             "config_source": self._config_source,
         }
 
@@ -275,7 +289,7 @@ class DeftAttention(AttentionMethod):
         g = plan.groups
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
-            plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch,
+            plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop,
         )  # fmt: skip
         launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
         return out

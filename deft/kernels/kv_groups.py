@@ -81,6 +81,7 @@ def build_groups(
     chunk_size: int = 0,
     block_m_max: int = 128,
     out_alloc: Callable[[int], np.ndarray] | None = None,
+    snap: float = 0.0,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -89,7 +90,10 @@ def build_groups(
     ``node_chunk`` cuts each node every ``chunk_size`` tokens. ``block_m_max``: the most tile rows; the
     plan takes the smallest power of two (>= 16) that holds a chunk's queries up to that, and a chunk
     with more queries than ``rows // group`` is split into near-equal query slices. ``out_alloc(n)``
-    gives the int32 array to pack into (a pinned staging buffer), default a fresh one.
+    gives the int32 array to pack into (a pinned staging buffer), default a fresh one. ``snap``
+    (flatten only): move each cut to the nearest node boundary when one lies within ``snap`` x
+    ``chunk_size`` tokens of it, so fewer chunks straddle two nodes (fewer masked tiles and partial
+    rows) while chunks stay within about ``1 +- 2 snap`` of the balanced size; 0 is the paper's cut.
     """
     if mode not in MODES:
         raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
@@ -136,6 +140,8 @@ def build_groups(
     else:
         n_chunks = max(1, -(-n_tok // chunk_size))
         bounds = (np.arange(n_chunks + 1, dtype=np.int64) * n_tok) // n_chunks
+        if snap > 0 and n_chunks > 1:
+            bounds = _snap_to_nodes(bounds, noff, snap * n_tok / n_chunks)
     c_lo, c_hi = bounds[:-1], bounds[1:]
     n_chunks = c_lo.size
     first = np.searchsorted(noff, c_lo, side="right") - 1
@@ -205,6 +211,17 @@ def build_groups(
         rows=block_m,
         chunk_size=int(chunk_size) if mode != "node" else 0,
     )
+
+
+def _snap_to_nodes(bounds: np.ndarray, noff: np.ndarray, tol: float) -> np.ndarray:
+    """Move inner cuts to the nearest node boundary within ``tol`` tokens; drop cuts that coincide."""
+    inner = bounds[1:-1]
+    j = np.searchsorted(noff, inner)
+    lo = noff[np.maximum(j - 1, 0)]
+    hi = noff[np.minimum(j, noff.size - 1)]
+    near = np.where(inner - lo <= hi - inner, lo, hi)
+    moved = np.where(np.abs(near - inner) <= tol, near, inner)
+    return np.unique(np.concatenate(([bounds[0]], moved, [bounds[-1]])))
 
 
 def _empty_groups(tree: DecodingTree, out_alloc) -> KVGroups:

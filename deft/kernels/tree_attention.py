@@ -45,12 +45,15 @@ def _attend_chunk(
     MASKED: tl.constexpr,
     PREFETCH: tl.constexpr,
     DOT_F32: tl.constexpr,
+    IDX_INLOOP: tl.constexpr,
 ):
     """Online softmax of the tile's rows over flat tokens ``[t_lo, t_hi)``: the inner loop.
 
     The next block's slot indices are loaded one iteration ahead, and K and V of a block are issued
     together, so the gathers never wait on an index load; with ``PREFETCH`` the next block's K and V
-    themselves are loaded into registers before the current block is computed (two blocks in flight)."""
+    themselves are loaded into registers before the current block is computed (two blocks in flight).
+    With ``IDX_INLOOP`` the slot indices are loaded at the top of each iteration instead, the plain
+    gather idiom that Triton's software pipeliner can schedule ``num_stages`` blocks ahead."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     t = t_lo + offs_n
@@ -70,6 +73,10 @@ def _attend_chunk(
             k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=nvalid[:, None], other=0.0)
             v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=nvalid[:, None], other=0.0)
             slot = tl.load(tok_slot + t_next + BLOCK_N, mask=t_next + BLOCK_N < t_hi, other=0).to(tl.int64)
+        elif IDX_INLOOP:
+            slot = tl.load(tok_slot + t, mask=valid, other=0).to(tl.int64)
+            k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         else:
             k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
             v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -130,6 +137,7 @@ def deft_partial_kernel(
     HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr,
     DOT_F32: tl.constexpr,
+    IDX_INLOOP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -167,12 +175,12 @@ def deft_partial_kernel(
     if need_mask != 0:
         acc, m_i, l_i = _attend_chunk(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
-            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32,
+            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attend_chunk(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
-            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32,
+            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
         )  # fmt: skip
 
     seen = l_i > 0.0
@@ -201,6 +209,7 @@ def launch_partials(
     num_warps: int,
     num_stages: int,
     prefetch: bool = False,
+    idx_inloop: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     Returns the compiled kernel (registers, spills, shared memory are on it)."""
@@ -211,6 +220,6 @@ def launch_partials(
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         LOG2E / math.sqrt(d),
-        GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype),
+        GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
