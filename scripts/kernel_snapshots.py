@@ -35,26 +35,31 @@ from deft.tree import DecodingTree
 SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 #: DeFT-Flatten tile/pipeline configurations swept on the key snapshots; the best (geometric mean of
 #: graph-replayed device time) is then used for all three variants on every snapshot
+V5 = {"idx_inloop": True, "block_n": 32, "snap": 0.3, "partial_dtype": "input"}
+V6 = {**V5, "small_m": 16}
 SWEEP = {
     "default": {},
-    "c8bf16p": {"ctas_per_sm": 8.0, "partial_dtype": "input"},
-    "inl": {"idx_inloop": True},
-    "inl_s4": {"idx_inloop": True, "num_stages": 4},
-    "inl_n32": {"idx_inloop": True, "block_n": 32},
-    "inl_n128": {"idx_inloop": True, "block_n": 128, "num_stages": 2},
-    "inl_m128": {"idx_inloop": True, "block_m": 128, "num_warps": 8},
-    "snap": {"snap": 0.3},
-    "inl_snap": {"idx_inloop": True, "snap": 0.3},
-    "inl_snap_bf": {"idx_inloop": True, "snap": 0.3, "partial_dtype": "input"},
-    "inl_snap_c2": {"idx_inloop": True, "snap": 0.3, "ctas_per_sm": 2.0},
-    "inl_snap_c8": {"idx_inloop": True, "snap": 0.3, "ctas_per_sm": 8.0},
-    "inl_snap_cs1k": {"idx_inloop": True, "snap": 0.3, "chunk_size": 1024},
-    "inl_snap_cs2k": {"idx_inloop": True, "snap": 0.3, "chunk_size": 2048},
+    "v5": V5,
+    "v6": V6,
+    "v6_fp32p": {**V6, "partial_dtype": "float32"},
+    "v6_c2": {**V6, "ctas_per_sm": 2.0},
+    "v6_c3": {**V6, "ctas_per_sm": 3.0},
+    "v6_c6": {**V6, "ctas_per_sm": 6.0},
+    "v6_s2": {**V6, "num_stages": 2},
+    "v6_s4": {**V6, "num_stages": 4},
+    "v6_n16": {**V6, "block_n": 16},
+    "v6_n64": {**V6, "block_n": 64},
+    "v6_m128": {**V6, "block_m": 128, "num_warps": 8},
+    "v6_cmin256": {**V6, "chunk_min": 256},
+    "v6_snap45": {**V6, "snap": 0.45},
+    "v6_nosnap": {**V6, "snap": 0.0},
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",
     "fewshot_4k_w50_step399",
     "fewshot_4k_w50_step1",
+    "fewshot_16k_w50_step1",
+    "docmergeToT",
     "sorting128ToT",
     "medusa64",
 )
@@ -236,7 +241,7 @@ def main() -> None:
     # correctness on random trees with the real shape
     rng = np.random.default_rng(0)
     worst: dict[str, float] = {}
-    checks = {"flatten_" + n: (DeftFlatten, SWEEP[n]) for n in ("default", "inl_n128", "inl_m128", "inl_snap_bf")}
+    checks = {"flatten_" + n: (DeftFlatten, SWEEP[n]) for n in ("default", "v5", "v6", "v6_m128", "v6_n16")}
     checks |= {"node": (DeftNode, {}), "node_chunk": (DeftNodeChunk, {"chunk_min": 64})}
     for _ in range(6):
         tree = random_tree(rng, int(rng.integers(2, 40)), int(rng.integers(8, 700)))

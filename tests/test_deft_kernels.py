@@ -220,6 +220,24 @@ def test_snapped_cuts_sit_on_node_boundaries_when_one_is_near():
         DeftFlatten(snap=0.7)
 
 
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (8, 1)])
+def test_small_tiles_for_few_query_chunks_match_reference(mode, heads, kv_heads):
+    # a wide fan: the prompt's chunks need the big tile, the branches' fit the small one
+    tree = fan_tree(70, 9, 13, np.random.default_rng(21))
+    check(METHODS[mode](chunk_size=24, block_n=16, block_m=64, small_m=16), tree, heads, kv_heads, dtype=torch.bfloat16)
+
+
+def test_small_tile_rows_hold_a_query_and_stay_below_the_big_tile():
+    from deft.kernels.tree_attention import small_tile_rows
+
+    assert small_tile_rows(4, 64, 16) == 16
+    assert small_tile_rows(4, 64, 20) == 32
+    assert small_tile_rows(8, 64, 0) == 64  # off
+    assert small_tile_rows(4, 16, 16) == 16  # no smaller tile than the big one
+    assert small_tile_rows(32, 32, 16) == 32
+
+
 def test_head_dim_128_default_tiles_match_reference():
     check(DeftFlatten(chunk_size=64), fan_tree(100, 3, 9, np.random.default_rng(8)), heads=4, kv_heads=1, head_dim=128)
 

@@ -92,7 +92,9 @@ class DeftAttention(AttentionMethod):
     load the next K/V block into registers before computing the current one. ``idx_inloop``: load
     each block's slot indices inside the loop (the gather idiom Triton pipelines several blocks ahead)
     instead of one block ahead by hand. ``snap`` (Flatten): cut at a node boundary within ``snap`` x
-    chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`).
+    chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`). ``small_m``:
+    tiles whose rows (queries x group) fit this many run a small tile in the same launch (a branch
+    with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
     ``partial_dtype``: ``"float32"`` keeps partial outputs exact (measured faster on H100, see
     notes/deft_kernels.md); ``"input"`` stores them in q's dtype (half the partial bytes). ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -117,6 +119,7 @@ class DeftAttention(AttentionMethod):
         n_sms: int | None = None,
         snap: float = 0.0,
         idx_inloop: bool = False,
+        small_m: int = 0,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
@@ -138,6 +141,7 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"snap must be in [0, 0.5), got {snap}")
         self.snap = float(snap)
         self.idx_inloop = bool(idx_inloop)
+        self.small_m = int(small_m)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, _PinnedStaging] = {}
@@ -213,6 +217,7 @@ class DeftAttention(AttentionMethod):
             "prefetch": self.prefetch,
             "snap": self.snap,
             "idx_inloop": self.idx_inloop,
+            "small_m": self.small_m,
             "config_source": self._config_source,
         }
 
@@ -289,7 +294,7 @@ class DeftAttention(AttentionMethod):
         g = plan.groups
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
-            plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop,
+            plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
         )  # fmt: skip
         launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
         return out

@@ -133,6 +133,7 @@ def deft_partial_kernel(
     qk_scale,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SMALL_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -149,6 +150,48 @@ def deft_partial_kernel(
     pbase = tl.load(rec + 4)
     need_mask = tl.load(rec + 5)
 
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    # four copies of the tile body: tiles whose rows fit SMALL_M run the small tile (a quarter of the
+    # tensor-core work per token for a branch with one or two queries), and tiles that need no
+    # visibility test carry none of its registers
+    if SMALL_M < BLOCK_M and n_q * GROUP <= SMALL_M:
+        if need_mask != 0:
+            _tile(
+                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
+            )  # fmt: skip
+        else:
+            _tile(
+                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
+            )  # fmt: skip
+    else:
+        if need_mask != 0:
+            _tile(
+                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
+            )  # fmt: skip
+        else:
+            _tile(
+                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
+            )  # fmt: skip
+
+
+@triton.jit
+def _tile(
+    q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+    stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+    kvh, t_lo, t_hi, q_lo, n_q, pbase,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr,
+):  # fmt: skip
+    """One tile: load its rows' queries, attend over the chunk, store the normalised partial and LSE."""
     rows = tl.arange(0, BLOCK_M)
     lq = rows // GROUP
     head = kvh * GROUP + rows % GROUP
@@ -165,24 +208,13 @@ def deft_partial_kernel(
     )
     if DOT_F32:
         q = q.to(tl.float32)
-
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
-    # two copies of the loop: tiles that need no visibility test carry none of its registers
-    if need_mask != 0:
-        acc, m_i, l_i = _attend_chunk(
-            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
-            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = _attend_chunk(
-            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
-            meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
-        )  # fmt: skip
-
+    acc, m_i, l_i = _attend_chunk(
+        acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
+        meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, MASKED, PREFETCH, DOT_F32, IDX_INLOOP,
+    )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -193,6 +225,16 @@ def deft_partial_kernel(
         mask=row_ok[:, None],
     )
     tl.store(part_lse + prow * stride_ln + head, lse, mask=row_ok)
+
+
+def small_tile_rows(group: int, block_m: int, small_m: int) -> int:
+    """Rows of the small tile (``small_m`` rounded up to hold one query's heads; 16 at least), or
+    ``block_m`` when there is none (``small_m`` 0, or not smaller than ``block_m``)."""
+    if small_m <= 0:
+        return block_m
+    need = max(16, int(small_m), group)
+    rows = 1 << (need - 1).bit_length()
+    return rows if rows < block_m else block_m
 
 
 def launch_partials(
@@ -210,6 +252,7 @@ def launch_partials(
     num_stages: int,
     prefetch: bool = False,
     idx_inloop: bool = False,
+    small_m: int = 0,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     Returns the compiled kernel (registers, spills, shared memory are on it)."""
@@ -220,6 +263,6 @@ def launch_partials(
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         LOG2E / math.sqrt(d),
-        GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
+        GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
