@@ -180,10 +180,19 @@ def test_single_node_many_causal_queries_matches_reference():
     check(DeftFlatten(chunk_size=9, block_n=16), tree)
 
 
+@pytest.mark.parametrize("partial_dtype", ["input", "float32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_partials_in_input_dtype_match_reference(dtype):
+def test_partials_in_either_dtype_match_reference(dtype, partial_dtype):
     tree = random_tree(np.random.default_rng(7), n_nodes=6, max_len=30, extra_queries=2)
-    check(DeftFlatten(chunk_size=16, block_n=16, partial_dtype="input"), tree, dtype=dtype)
+    check(DeftFlatten(chunk_size=16, block_n=16, partial_dtype=partial_dtype), tree, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_paper_style_options_match_reference(mode):
+    # exact balanced cuts, slot indices prefetched by hand one block ahead, one tile size
+    tree = random_tree(np.random.default_rng(17), n_nodes=9, max_len=35, extra_queries=3)
+    kw = {"chunk_size": 29, "block_n": 16, "snap": 0.0, "idx_inloop": False, "small_m": 0}
+    check(METHODS[mode](**kw), tree, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode", ["flatten", "node"])
@@ -361,7 +370,7 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
 def test_flatten_chunks_are_near_equal_and_node_chunks_follow_nodes():
     tree = random_tree(np.random.default_rng(11), n_nodes=20, max_len=50)
     shape = AttentionShape(8, 2, 64, "float16")
-    g = DeftFlatten(chunk_size=33).groups(tree, shape)
+    g = DeftFlatten(chunk_size=33, snap=0.0).groups(tree, shape)
     lo, hi = g.records("tiles")["tok_lo"], g.records("tiles")["tok_hi"]
     sizes = np.unique(np.stack([lo, hi]), axis=1)
     sizes = sizes[1] - sizes[0]

@@ -20,11 +20,11 @@ from deft.tree import DecodingTree
 
 CANDIDATES: list[dict[str, Any]] = [
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4.0},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 8.0},
+    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 4.0},
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2.0},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "ctas_per_sm": 4.0},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 8.0},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 4, "ctas_per_sm": 4.0},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 4.0},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1, "ctas_per_sm": 4.0, "prefetch": True},
 ]
 
 

@@ -95,8 +95,8 @@ class DeftAttention(AttentionMethod):
     chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`). ``small_m``:
     tiles whose rows (queries x group) fit this many run a small tile in the same launch (a branch
     with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
-    ``partial_dtype``: ``"float32"`` keeps partial outputs exact (measured faster on H100, see
-    notes/deft_kernels.md); ``"input"`` stores them in q's dtype (half the partial bytes). ``autotune``: on first CUDA plan, load (or measure and
+    ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
+    ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
     """
 
@@ -113,13 +113,13 @@ class DeftAttention(AttentionMethod):
         block_n: int = 64,
         num_warps: int | None = None,
         num_stages: int | None = None,
-        partial_dtype: str = "float32",
+        partial_dtype: str = "input",
         prefetch: bool = False,
         autotune: bool = False,
         n_sms: int | None = None,
-        snap: float = 0.0,
-        idx_inloop: bool = False,
-        small_m: int = 0,
+        snap: float = 0.3,
+        idx_inloop: bool = True,
+        small_m: int = 16,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
