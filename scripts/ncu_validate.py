@@ -110,6 +110,7 @@ def driver(cfg: DictConfig) -> None:
     ncu = find_ncu(cfg.ncu)
     prov = provenance("cuda")
     rows = []
+    out = Path(cfg.out) if cfg.out else _ROOT / "results" / prov["gpu"] / "ncu" / "ncu_validation.csv"
     for i, pair in enumerate(cfg.pairs):
         with tempfile.TemporaryDirectory() as tmp:
             io_json, log = Path(tmp) / "io.json", Path(tmp) / "ncu.csv"
@@ -137,8 +138,7 @@ def driver(cfg: DictConfig) -> None:
              "within_tolerance": bool(abs(ratio - 1) <= float(cfg.tolerance)), **{c: prov[c] for c in ("gpu_name", "torch", "triton", "git_commit", "date")}}
         )  # fmt: skip
         print(f"  DRAM read {read / 1e6:.2f} MB vs io read estimate {io_read / 1e6:.2f} MB: ratio {ratio:.3f}", flush=True)
-    out = Path(cfg.out) if cfg.out else _ROOT / "results" / prov["gpu"] / "ncu" / "ncu_validation.csv"
-    write_atomic(pd.DataFrame(rows), out)
+        write_atomic(pd.DataFrame(rows), out)  # after every pair: a killed run keeps what it measured
     print(f"wrote {out}")
 
 
