@@ -49,11 +49,9 @@ def check_shape(shape: AttentionShape, method: str) -> None:
         raise UnsupportedInput(f"{method}: dtype {shape.dtype} not supported; supported: float16, bfloat16")
 
 
-def path_slots(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (``indptr [Q+1]``, ``indices``) of every query's path slots, root first (SGLang's kv_indices).
-
-    Vectorised: one numpy pass per tree depth level, then one repeat/arange over all path tokens.
-    """
+def path_segments(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every query's path as node segments, root first: (``seg_start`` into ``tree.slots``, ``seg_len``,
+    ``indptr [Q+1]`` of the path tokens). One numpy pass per tree depth level, nothing per token."""
     qn = tree.query_node
     nq = qn.size
     depth = tree.depth
@@ -71,14 +69,40 @@ def path_slots(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray]:
     seg_len = tree.node_len[seg_node].copy()
     last = np.cumsum(qd + 1) - 1  # each query's own node is its last segment
     seg_len[last] = tree.query_visible
-    seg_start = tree.slot_ptr[seg_node]
-    total = int(seg_len.sum())
-    seg_off = np.cumsum(seg_len) - seg_len
-    within = np.arange(total, dtype=np.int64) - np.repeat(seg_off, seg_len)
-    indices = tree.slots[np.repeat(seg_start, seg_len) + within]
     indptr = np.zeros(nq + 1, dtype=np.int64)
     np.cumsum(tree.query_path_len, out=indptr[1:])
-    return indptr, indices
+    return tree.slot_ptr[seg_node], seg_len, indptr
+
+
+def path_slots(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (``indptr [Q+1]``, ``indices``) of every query's path slots, root first (SGLang's kv_indices)."""
+    seg_start, seg_len, indptr = path_segments(tree)
+    return indptr, tree.slots[_expand(seg_start, seg_len, np)]
+
+
+def _expand(seg_start, seg_len, xp, total: int | None = None, device=None):
+    """Positions in ``tree.slots`` of all path tokens: ``seg_start[i] + 0 .. seg_len[i]-1``, concatenated.
+    ``xp`` is numpy or torch (torch: on ``device``, with the known ``total`` so nothing syncs)."""
+    if xp is np:
+        seg_off = np.cumsum(seg_len) - seg_len
+        total = int(seg_len.sum())
+        return np.repeat(seg_start - seg_off, seg_len) + np.arange(total, dtype=np.int64)
+    seg_off = torch.cumsum(seg_len, 0) - seg_len
+    base = torch.repeat_interleave(seg_start - seg_off, seg_len, output_size=total)
+    return base + torch.arange(total, dtype=torch.int64, device=device)
+
+
+def device_path_slots(tree: DecodingTree, device: torch.device) -> torch.Tensor:
+    """The path slots (``path_slots``' indices, int32) built on ``device``: only the per-segment arrays and
+    the tree's own slot array are copied, the per-path-token expansion (Q x path tokens) runs there,
+    as SGLang keeps its ``req_to_token`` table on the GPU."""
+    seg_start, seg_len, _ = path_segments(tree)
+    host = np.concatenate([seg_start, seg_len]).astype(np.int64)
+    segs = torch.from_numpy(host).to(device, non_blocking=False)
+    slots = torch.from_numpy(np.ascontiguousarray(tree.slots, dtype=np.int32)).to(device)
+    n = seg_start.size
+    pos = _expand(segs[:n], segs[n:], torch, tree.path_kv_tokens, device)
+    return slots[pos]
 
 
 def pack_upload(pieces: dict[str, np.ndarray], device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -198,10 +222,15 @@ def split_items(path_len: np.ndarray, n_splits: np.ndarray) -> tuple[np.ndarray,
 
 
 def item_sections(
-    tree: DecodingTree, iq: np.ndarray, lo: np.ndarray, hi: np.ndarray, merged: np.ndarray
+    tree: DecodingTree, iq: np.ndarray, lo: np.ndarray, hi: np.ndarray, merged: np.ndarray, host_indices: bool = True
 ) -> dict[str, np.ndarray]:
-    """Host arrays of a split plan. ``merged[j]``: query ``j`` goes through partial rows and stage 2."""
-    indptr, indices = path_slots(tree)
+    """Host arrays of a split plan. ``merged[j]``: query ``j`` goes through partial rows and stage 2.
+    ``host_indices=False`` leaves out ``kv_indices`` (built on the device instead)."""
+    if host_indices:
+        indptr, indices = path_slots(tree)
+    else:
+        indptr = np.zeros(tree.n_queries + 1, dtype=np.int64)
+        np.cumsum(tree.query_path_len, out=indptr[1:])
     item_merged = merged[iq]
     dst = np.full(iq.size, -1, dtype=np.int64)
     dst[item_merged] = np.arange(int(item_merged.sum()))
@@ -211,7 +240,7 @@ def item_sections(
     np.cumsum(per_q, out=mptr[1:])
     base = indptr[iq]
     return {
-        "kv_indices": indices,
+        **({"kv_indices": indices} if host_indices else {}),
         "item_q": iq,
         "item_lo": base + lo,
         "item_hi": base + hi,
@@ -258,9 +287,13 @@ class SplitPlan(Plan):
 def make_split_plan(
     tree: DecodingTree, shape: AttentionShape, device, iq: np.ndarray, lo: np.ndarray, hi: np.ndarray, merged: np.ndarray
 ) -> SplitPlan:
-    """Pack the host arrays of a cut, upload them in one copy."""
-    sec = item_sections(tree, iq, lo, hi, merged)
+    """Pack the host arrays of a cut, upload them in one copy; on a GPU the per-path-token slot list is
+    expanded there from per-segment arrays (see :func:`device_path_slots`)."""
+    on_gpu = torch.device(device).type == "cuda"
+    sec = item_sections(tree, iq, lo, hi, merged, host_indices=not on_gpu)
     t = pack_upload(sec, device)
+    if on_gpu:
+        t["kv_indices"] = device_path_slots(tree, torch.device(device))
     return SplitPlan(
         n_queries=tree.n_queries,
         shape=shape,

@@ -199,6 +199,17 @@ def test_path_slots_are_each_querys_root_to_node_slots(tree_name):
         np.testing.assert_array_equal(indices[indptr[j] : indptr[j + 1]], tree.query_slots(j))
 
 
+@pytest.mark.parametrize("tree_name", list(TREES))
+def test_device_built_path_slots_equal_the_host_ones(tree_name):
+    from baselines.path_decode import device_path_slots
+
+    tree = TREES[tree_name]()
+    _, indices = path_slots(tree)
+    dev = device_path_slots(tree, torch.device("cpu"))
+    assert dev.dtype == torch.int32
+    np.testing.assert_array_equal(dev.numpy(), indices)
+
+
 @pytest.mark.parametrize("method_name", TRITON_METHODS)
 def test_plan_is_one_upload_of_int32_sections(method_name):
     tree = speculative_tree(3)
