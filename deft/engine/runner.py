@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from deft.attention import AttentionMethod, Plan
 from deft.engine.branch import BranchController, KVNeeds, kv_needs
@@ -394,6 +395,7 @@ class TreeDecoder:
         max_steps: int | None = None,
         warmup_steps: int = 0,
         on_step: Callable[[StepBatch, torch.Tensor, torch.Tensor], None] | None = None,
+        progress: bool = False,
     ) -> RunResult:
         """Prefill and decode ``trace`` (its first ``max_steps`` steps), after an untimed warm-up of ``warmup_steps``."""
         needs = self.needs(trace, max_steps)
@@ -405,12 +407,12 @@ class TreeDecoder:
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        res = self._decode(trace, needs.steps, on_step)
+        res = self._decode(trace, needs.steps, on_step, progress)
         if cuda:
             res.peak_mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
         return res
 
-    def _decode(self, trace, steps: int, on_step) -> RunResult:
+    def _decode(self, trace, steps: int, on_step, progress: bool = False) -> RunResult:
         allocator = SlotAllocator(self.kv_capacity)  # never hands out the pad slot (the pool's last row)
         self.pool.allocator = allocator
         seq = SequenceTree(self.capacity, self.check)
@@ -424,7 +426,10 @@ class TreeDecoder:
         prompt = seq.prefill(state.tree, trace.prompt_len)
         self.prefill(prompt).argmax().item()  # TTFT: the first token on the host
         res.ttft_ms = (time.perf_counter() - t_start) * 1e3
+        bar = tqdm(total=steps, desc=f"{getattr(self.method, 'name', 'decode')} {trace.name} ({self.engine})", unit="step",
+                   disable=not progress, leave=False, mininterval=2.0)  # fmt: skip
         while state is not None:
+            bar.update(1)
             t0 = time.perf_counter()
             b = seq.advance(state)
             rec, logits, toks = self.step(b, ctrl.replay_ms[-1], (time.perf_counter() - t0) * 1e3)
@@ -434,6 +439,7 @@ class TreeDecoder:
                 on_step(b, logits, toks)
             state = next(it, None)
         res.e2e_ms = (time.perf_counter() - t_start) * 1e3
+        bar.close()
         return res
 
 
@@ -453,7 +459,7 @@ def run_e2e(cfg, method: AttentionMethod, workload) -> list[dict[str, Any]]:
     dec = TreeDecoder(model, method, capacity, device, bool(b.get("cuda_graphs", False)), str(b.get("tokens", "greedy")),
                       int(cfg.get("seed", 0)))  # fmt: skip
     try:
-        res = dec.run(trace, max_steps, int(b.get("warmup_steps", 0)))
+        res = dec.run(trace, max_steps, int(b.get("warmup_steps", 0)), progress=bool(b.get("progress", True)))
         rows = res.rows(bool(b.get("step_rows", True)))
         rows[0]["model_gb"] = args.n_params * torch.empty((), dtype=args.torch_dtype).element_size() / 2**30
         rows[0]["kv_pool_gb"] = args.n_layers * dec.capacity * args.attention_shape().kv_token_bytes / 2**30
