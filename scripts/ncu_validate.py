@@ -56,6 +56,13 @@ def find_ncu(explicit: str | None) -> str:
     raise SystemExit("ncu (Nsight Compute) not found: put it on PATH or set ncu=/path/to/ncu")
 
 
+def pairs_override(pairs) -> str:
+    """The driver's pair list as one override, so a child indexes the same list (a ``pairs=[...]`` given
+    to the driver on the command line would otherwise not reach it)."""
+    items = ",".join(f"{{method:{p.method},case:{p.case},step:{int(p.step)}}}" for p in pairs)
+    return f"pairs=[{items}]"
+
+
 def parse_ncu_csv(text: str) -> pd.DataFrame:
     """Rows of ncu's ``--csv --page raw`` report: one per profiled kernel, metric values as numbers."""
     lines = text.splitlines()
@@ -128,7 +135,7 @@ def driver(cfg: DictConfig) -> None:
                 ncu, "--clock-control", "none", "--profile-from-start", "off", "--metrics", ",".join(METRICS),
                 "--csv", "--page", "raw", "--print-units", "base", "--log-file", str(log),
                 sys.executable, "-m", "scripts.ncu_validate", "mode=child", f"pair_index={i}", f"io_json={io_json}",
-                *[f"overrides={list(cfg.overrides)}"] * bool(cfg.overrides),
+                *[f"overrides={list(cfg.overrides)}"] * bool(cfg.overrides), pairs_override(cfg.pairs),
             ]  # fmt: skip
             print(f"[{i + 1}/{len(cfg.pairs)}] {pair.method} {pair.case} step {pair.step}", flush=True)
             p = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=int(cfg.timeout_s))

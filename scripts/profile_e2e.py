@@ -41,9 +41,9 @@ def main(cfg: DictConfig) -> None:
     cols = [c for c in ("step_ms", "plan_ms", "launch_ms", "gpu_ms", "attn_ms", "overhead_ms") if c in df]
     print(f"{method.name}: median over {len(df)} profiled steps:", df[cols].median().round(3).to_dict())
     ka = prof.key_averages()
-    print(ka.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=28, max_name_column_width=40))
     if dev.type == "cuda":
-        print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=40))
 
 
 if __name__ == "__main__":
