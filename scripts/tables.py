@@ -207,7 +207,7 @@ def bandwidth_table(df: pd.DataFrame, method: str = REF) -> pd.DataFrame:
 
 
 _E2E_TOTAL = ("e2e_ms", "end_to_end_ms", "total_ms", "decode_ms", "total_decode_ms")
-_E2E_ATTN = ("total_attn_ms", "attn_ms", "attention_ms")
+_E2E_ATTN = ("attn_ms_total", "total_attn_ms", "attn_ms", "attention_ms")
 
 
 def e2e_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
@@ -221,13 +221,16 @@ def e2e_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
         return pd.DataFrame()
     if "kind" in e and (e["kind"] == "aggregate").any():
         e = e[e["kind"] == "aggregate"]
-    keys = ["label", "prompt_len", "method", "model", "dtype"] + (["m.cuda_graphs"] if "m.cuda_graphs" in e else [])
-    e = _latest(_with_labels(e), keys)
-    piv = e.pivot_table(index=["label", "prompt_len"], columns="method", values=total, aggfunc="first") / 1e3
+    e = _with_labels(e)
+    e["engine"] = e["engine"].fillna("eager") if "engine" in e else "eager"
+    keys = ["label", "prompt_len", "engine", "method", "model", "dtype"]
+    e = _latest(e, keys)
+    idx = ["label", "prompt_len", "engine"]
+    piv = e.pivot_table(index=idx, columns="method", values=total, aggfunc="first") / 1e3
     piv = piv[_methods(piv.columns)]
     parts = [piv.rename(columns=lambda m: f"{DISPLAY.get(m, m)} e2e (s)"), speedup_frame(piv, ref).add_suffix(" e2e")]
     if attn is not None:
-        pa = e.pivot_table(index=["label", "prompt_len"], columns="method", values=attn, aggfunc="first") / 1e3
+        pa = e.pivot_table(index=idx, columns="method", values=attn, aggfunc="first") / 1e3
         parts.append(speedup_frame(pa[_methods(pa.columns)], ref).add_suffix(" attn"))
         if ref in pa and ref in piv:
             parts.append((pa[ref] / piv[ref]).rename("DeFT-Flatten attention share"))
