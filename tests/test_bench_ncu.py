@@ -22,3 +22,18 @@ def test_parse_ncu_csv_sums_kernels_and_drops_the_units_row():
 
 def test_parse_ncu_csv_without_a_report_is_empty():
     assert parse_ncu_csv("==PROF== nothing profiled\n").empty
+
+
+def test_children_get_the_drivers_pair_list():
+    from omegaconf import OmegaConf
+
+    from scripts.ncu_validate import pairs_override
+
+    pairs = OmegaConf.create([{"method": "radix", "case": "snap_spec64", "step": 120},
+                              {"method": "deft_flatten", "case": "snap_few_shot_4000", "step": 200}])  # fmt: skip
+    ov = pairs_override(pairs)
+    assert ov == "pairs=[{method:radix,case:snap_spec64,step:120},{method:deft_flatten,case:snap_few_shot_4000,step:200}]"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([ov])[0]
+    assert [dict(p) for p in parsed.value()] == [dict(p) for p in OmegaConf.to_container(pairs)]

@@ -98,3 +98,24 @@ def test_tree_figure_uses_the_deft_flatten_plan():
 def test_markdown_renders_missing_values():
     md = tables.to_markdown(pd.DataFrame({"a": [1.0, None], "b": ["x", "y"]}))
     assert md.splitlines()[0] == "| a | b |" and "–" in md
+
+
+def _e2e_rows():
+    rows = []
+    for engine, scale in (("eager", 2.0), ("cuda_graphs", 1.0)):
+        for m, t in (("deft_flatten", 1.0), ("radix", 1.5 if engine == "eager" else 2.0)):
+            rows.append({**PROV, "bench": "e2e", "kind": "aggregate", "workload": "few_shot", "wl.width": 50, "prompt_len": 16000,
+                         "method": m, "engine": engine, "e2e_ms": 1000 * t * scale, "attn_ms_total": 300 * t * scale,
+                         "run_key": f"{m}{engine}"})  # fmt: skip
+    return rows
+
+
+def test_e2e_table_keeps_eager_and_cuda_graph_runs_apart(tmp_path):
+    _write(tmp_path, _e2e_rows(), "h100")
+    df = results.load_results(tmp_path, gpu="h100")
+    t = tables.e2e_table(df).set_index("engine")
+    assert set(t.index) == {"eager", "cuda_graphs"}
+    assert round(t.loc["eager", "x Radix e2e"], 6) == 1.5 and round(t.loc["cuda_graphs", "x Radix e2e"], 6) == 2.0
+    assert round(t.loc["eager", "DeFT-Flatten e2e (s)"], 6) == 2.0
+    assert round(t.loc["cuda_graphs", "DeFT-Flatten attention share"], 6) == 0.3
+    assert t.loc["cuda_graphs", "paper x Radix e2e"] == 1.74  # the paper's few-shot w50 16k figure sits beside
