@@ -117,7 +117,9 @@ def build_groups(
 
     # per token (DFS-flat): pool slot and kept-node index
     tok_node = np.repeat(np.arange(k, dtype=i32), lens)
-    if k <= 256:
+    if n_tok == tree.slots.size and k == tree.n_nodes and bool((nodes[1:] > nodes[:-1]).all()):
+        tok_slot = tree.slots  # every token seen and DFS order = node order (a fan, a chain): no gather
+    elif k <= 256:
         starts = tree.slot_ptr[nodes]
         tok_slot = np.concatenate([tree.slots[a : a + n] for a, n in zip(starts.tolist(), lens.tolist(), strict=True)])
     else:
@@ -214,14 +216,19 @@ def build_groups(
 
 
 def _snap_to_nodes(bounds: np.ndarray, noff: np.ndarray, tol: float) -> np.ndarray:
-    """Move inner cuts to the nearest node boundary within ``tol`` tokens; drop cuts that coincide."""
+    """Move inner cuts to the nearest node boundary within ``tol`` tokens; drop cuts that coincide.
+    A cut moves by less than half a chunk, so the cuts stay sorted and equal ones are neighbours."""
     inner = bounds[1:-1]
     j = np.searchsorted(noff, inner)
-    lo = noff[np.maximum(j - 1, 0)]
-    hi = noff[np.minimum(j, noff.size - 1)]
+    lo = noff[j - 1]  # inner cuts lie strictly inside (0, n_tok): 1 <= j <= len(noff) - 1
+    hi = noff[j]
     near = np.where(inner - lo <= hi - inner, lo, hi)
-    moved = np.where(np.abs(near - inner) <= tol, near, inner)
-    return np.unique(np.concatenate(([bounds[0]], moved, [bounds[-1]])))
+    out = bounds.copy()
+    out[1:-1] = np.where(np.abs(near - inner) <= tol, near, inner)
+    keep = np.empty(out.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(out[1:], out[:-1], out=keep[1:])
+    return out[keep]
 
 
 def _empty_groups(tree: DecodingTree, out_alloc) -> KVGroups:
