@@ -18,23 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
-
-from baselines.path_decode import (
-    SplitPlan,
-    check_run,
-    check_shape,
-    launch_split_decode,
-    make_split_plan,
-    split_io,
-    split_items,
-)
-from deft.attention import AttentionMethod, AttentionShape, IOCounts
+from baselines.path_decode import SplitDecodeMethod, split_items
+from deft.attention import AttentionShape
 from deft.tree import DecodingTree
 
 
-class FlashDecoding(AttentionMethod):
+class FlashDecoding(SplitDecodeMethod):
     """Split-K decode over each query's gathered path: GPU-filling splits plus a log-sum-exp merge."""
 
     name = "flash_decoding"
@@ -66,21 +55,6 @@ class FlashDecoding(AttentionMethod):
         n_splits = -(-path_len // self.split_len(tree, shape))
         iq, lo, hi = split_items(path_len, n_splits)
         return iq, lo, hi, n_splits > 1
-
-    def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> SplitPlan:
-        check_shape(shape, self.name)
-        return make_split_plan(tree, shape, device, *self._cut(tree, shape))
-
-    def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
-        check_run(q, k_pool, v_pool, plan, self.name)
-        return launch_split_decode(
-            q, k_pool, v_pool, plan.tensors, plan.n_items, plan.n_merged_items, plan.n_merged_q,
-            self.block_n, self.num_warps, self.num_stages,
-        )  # fmt: skip
-
-    def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
-        iq, _, _, merged = self._cut(tree, shape)
-        return split_io(tree, shape, iq, np.asarray(merged))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deft.attention import AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
+from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
 from deft.tree import DecodingTree
 
 #: head dims the kernels take (tl.dot needs powers of two >= 16)
@@ -359,3 +359,31 @@ def launch_split_decode(
             out, part, lse, t["merge_q"], t["merge_ptr"], out.stride(0), out.stride(1), H=h, D=d, num_warps=1
         )
     return out
+
+
+class SplitDecodeMethod(AttentionMethod):
+    """A sequence-based method run by the split-decode kernels: subclasses choose the cut (``_cut``:
+    item query, path-local lo and hi, and which queries merge) and the tile settings (``block_n``,
+    ``num_warps``, ``num_stages``); plan, run and io follow from it."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def _cut(self, tree: DecodingTree, shape: AttentionShape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> SplitPlan:
+        check_shape(shape, self.name)
+        return make_split_plan(tree, shape, device, *self._cut(tree, shape))
+
+    def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
+        check_run(q, k_pool, v_pool, plan, self.name)
+        return launch_split_decode(
+            q, k_pool, v_pool, plan.tensors, plan.n_items, plan.n_merged_items, plan.n_merged_q,
+            self.block_n, self.num_warps, self.num_stages,
+        )  # fmt: skip
+
+    def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
+        iq, _, _, merged = self._cut(tree, shape)
+        return split_io(tree, shape, iq, np.asarray(merged))

@@ -21,22 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from baselines.path_decode import (
-    SplitPlan,
-    check_run,
-    check_shape,
-    launch_split_decode,
-    make_split_plan,
-    split_io,
-    split_items,
-)
-from deft.attention import AttentionMethod, AttentionShape, IOCounts
+from baselines.path_decode import SplitDecodeMethod, split_items
+from deft.attention import AttentionShape
 from deft.tree import DecodingTree
 
 
-class RadixAttention(AttentionMethod):
+class RadixAttention(SplitDecodeMethod):
     """SGLang-style radix attention: per-query paths through the shared pool, fixed KV splits, two stages."""
 
     name = "radix"
@@ -49,25 +40,10 @@ class RadixAttention(AttentionMethod):
         self.num_warps = num_warps
         self.num_stages = num_stages
 
-    def _cut(self, tree: DecodingTree) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _cut(self, tree: DecodingTree, shape: AttentionShape | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         path_len = tree.query_path_len
         iq, lo, hi = split_items(path_len, np.full(path_len.size, self.num_kv_splits, dtype=np.int64))
         return iq, lo, hi, np.ones(tree.n_queries, dtype=bool)
-
-    def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> SplitPlan:
-        check_shape(shape, self.name)
-        return make_split_plan(tree, shape, device, *self._cut(tree))
-
-    def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
-        check_run(q, k_pool, v_pool, plan, self.name)
-        return launch_split_decode(
-            q, k_pool, v_pool, plan.tensors, plan.n_items, plan.n_merged_items, plan.n_merged_q,
-            self.block_n, self.num_warps, self.num_stages,
-        )  # fmt: skip
-
-    def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
-        iq, _, _, merged = self._cut(tree)
-        return split_io(tree, shape, iq, merged)
 
     def describe(self) -> dict[str, Any]:
         return {"num_kv_splits": self.num_kv_splits, "block_n": self.block_n, "num_warps": self.num_warps}

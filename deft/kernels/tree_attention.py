@@ -152,35 +152,44 @@ def deft_partial_kernel(
 
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_vh
-    # four copies of the tile body: tiles whose rows fit SMALL_M run the small tile (a quarter of the
-    # tensor-core work per token for a branch with one or two queries), and tiles that need no
-    # visibility test carry none of its registers
+    # tiles whose rows fit SMALL_M run the small tile (a quarter of the tensor-core work per token for a
+    # branch with one or two queries); inside each size, tiles that need no visibility test carry none
+    # of its registers (four compiled copies of the tile body, picked per program at run time)
     if SMALL_M < BLOCK_M and n_q * GROUP <= SMALL_M:
-        if need_mask != 0:
-            _tile(
-                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
-            )  # fmt: skip
-        else:
-            _tile(
-                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
-            )  # fmt: skip
+        _tile_masked_or_not(
+            q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+            stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, need_mask, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP,
+        )  # fmt: skip
     else:
-        if need_mask != 0:
-            _tile(
-                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
-            )  # fmt: skip
-        else:
-            _tile(
-                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
-            )  # fmt: skip
+        _tile_masked_or_not(
+            q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+            stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, need_mask, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP,
+        )  # fmt: skip
+
+
+@triton.jit
+def _tile_masked_or_not(
+    q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+    stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+    kvh, t_lo, t_hi, q_lo, n_q, pbase, need_mask,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr,
+):  # fmt: skip
+    """The tile body with or without the visibility test, chosen by the tile's mask flag."""
+    if need_mask != 0:
+        _tile(
+            q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+            stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
+        )  # fmt: skip
+    else:
+        _tile(
+            q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+            stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
+        )  # fmt: skip
 
 
 @triton.jit
