@@ -28,7 +28,8 @@ def _version(dist: str) -> str:
 
 @functools.cache
 def git_state() -> tuple[str, bool]:
-    """(short commit, dirty) of the repository this package runs from.
+    """(short commit, dirty) of the repository this package runs from; ``dirty`` means uncommitted changes
+    to tracked files outside ``results/`` (a run rewriting the tables it reports on is not a code change).
 
     Outside a git checkout (a copied working tree on a GPU machine) the environment says it:
     ``DEFT_GIT_COMMIT`` and ``DEFT_GIT_DIRTY=1``; otherwise ``('unknown', False)``.
@@ -40,7 +41,7 @@ def git_state() -> tuple[str, bool]:
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"], cwd=_REPO, capture_output=True, text=True, timeout=10
         ).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
