@@ -317,6 +317,8 @@ def test_run_e2e_rows_and_capacity_error():
         assert agg[k] > 0, k
     assert 0 < agg["attn_share"] < 1
     assert agg["e2e_ms"] >= agg["ttft_ms"] + agg["decode_ms"] * 0.99
+    for r in steps:  # thread CPU time in the launch loop can't exceed its wall time (plus clock granularity)
+        assert 0 <= r["launch_cpu_ms"] <= r["launch_ms"] + 1.0
     cfg.bench.kv_capacity = 49
     with pytest.raises(KVCapacityError, match="needs a KV pool of 50 slots"):
         run_e2e(cfg, ReferenceMethod(), wl)

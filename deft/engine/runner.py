@@ -110,6 +110,7 @@ class RunResult:
             "replay_ms_median": q("replay_ms", 50),
             "host_ms_median": q("host_ms", 50),
             "launch_ms_median": q("launch_ms", 50),
+            "launch_cpu_ms_median": q("launch_cpu_ms", 50),
             "overhead_ms_median": q("overhead_ms", 50),
             "overhead_ms_p90": q("overhead_ms", 90),
             "peak_mem_gb": self.peak_mem_gb,
@@ -343,6 +344,7 @@ class TreeDecoder:
         meta = self._upload(host)
         self._t.mark(-2)
         t_up = time.perf_counter()
+        c_up = time.thread_time()
         qs, pos = meta[:k], meta[k : 2 * k]
         self._feed_tokens(meta[2 * k : 2 * k + m], meta[2 * k + m : 2 * k + 2 * m], meta[2 * k + 2 * m :])
         if self.graphs is not None:
@@ -358,6 +360,7 @@ class TreeDecoder:
             tok_host = toks
         self._t.mark(-1)
         t2 = time.perf_counter()
+        c2 = time.thread_time()
         if self.device.type == "cuda":
             self._t.marks[-1].synchronize()  # the step's one sync: greedy tokens back on the host
         t3 = time.perf_counter()
@@ -374,6 +377,9 @@ class TreeDecoder:
             "plan_ms": (t1 - t0) * 1e3,
             "host_ms": replay_ms + tree_ms + (t_up - t0) * 1e3,
             "launch_ms": (t2 - t_up) * 1e3,
+            # CPU time this thread spent in that launch loop: close to launch_ms when the host is busy
+            # launching, lower when it waited (a blocking call, or the OS running something else)
+            "launch_cpu_ms": (c2 - c_up) * 1e3,
             "step_ms": step_ms,
             "gpu_ms": gpu,
             "attn_ms": sum(self._t.ms(2 * i, 2 * i + 1) for i in range(L)),
