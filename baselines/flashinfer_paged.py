@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from baselines._optional import gpu_package_problem
+from baselines.path_decode import path_slots
 from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
 from deft.tree import DecodingTree
 
@@ -41,13 +42,9 @@ WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace
 
 
 def query_paths(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, slots): each query's root-to-node path in slot order, concatenated (CSR, int64)."""
-    lens = tree.query_path_len
-    indptr = np.zeros(tree.n_queries + 1, dtype=np.int64)
-    np.cumsum(lens, out=indptr[1:])
-    if tree.n_queries == 0:
-        return indptr, np.zeros(0, dtype=np.int64)
-    return indptr, np.concatenate([tree.query_slots(j) for j in range(tree.n_queries)])
+    """(indptr, slots): each query's root-to-node path in slot order, concatenated (CSR, int64); the
+    same vectorised build as Radix's kv_indices (:func:`baselines.path_decode.path_slots`)."""
+    return path_slots(tree)
 
 
 def split_kv_chunks(path_len: np.ndarray, n_kv_heads: int, max_ctas: int, min_chunk: int = 128) -> np.ndarray:

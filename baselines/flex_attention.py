@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from baselines.path_decode import path_slots
 from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
 from deft.tree import DecodingTree
 
@@ -200,9 +201,10 @@ class FlexAttention(AttentionMethod):
         programs = shape.n_kv_heads if decoding else shape.n_heads  # programs that read each visited block
         kv = mask = meta = 0
         visited_blocks = 0
-        for q0 in range(0, n_q, BLOCK):
+        indptr, path = path_slots(tree)
+        for q0 in range(0, n_q, BLOCK):  # per block of 128 queries
             rows = np.arange(q0, min(q0 + BLOCK, n_q))
-            slots = np.concatenate([tree.query_slots(int(j)) for j in rows])
+            slots = path[indptr[q0] : indptr[rows[-1] + 1]]
             seen = np.bincount(slots // BLOCK, minlength=n_kv_blocks)
             hit = seen > 0
             partial_blk = hit & (seen < rows.size * block_len)
