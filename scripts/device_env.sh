@@ -8,6 +8,8 @@
 #   previously built FlashInfer modules from .cache/flashinfer_aot.tar.gz as FlashInfer AOT modules
 #   (flashinfer/data/aot/<name>/<name>.so, which FlashInfer loads before trying to JIT-compile), so a
 #   carried cache is used without ninja re-checking source timestamps or paths.
+# Provenance: the machine's copy of .git can be older than this checkout's HEAD, so pass the commit from
+# here (DEFT_GIT_COMMIT=<sha of this checkout> in the command line), not $(git rev-parse HEAD) there.
 # End a command with `deft_pack_flashinfer_cache "$OUT"` to send the built modules back (<= 15 MiB parts:
 # flashinfer_aot.tar.gz.part-aa, -ab, ...); here, `cat <files_at>/flashinfer_aot.tar.gz.part-* >
 # .cache/flashinfer_aot.tar.gz` and pass carry [".whl", ".cache"] to the next call.

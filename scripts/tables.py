@@ -222,6 +222,9 @@ def e2e_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
     if "kind" in e and (e["kind"] == "aggregate").any():
         e = e[e["kind"] == "aggregate"]
     e = _with_labels(e)
+    if "bench.max_steps" in e:  # runs cut short (bench.max_steps) are not whole traces: their own rows
+        cut = e["bench.max_steps"].notna()
+        e.loc[cut, "label"] = e.loc[cut, "label"] + " (first " + e.loc[cut, "bench.max_steps"].astype(int).astype(str) + " steps)"
     e["engine"] = e["engine"].fillna("eager") if "engine" in e else "eager"
     keys = ["label", "prompt_len", "engine", "method", "model", "dtype"]
     e = _latest(e, keys)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -131,6 +132,6 @@ def load_results(root: str | Path, bench: str | None = None, gpu: str | None = N
     if not files:
         return to_frame([])
     frames = [pd.read_csv(p, low_memory=False, dtype=_STR_COLUMNS) for p in files]
-    for f, p in zip(frames, files, strict=True):
-        f["source_file"] = str(p.relative_to(root))
-    return pd.concat(frames, ignore_index=True, sort=False)
+    out = pd.concat(frames, ignore_index=True, sort=False)
+    source = np.repeat([str(p.relative_to(root)) for p in files], [len(f) for f in frames])
+    return pd.concat([out, pd.DataFrame({"source_file": source})], axis=1)
