@@ -119,3 +119,15 @@ def test_e2e_table_keeps_eager_and_cuda_graph_runs_apart(tmp_path):
     assert round(t.loc["eager", "DeFT-Flatten e2e (s)"], 6) == 2.0
     assert round(t.loc["cuda_graphs", "DeFT-Flatten attention share"], 6) == 0.3
     assert t.loc["cuda_graphs", "paper x Radix e2e"] == 1.74  # the paper's few-shot w50 16k figure sits beside
+
+
+def test_e2e_runs_cut_short_get_their_own_rows(tmp_path):
+    rows = _e2e_rows()
+    for m, t in (("deft_flatten", 3.0), ("radix", 1.0)):  # a 600-step run must not replace the whole-trace one
+        rows.append({**rows[0], "method": m, "e2e_ms": 1000 * t, "bench.max_steps": 600, "run_key": f"{m}cut", "date": "2099-01-01T00:00:00Z"})
+    _write(tmp_path, rows, "h100")
+    t = tables.e2e_table(results.load_results(tmp_path, gpu="h100"))
+    eager = t[t["engine"] == "eager"].set_index("label")
+    whole = next(lbl for lbl in eager.index if "steps" not in lbl)
+    assert eager.loc[f"{whole} (first 600 steps)", "DeFT-Flatten e2e (s)"] == 3.0
+    assert round(eager.loc[whole, "x Radix e2e"], 6) == 1.5
