@@ -331,3 +331,22 @@ def test_greedy_tokens_identical_eager_and_graph_segments():
     a = TreeDecoder(model, ReferenceMethod(), need, "cpu").run(trace).summary()
     b = TreeDecoder(model, ReferenceMethod(), need, "cpu", cuda_graphs=True).run(trace).summary()
     assert a["greedy_digest"] == b["greedy_digest"] and a["engine"] == "eager" and b["engine"] == "graph_segments"
+
+
+@pytest.mark.parametrize("every, caught", [(1, True), (2, True), (3, False), (0, False)])
+def test_sequence_tree_full_slot_check_runs_on_its_period(every, caught):
+    """The O(tree tokens) check runs on the first advance and then every ``every``: a slot that holds no K/V
+    at the third advance is caught with periods 1 and 2, not 3 (or 0: never); the cheap checks still run."""
+    t1 = DecodingTree.from_lists([-1, 0, 0], [[0, 1, 2], [3], [4]], [(1, 1), (2, 1)])
+    t2 = DecodingTree.from_lists([-1, 0, 0], [[0, 1, 2], [3, 5], [4, 6]], [(1, 2), (2, 2)])
+    seq = SequenceTree(16, full_check_every=every)
+    seq.prefill(t1, 3)
+    seq.advance(StepState(1, t1, np.zeros(0, np.int64)))
+    seq.advance(StepState(2, t2, np.zeros(0, np.int64)))
+    # slot 7 was never written and slot 6 left unfreed: the counts agree (8 and 8), only the full check sees it
+    bad = DecodingTree.from_lists([-1, 0, 0], [[0, 1, 2], [3, 5, 7, 8], [4]], [(1, 4)])
+    if caught:
+        with pytest.raises(KVAccountingError, match=r"slots \[7\] are in the tree"):
+            seq.advance(StepState(3, bad, np.zeros(0, np.int64)))
+    else:
+        seq.advance(StepState(3, bad, np.zeros(0, np.int64)))

@@ -239,6 +239,7 @@ class TreeDecoder:
         tokens: str = "greedy",
         seed: int = 0,
         check: bool = True,
+        full_check_every: int = 1,
     ) -> None:
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
@@ -254,6 +255,7 @@ class TreeDecoder:
         self.tokens = tokens
         self.seed = int(seed)
         self.check = check
+        self.full_check_every = int(full_check_every)  # see SequenceTree
         # per slot: its input token, and the greedy token predicted from it
         self.slot_token = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
         self.next_tok = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
@@ -421,7 +423,7 @@ class TreeDecoder:
     def _decode(self, trace, steps: int, on_step, progress: bool = False) -> RunResult:
         allocator = SlotAllocator(self.kv_capacity)  # never hands out the pad slot (the pool's last row)
         self.pool.allocator = allocator
-        seq = SequenceTree(self.capacity, self.check)
+        seq = SequenceTree(self.capacity, self.check, self.full_check_every)
         ctrl = BranchController(trace, allocator, steps)
         res = RunResult(trace.name, int(trace.prompt_len), self.kv_capacity, self.engine)
         t_start = time.perf_counter()
@@ -463,7 +465,7 @@ def run_e2e(cfg, method: AttentionMethod, workload) -> list[dict[str, Any]]:
     method.check_available()
     model = build_model(args, device, cfg.model.get("weights"), int(cfg.model.get("seed", 0)))
     dec = TreeDecoder(model, method, capacity, device, bool(b.get("cuda_graphs", False)), str(b.get("tokens", "greedy")),
-                      int(cfg.get("seed", 0)))  # fmt: skip
+                      int(cfg.get("seed", 0)), full_check_every=int(b.get("kv_check_every", 1)))  # fmt: skip
     try:
         res = dec.run(trace, max_steps, int(b.get("warmup_steps", 0)), progress=bool(b.get("progress", True)))
         rows = res.rows(bool(b.get("step_rows", True)))
