@@ -181,7 +181,8 @@ def build_groups(
 
     # global reduction: sorted query s -> its partial rows
     part_q = np.arange(n_part) - np.repeat(cpbase - cq_lo, cnq)
-    red_idx = np.argsort(part_q, kind="stable")
+    # stable sort by query; small integer keys take numpy's radix sort (several times faster than int64's)
+    red_idx = np.argsort(part_q.astype(np.int16) if nq < 2**15 else part_q, kind="stable")
     counts = np.bincount(part_q, minlength=nq)
     red_ptr = np.zeros(nq + 1, dtype=np.int64)
     np.cumsum(counts, out=red_ptr[1:])
@@ -197,11 +198,12 @@ def build_groups(
     for i, col in enumerate((q_idx, q_tin, q_vis)):
         query_rec[:, i] = col
     pieces = (tiles.ravel(), tok_slot, tok_node, node_rec.ravel(), query_rec.ravel(), red_ptr, red_idx)
-    sizes = np.array([p.size for p in pieces])
-    ends = np.cumsum(sizes)
-    packed = np.empty(int(ends[-1]), dtype=i32) if out_alloc is None else out_alloc(int(ends[-1]))
+    offsets, end = {}, 0
+    for name, p in zip(SECTIONS, pieces, strict=True):
+        offsets[name] = (end, end + p.size)
+        end += p.size
+    packed = np.empty(end, dtype=i32) if out_alloc is None else out_alloc(end)
     np.concatenate(pieces, out=packed, casting="same_kind")
-    offsets = {name: (int(e - s), int(e)) for name, s, e in zip(SECTIONS, sizes, ends, strict=True)}
     return KVGroups(
         packed=packed,
         offsets=offsets,
