@@ -41,12 +41,6 @@ from deft.tree import DecodingTree
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace
 
 
-def query_paths(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, slots): each query's root-to-node path in slot order, concatenated (CSR, int64); the
-    same vectorised build as Radix's kv_indices (:func:`baselines.path_decode.path_slots`)."""
-    return path_slots(tree)
-
-
 def split_kv_chunks(path_len: np.ndarray, n_kv_heads: int, max_ctas: int, min_chunk: int = 128) -> np.ndarray:
     """Chunks per request under FlashInfer's split-KV planner (all ones when it does not split)."""
     if path_len.size == 0:
@@ -119,7 +113,7 @@ class FlashInferPaged(AttentionMethod):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         tc = resolve_tensor_cores(self.use_tensor_cores, shape)
-        indptr, slots = query_paths(tree)
+        indptr, slots = path_slots(tree)
         w = self._wrapper(device, tc)
         w.plan(
             torch.from_numpy(indptr.astype(np.int32)),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from baselines._optional import gpu_package_problem
-from baselines.flashinfer_paged import query_paths
+from baselines.path_decode import path_slots
 from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
 from deft.tree import DecodingTree
 
@@ -98,7 +98,7 @@ class XformersSplitK(AttentionMethod):
             device = torch.device("cuda", torch.cuda.current_device())
         if shape.head_dim not in (16, 32, 64, 128, 256, 512):
             raise UnsupportedInput(f"{self.name}: head_dim {shape.head_dim} not supported by xformers' split-K")
-        indptr, slots = query_paths(tree)
+        indptr, slots = path_slots(tree)
         bias = BlockDiagonalGappyKeysMask.from_seqlens(
             q_seqlen=[1] * tree.n_queries,
             kv_seqstarts=indptr.tolist(),

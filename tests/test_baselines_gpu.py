@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from baselines.flashinfer_cascade import FlashInferCascade, cascade_layout
-from baselines.flashinfer_paged import FlashInferPaged, query_paths, split_kv_chunks
+from baselines.flashinfer_paged import FlashInferPaged, split_kv_chunks
 from baselines.flex_attention import FlexAttention, tree_mask_tables
+from baselines.path_decode import path_slots
 from baselines.xformers_splitk import XformersSplitK, xformers_split_k
 from deft.attention import AttentionShape, IOCounts, floor_io
 from deft.reference import TOLERANCE, reference_attention, relative_error
@@ -202,11 +203,11 @@ def test_cascade_reads_each_shared_node_once_per_query_tile():
     assert io.kv == (2 * 4096 + 50 * 200) * shape.kv_token_bytes
 
 
-def test_query_paths_are_each_querys_visible_slots(make_random_tree):
+def test_path_slots_are_each_querys_visible_slots_on_random_trees(make_random_tree):
     rng = np.random.default_rng(6)
     for _ in range(20):
         tree = make_random_tree(rng)
-        indptr, slots = query_paths(tree)
+        indptr, slots = path_slots(tree)
         for j in range(tree.n_queries):
             np.testing.assert_array_equal(slots[indptr[j] : indptr[j + 1]], tree.query_slots(j))
 

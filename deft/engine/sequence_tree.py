@@ -99,7 +99,7 @@ class SequenceTree:
         new_slot = qslot[new_q]
         w[new_slot] = True
         self.n_written += int(new_slot.size)
-        full = self.check and self.full_check_every > 0 and self._n_steps % self.full_check_every == 0
+        full = self.full_check_every > 0 and self._n_steps % self.full_check_every == 0
         self._n_steps += 1
         if self.check:
             if full and not w[tree.slots].all():
