@@ -7,7 +7,9 @@ are contiguous. With ``D`` the deepest query node's depth there are ``D + 1`` le
 - level ``k < D``: one segment per node at depth ``k`` holding the queries strictly below it, whose pages are
   that node's full span (page size 1: a page is a slot). Queries whose own node is at depth ``<= k`` have no
   node there: they sit in zero-length segments (indptr step 0, last-page length 0), for which the kernel
-  writes a zero output with log-sum-exp ``-inf`` that the merge ignores.
+  writes a zero output with log-sum-exp ``-inf`` that the merge ignores. Every level's page list ends with
+  one sentinel page (slot 0) outside all segments: the kernel reads the first page index of an empty
+  segment, which for a trailing one would otherwise lie past the array.
 - level ``D`` (the last, which the wrapper runs first): one segment per (node, visible) group with the first
   ``visible`` tokens of the queries' own node. This keeps speculative trees (partial visibility inside a
   node) exact: a node's own queries never see its full span through a shared level.
@@ -76,7 +78,10 @@ def _level(tree: DecodingTree, seg_start: np.ndarray, n_q: int, seg_slots: list[
     lens = np.array([s.size for s in seg_slots], dtype=np.int64)
     kv_indptr = np.zeros(lens.size + 1, dtype=np.int64)
     np.cumsum(lens, out=kv_indptr[1:])
-    indices = np.concatenate(seg_slots) if lens.sum() else np.zeros(0, dtype=np.int64)
+    # one sentinel page (slot 0, always a pool row) past the last segment: FlashInfer's SM90 paged prefill
+    # reads the page index at an empty segment's start, which for a trailing empty segment lies one past the
+    # array (uninitialised memory: an illegal address once in a while; engine step 1545 of sorting128ToT 4k)
+    indices = np.concatenate([*seg_slots, np.zeros(1, dtype=np.int64)])
     return CascadeLevel(
         qo_indptr=np.append(seg_start, n_q).astype(np.int32),
         kv_indptr=kv_indptr.astype(np.int32),

@@ -86,3 +86,22 @@ class BranchController:
             state = next(it)
             self.replay_ms.append((time.perf_counter() - t0) * 1e3)
             yield state
+
+
+def engine_batches(trace, capacity: int | None = None, max_steps: int | None = None) -> Iterator:
+    """The engine's step batches of ``trace`` without a model: the same slots, freed slots and queries a
+    :class:`~deft.engine.runner.TreeDecoder` run sees (its allocator, its sequence tree manager), to replay
+    every engine tree through an attention method alone. ``capacity``: pool slots (default: the trace's peak).
+    Yields :class:`~deft.engine.sequence_tree.StepBatch`; the first step's tree holds the prompt."""
+    from deft.engine.sequence_tree import SequenceTree
+
+    needs = kv_needs(trace, max_steps)
+    cap = int(capacity or needs.slots)
+    needs.check(cap)
+    seq = SequenceTree(cap + 1)
+    first = True
+    for state in BranchController(trace, SlotAllocator(cap), max_steps):
+        if first:
+            seq.prefill(state.tree, trace.prompt_len)
+            first = False
+        yield seq.advance(state)
