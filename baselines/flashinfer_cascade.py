@@ -40,7 +40,7 @@ import torch
 
 from baselines._optional import gpu_package_problem
 from baselines.flashinfer_paged import WORKSPACE_BYTES
-from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
+from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs, to_device
 from deft.tree import DecodingTree
 
 
@@ -185,8 +185,8 @@ class FlashInferCascade(AttentionMethod):
         w._deft_epoch += 1
         order = inverse = None
         if not layout.is_identity:
-            order = torch.from_numpy(layout.order).to(device)
-            inverse = torch.from_numpy(np.argsort(layout.order)).to(device)
+            order = to_device(layout.order, device)
+            inverse = to_device(np.argsort(layout.order), device)
         return FlashInferCascadePlan(tree.n_queries, shape, str(device), w, w._deft_epoch, order, inverse, n_levels)
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: FlashInferCascadePlan) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
+from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs, to_device
 from deft.tree import DecodingTree
 
 #: head dims the kernels take (tl.dot needs powers of two >= 16)
@@ -98,8 +98,8 @@ def device_path_slots(tree: DecodingTree, device: torch.device) -> torch.Tensor:
     as SGLang keeps its ``req_to_token`` table on the GPU."""
     seg_start, seg_len, _ = path_segments(tree)
     host = np.concatenate([seg_start, seg_len]).astype(np.int64)
-    segs = torch.from_numpy(host).to(device, non_blocking=False)
-    slots = torch.from_numpy(np.ascontiguousarray(tree.slots, dtype=np.int32)).to(device)
+    segs = to_device(host, device)
+    slots = to_device(np.asarray(tree.slots, dtype=np.int32), device)
     n = seg_start.size
     pos = _expand(segs[:n], segs[n:], torch, tree.path_kv_tokens, device)
     return slots[pos]
@@ -113,7 +113,7 @@ def pack_upload(pieces: dict[str, np.ndarray], device: str | torch.device) -> di
     for p, n in zip(pieces.values(), sizes, strict=True):
         host[off : off + n] = p
         off += n
-    buf = torch.from_numpy(host).to(device)
+    buf = to_device(host, device)
     views, off = {}, 0
     for name, n in zip(pieces, sizes, strict=True):
         views[name] = buf[off : off + n]

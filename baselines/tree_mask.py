@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
+from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs, to_device
 from deft.tree import DecodingTree
 
 #: output tile side assumed for the cuBLAS matmuls in the IO model
@@ -71,7 +71,7 @@ class TreeMaskAttention(AttentionMethod):
         host = np.zeros(n_tok + mask_words, dtype=np.int32)
         host[:n_tok] = slot
         host[n_tok:].view(np.uint8)[: nq * n_tok] = hidden.reshape(-1)
-        buf = torch.from_numpy(host).to(device)
+        buf = to_device(host, device)
         mask = buf[n_tok:].view(torch.uint8)[: nq * n_tok].view(torch.bool).view(nq, n_tok)
         return TreeMaskPlan(
             n_queries=nq,

@@ -35,7 +35,7 @@ import torch
 
 from baselines._optional import gpu_package_problem
 from baselines.path_decode import path_slots
-from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
+from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs, to_device
 from deft.tree import DecodingTree
 
 
@@ -105,7 +105,7 @@ class XformersSplitK(AttentionMethod):
             kv_seqlen=np.diff(indptr).tolist(),
             device=device,
         )
-        gather = torch.from_numpy(slots).to(device)
+        gather = to_device(slots, device)
         return XformersSplitKPlan(tree.n_queries, shape, str(device), gather, bias)
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: XformersSplitKPlan) -> torch.Tensor:

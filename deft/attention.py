@@ -11,6 +11,7 @@ import abc
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from deft.tree import DecodingTree
@@ -195,3 +196,15 @@ def check_inputs(
         raise UnsupportedInput(f"dtype {q.dtype} not supported; supported: {dtypes}")
     if q.device != k_pool.device or q.device != v_pool.device:
         raise UnsupportedInput(f"device mismatch: q on {q.device}, pools on {k_pool.device}/{v_pool.device}")
+
+
+def to_device(host: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """A plan's host array on ``device`` without blocking the host: on CUDA it is staged in pinned memory and
+    copied asynchronously (PyTorch's caching host allocator keeps the staging block until the copy has run).
+    A pageable ``.to(device)`` would wait for the stream to drain, so an engine planning step ``t + 1`` while
+    the GPU runs step ``t`` would stall in every baseline's plan."""
+    t = torch.from_numpy(np.ascontiguousarray(host))
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -226,6 +226,29 @@ class StepGraphs:
         return b.logits[:n], b.toks[:n]
 
 
+@dataclass(eq=False)
+class _Step:
+    """A step between its host preparation and its completion (the overlapped engine holds two)."""
+
+    b: StepBatch
+    plan: Plan
+    meta: torch.Tensor
+    k: int  # padded query count (CUDA graphs) or the query count
+    turn: int  # which of the two timer / staging sets the step uses
+    replay_ms: float
+    tree_ms: float
+    t_host: float  # host clock when the step's plan started (after the controller and the sequence tree)
+    t0: float
+    t1: float
+    t_up: float
+    t_launched: float = 0.0
+    launch_cpu_ms: float = 0.0
+    logits: Any = None
+    tok_host: Any = None
+    done: Any = None  # CUDA event after the step's last kernel (None on a CPU)
+    consumed: Any = None  # CUDA event after the step's uploads, before its first kernel
+
+
 class TreeDecoder:
     """The engine: model, KV pool, attention method; prefill, decode steps, and metrics of a trace run."""
 
@@ -240,6 +263,7 @@ class TreeDecoder:
         seed: int = 0,
         check: bool = True,
         full_check_every: int = 1,
+        overlap: bool = False,
     ) -> None:
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
@@ -262,10 +286,19 @@ class TreeDecoder:
         self._run_takes_out = "out" in inspect.signature(method.run).parameters
         self.graphs = StepGraphs(self) if cuda_graphs else None
         self.engine = ("cuda_graphs" if self.device.type == "cuda" else "graph_segments") if cuda_graphs else "eager"
+        # overlap: plan step t + 1 on the host while the GPU runs step t (the trace, not the tokens, decides the
+        # tree, so the next plan never waits for this step's output); two sets of events and staging buffers
+        self.overlap = bool(overlap)
+        if self.overlap:
+            self.engine += "+overlap"
         L = a.n_layers
-        self._t = _Timer(self.device, 2 * L + 2)  # [attn start, attn end] per layer, then step start, step end
-        self._host_buf: torch.Tensor | None = None
-        self._tok_buf: torch.Tensor | None = None
+        # [attn start, attn end] per layer, then step start (after its uploads), step end
+        self._timers = [_Timer(self.device, 2 * L + 2) for _ in range(2)]
+        self._t = self._timers[0]
+        self._turn = 0
+        self._host_bufs: list[torch.Tensor | None] = [None, None]
+        self._tok_bufs: list[torch.Tensor | None] = [None, None]
+        self._last_done: float | None = None
 
     # ------------------------------------------------------------------ pieces of a step
     def attend(self, i: int, q: torch.Tensor, plan: Plan, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,14 +326,16 @@ class TreeDecoder:
         return logits, toks
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
-        """One host-to-device copy of the step's index arrays (pinned staging on a GPU)."""
+        """One host-to-device copy of the step's index arrays (pinned staging on a GPU, one buffer per turn)."""
         t = torch.from_numpy(host)
         if self.device.type != "cuda":
             return t
-        if self._host_buf is None or self._host_buf.numel() < t.numel():
-            self._host_buf = torch.empty(max(t.numel(), 1024) * 2, dtype=torch.int64, pin_memory=True)
-        buf = self._host_buf[: t.numel()]
-        buf.copy_(t)  # safe: the previous step's copy finished at its sync
+        buf = self._host_bufs[self._turn]
+        if buf is None or buf.numel() < t.numel():
+            buf = self._host_bufs[self._turn] = torch.empty(max(t.numel(), 1024) * 2, dtype=torch.int64, pin_memory=True)
+        buf = buf[: t.numel()]
+        # safe: this buffer's last copy (two steps ago) preceded an event the host has waited for since
+        buf.copy_(t)
         return buf.to(self.device, non_blocking=True)
 
     def _feed_tokens(self, new_slot: torch.Tensor, src_slot: torch.Tensor, new_pos: torch.Tensor) -> None:
@@ -331,10 +366,16 @@ class TreeDecoder:
     ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
         """One decode step of an advanced batch (``replay_ms``, ``tree_ms``: host time already spent on it by the
         branch controller and the sequence tree manager); returns its metrics, logits and greedy tokens."""
+        p = self._launch(self._prepare(b, replay_ms, tree_ms, time.perf_counter()))
+        return self._finish(p, p.done)
+
+    def _prepare(self, b: StepBatch, replay_ms: float, tree_ms: float, t_host: float) -> _Step:
+        """Host side of a step: the method's plan and the upload of the step's index arrays (no sync)."""
+        self._turn ^= 1
         t0 = time.perf_counter()
         plan = self.method.plan(b.tree, self.shape, self.device)
         t1 = time.perf_counter()
-        n, m = b.n_queries, b.new_slot.size
+        n = b.n_queries
         if self.graphs is not None:
             pad = graph_bucket(n) - n
             qs_h = np.concatenate([b.query_slot, np.full(pad, self.pad_slot, np.int64)])
@@ -344,50 +385,72 @@ class TreeDecoder:
         else:
             host, k = b.packed(), n
         meta = self._upload(host)
-        self._t.mark(-2)
-        t_up = time.perf_counter()
+        return _Step(b, plan, meta, k, self._turn, replay_ms, tree_ms, t_host, t0, t1, time.perf_counter())
+
+    def _launch(self, p: _Step, keep_logits: bool = False) -> _Step:
+        """Queue the step's kernels (and its greedy tokens' copy to the host); no sync."""
+        timer = self._timers[p.turn]
+        self._t = timer
+        timer.mark(-2)  # step start; also 'inputs consumed': every H2D copy of the step's plan and metadata precedes it
         c_up = time.thread_time()
+        n, m, k = p.b.n_queries, p.b.new_slot.size, p.k
+        meta = p.meta
         qs, pos = meta[:k], meta[k : 2 * k]
         self._feed_tokens(meta[2 * k : 2 * k + m], meta[2 * k + m : 2 * k + 2 * m], meta[2 * k + 2 * m :])
         if self.graphs is not None:
-            logits, toks = self.graphs.forward(n, meta[: 2 * k], plan)
+            logits, toks = self.graphs.forward(n, meta[: 2 * k], p.plan)
+            if keep_logits:  # the bucket's buffer is overwritten by the next step of its size
+                logits = logits.clone()
         else:
-            logits, toks = self._forward_eager(qs, pos, plan)
+            logits, toks = self._forward_eager(qs, pos, p.plan)
         if self.device.type == "cuda":
-            if self._tok_buf is None or self._tok_buf.numel() < n:
-                self._tok_buf = torch.empty(max(n, 256) * 2, dtype=torch.int64, pin_memory=True)
-            tok_host = self._tok_buf[:n]
+            buf = self._tok_bufs[p.turn]
+            if buf is None or buf.numel() < n:
+                buf = self._tok_bufs[p.turn] = torch.empty(max(n, 256) * 2, dtype=torch.int64, pin_memory=True)
+            tok_host = buf[:n]
             tok_host.copy_(toks, non_blocking=True)
         else:
             tok_host = toks
-        self._t.mark(-1)
-        t2 = time.perf_counter()
-        c2 = time.thread_time()
-        if self.device.type == "cuda":
-            self._t.marks[-1].synchronize()  # the step's one sync: greedy tokens back on the host
+        timer.mark(-1)
+        p.logits, p.tok_host = logits, tok_host
+        p.t_launched, p.launch_cpu_ms = time.perf_counter(), (time.thread_time() - c_up) * 1e3
+        p.done = timer.marks[-1] if self.device.type == "cuda" else None
+        p.consumed = timer.marks[-2] if self.device.type == "cuda" else None
+        return p
+
+    def _finish(self, p: _Step, wait_for: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """Wait for ``wait_for`` (this step's end event, or the next step's inputs-consumed event, which follows
+        it on the stream) and read the step's metrics; the step's tokens come back with it."""
+        if wait_for is not None:
+            wait_for.synchronize()
         t3 = time.perf_counter()
+        timer = self._timers[p.turn]
         L = self.model.args.n_layers
-        gpu = self._t.ms(2 * L, 2 * L + 1)
-        step_ms = replay_ms + (t3 - t0) * 1e3 + tree_ms
+        gpu = timer.ms(2 * L, 2 * L + 1)
+        if self.overlap and self._last_done is not None:
+            step_ms = (t3 - self._last_done) * 1e3  # steps overlap: the period between two completions
+        else:
+            step_ms = p.replay_ms + p.tree_ms + (t3 - p.t_host) * 1e3
+        self._last_done = t3
         rec = {
-            "step": b.step,
-            "n_queries": n,
-            "n_nodes": b.tree.n_nodes,
-            "kv_live": b.n_live,
-            "replay_ms": replay_ms,
-            "tree_ms": tree_ms,
-            "plan_ms": (t1 - t0) * 1e3,
-            "host_ms": replay_ms + tree_ms + (t_up - t0) * 1e3,
-            "launch_ms": (t2 - t_up) * 1e3,
+            "step": p.b.step,
+            "n_queries": p.b.n_queries,
+            "n_nodes": p.b.tree.n_nodes,
+            "kv_live": p.b.n_live,
+            "replay_ms": p.replay_ms,
+            "tree_ms": p.tree_ms,
+            "plan_ms": (p.t1 - p.t0) * 1e3,
+            "host_ms": p.replay_ms + p.tree_ms + (p.t_up - p.t0) * 1e3,
+            "launch_ms": (p.t_launched - p.t_up) * 1e3,
             # CPU time this thread spent in that launch loop: close to launch_ms when the host is busy
             # launching, lower when it waited (a blocking call, or the OS running something else)
-            "launch_cpu_ms": (c2 - c_up) * 1e3,
+            "launch_cpu_ms": p.launch_cpu_ms,
             "step_ms": step_ms,
             "gpu_ms": gpu,
-            "attn_ms": sum(self._t.ms(2 * i, 2 * i + 1) for i in range(L)),
+            "attn_ms": sum(timer.ms(2 * i, 2 * i + 1) for i in range(L)),
             "overhead_ms": step_ms - gpu,
         }
-        return rec, logits, tok_host.clone()
+        return rec, p.logits, p.tok_host.clone()
 
     # ------------------------------------------------------------------ a run
     def needs(self, trace, max_steps: int | None = None) -> KVNeeds:
@@ -420,6 +483,14 @@ class TreeDecoder:
             res.peak_mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
         return res
 
+    @staticmethod
+    def _record(res: RunResult, p: _Step, out: tuple[dict[str, Any], torch.Tensor, torch.Tensor], on_step) -> None:
+        rec, logits, toks = out
+        res.steps.append(rec)
+        res.tokens.append(toks.numpy())
+        if on_step is not None:
+            on_step(p.b, logits, toks)
+
     def _decode(self, trace, steps: int, on_step, progress: bool = False) -> RunResult:
         allocator = SlotAllocator(self.kv_capacity)  # never hands out the pad slot (the pool's last row)
         self.pool.allocator = allocator
@@ -436,16 +507,24 @@ class TreeDecoder:
         res.ttft_ms = (time.perf_counter() - t_start) * 1e3
         bar = tqdm(total=steps, desc=f"{getattr(self.method, 'name', 'decode')} {trace.name} ({self.engine})", unit="step",
                    disable=not progress, leave=False, mininterval=2.0)  # fmt: skip
+        self._last_done = None
+        pending: _Step | None = None  # the overlapped engine's step still on the GPU
         while state is not None:
             bar.update(1)
             t0 = time.perf_counter()
             b = seq.advance(state)
-            rec, logits, toks = self.step(b, ctrl.replay_ms[-1], (time.perf_counter() - t0) * 1e3)
-            res.steps.append(rec)
-            res.tokens.append(toks.numpy())
-            if on_step is not None:
-                on_step(b, logits, toks)
+            t_tree = time.perf_counter()
+            p = self._prepare(b, ctrl.replay_ms[-1], (t_tree - t0) * 1e3, t_tree)
+            p = self._launch(p, keep_logits=on_step is not None)
+            if pending is not None:  # the previous step: done once this one's inputs are on the GPU
+                self._record(res, pending, self._finish(pending, p.consumed), on_step)
+            if self.overlap:
+                pending = p
+            else:
+                self._record(res, p, self._finish(p, p.done), on_step)
             state = next(it, None)
+        if pending is not None:
+            self._record(res, pending, self._finish(pending, pending.done), on_step)
         res.e2e_ms = (time.perf_counter() - t_start) * 1e3
         bar.close()
         return res
@@ -465,7 +544,8 @@ def run_e2e(cfg, method: AttentionMethod, workload) -> list[dict[str, Any]]:
     method.check_available()
     model = build_model(args, device, cfg.model.get("weights"), int(cfg.model.get("seed", 0)))
     dec = TreeDecoder(model, method, capacity, device, bool(b.get("cuda_graphs", False)), str(b.get("tokens", "greedy")),
-                      int(cfg.get("seed", 0)), full_check_every=int(b.get("kv_check_every", 1)))  # fmt: skip
+                      int(cfg.get("seed", 0)), full_check_every=int(b.get("kv_check_every", 1)),
+                      overlap=bool(b.get("overlap", False)))  # fmt: skip
     try:
         res = dec.run(trace, max_steps, int(b.get("warmup_steps", 0)), progress=bool(b.get("progress", True)))
         rows = res.rows(bool(b.get("step_rows", True)))
