@@ -7,9 +7,7 @@ are contiguous. With ``D`` the deepest query node's depth there are ``D + 1`` le
 - level ``k < D``: one segment per node at depth ``k`` holding the queries strictly below it, whose pages are
   that node's full span (page size 1: a page is a slot). Queries whose own node is at depth ``<= k`` have no
   node there: they sit in zero-length segments (indptr step 0, last-page length 0), for which the kernel
-  writes a zero output with log-sum-exp ``-inf`` that the merge ignores. Every level's page list ends with
-  one sentinel page (slot 0) outside all segments: the kernel reads the first page index of an empty
-  segment, which for a trailing one would otherwise lie past the array.
+  writes a zero output with log-sum-exp ``-inf`` that the merge ignores.
 - level ``D`` (the last, which the wrapper runs first): one segment per (node, visible) group with the first
   ``visible`` tokens of the queries' own node. This keeps speculative trees (partial visibility inside a
   node) exact: a node's own queries never see its full span through a shared level.
@@ -78,10 +76,7 @@ def _level(tree: DecodingTree, seg_start: np.ndarray, n_q: int, seg_slots: list[
     lens = np.array([s.size for s in seg_slots], dtype=np.int64)
     kv_indptr = np.zeros(lens.size + 1, dtype=np.int64)
     np.cumsum(lens, out=kv_indptr[1:])
-    # one sentinel page (slot 0, always a pool row) past the last segment: FlashInfer's SM90 paged prefill
-    # reads the page index at an empty segment's start, which for a trailing empty segment lies one past the
-    # array (uninitialised memory: an illegal address once in a while; engine step 1545 of sorting128ToT 4k)
-    indices = np.concatenate([*seg_slots, np.zeros(1, dtype=np.int64)])
+    indices = np.concatenate(seg_slots) if lens.sum() else np.zeros(0, dtype=np.int64)
     return CascadeLevel(
         qo_indptr=np.append(seg_start, n_q).astype(np.int32),
         kv_indptr=kv_indptr.astype(np.int32),
@@ -121,8 +116,7 @@ def cascade_layout(tree: DecodingTree) -> CascadeLayout:
 
 @dataclass(frozen=True)
 class FlashInferCascadePlan(Plan):
-    wrapper: Any
-    epoch: int
+    wrapper: Any  # this plan's own wrapper
     order: torch.Tensor | None  # DFS query order, None when the tree's order already is
     inverse: torch.Tensor | None
     n_levels: int
@@ -136,7 +130,6 @@ class FlashInferCascade(AttentionMethod):
     def __init__(self, cta_q: int = 128) -> None:
         self.cta_q = cta_q
         self._workspace: dict[torch.device, torch.Tensor] = {}
-        self._wrappers: dict[tuple[torch.device, int], Any] = {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -146,16 +139,16 @@ class FlashInferCascade(AttentionMethod):
         return {"page_size": 1, "levels": "depth+own"}
 
     def _wrapper(self, device: torch.device, n_levels: int):
+        """A new wrapper for every plan (sharing one float workspace). Re-planning one wrapper per level count
+        step after step crashed FlashInfer 0.5.3 with an illegal memory access on the engine's trees
+        (sorting128ToT 4k, step 1545 of 1999, reproducibly; the same tree alone, the steps from 1500 on, and all
+        1999 steps with a fresh wrapper each pass): the cause lies in the wrapper's reused state and was not
+        isolated. Its per-level int workspaces come from PyTorch's caching allocators, so this costs little."""
         import flashinfer
 
-        key = (device, n_levels)
-        if key not in self._wrappers:
-            if device not in self._workspace:
-                self._workspace[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-            w = flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, self._workspace[device], "NHD")
-            w._deft_epoch = 0
-            self._wrappers[key] = w
-        return self._wrappers[key]
+        if device not in self._workspace:
+            self._workspace[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        return flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, self._workspace[device], "NHD")
 
     def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> FlashInferCascadePlan:
         self.check_available()
@@ -182,17 +175,14 @@ class FlashInferCascade(AttentionMethod):
             q_data_type=shape.torch_dtype,
             kv_data_type=shape.torch_dtype,
         )
-        w._deft_epoch += 1
         order = inverse = None
         if not layout.is_identity:
             order = to_device(layout.order, device)
             inverse = to_device(np.argsort(layout.order), device)
-        return FlashInferCascadePlan(tree.n_queries, shape, str(device), w, w._deft_epoch, order, inverse, n_levels)
+        return FlashInferCascadePlan(tree.n_queries, shape, str(device), w, order, inverse, n_levels)
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: FlashInferCascadePlan) -> torch.Tensor:
         check_inputs(q, k_pool, v_pool)
-        if plan.wrapper._deft_epoch != plan.epoch:
-            raise RuntimeError(f"{self.name}: this plan was superseded by a later plan() with as many levels; plan again")
         if plan.order is not None:
             q = q.index_select(0, plan.order)
         out = plan.wrapper.run(q, (k_pool.unsqueeze(1), v_pool.unsqueeze(1)))

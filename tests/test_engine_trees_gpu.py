@@ -83,18 +83,3 @@ def test_every_engine_tree(method_name: str, case: tuple[str, int], traces_root)
             raise AssertionError(f"{method_name} on {name} prompt {prompt}, engine step {b.step}: {e}") from e
     assert np.isfinite(worst)
 
-
-def test_cascade_page_lists_end_with_a_sentinel_page() -> None:
-    """The regression behind the engine crash: a level whose last segment is empty (its queries' own nodes sit
-    at that depth) must not leave FlashInfer reading a page index past the array."""
-    from baselines.flashinfer_cascade import cascade_layout
-    from deft.tree import DecodingTree
-
-    # DFS order 0, 1, 3, 2: the query on node 3 (depth 2) comes first, the one on node 2 (depth 1) last, so
-    # level 1 is [node 1's span, empty]
-    tree = DecodingTree.from_lists([-1, 0, 0, 1], [[5, 6], [7], [8, 9], [3]], [(3, 1), (2, 2)], n_slots=10)
-    levels = cascade_layout(tree).levels
-    assert np.diff(levels[1].kv_indptr).tolist() == [1, 0]
-    for lv in levels:
-        assert lv.kv_indices.size == lv.kv_indptr[-1] + 1
-        assert 0 <= lv.kv_indices[-1] < tree.n_slots
