@@ -7,6 +7,7 @@ layouts (checked by emulating the library's algorithm in fp64), and eager FlexAt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,12 +19,20 @@ import numpy as np
 import pytest
 import torch
 
+import baselines.flex_attention as flex_mod
 from baselines.flashinfer_cascade import FlashInferCascade, cascade_layout
 from baselines.flashinfer_paged import FlashInferPaged, split_kv_chunks
-from baselines.flex_attention import FlexAttention, tree_mask_tables
+from baselines.flex_attention import (
+    FlexAttention,
+    flex_call,
+    kv_bucket,
+    pad_mask_tables,
+    query_bucket,
+    tree_mask_tables,
+)
 from baselines.path_decode import path_slots
 from baselines.xformers_splitk import XformersSplitK, xformers_split_k
-from deft.attention import AttentionShape, IOCounts, floor_io
+from deft.attention import AttentionShape, IOCounts, UnsupportedInput, floor_io
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
 
@@ -79,12 +88,29 @@ def _scattered(parent, lens, queries, rng, spare: int = 100) -> DecodingTree:
     return DecodingTree.from_lists(parent, [slots[ptr[i] : ptr[i + 1]] for i in range(len(lens))], queries, n_slots=n_slots)
 
 
-def _inputs(tree: DecodingTree, shape: AttentionShape, device, seed: int = 0):
+def bucket_tree(rng: np.random.Generator, n_q: tuple[int, int], kv_len: tuple[int, int]) -> DecodingTree:
+    """A speculative-style tree with a query count and a highest slot + 1 drawn from the given (inclusive)
+    ranges: a prompt, single-token candidates (one query each) and a multi-token node whose every token is a
+    query; slots scattered below ``kv_len``; no declared pool (``n_slots=None``)."""
+    nq, kv = int(rng.integers(n_q[0], n_q[1] + 1)), int(rng.integers(kv_len[0], kv_len[1] + 1))
+    multi = int(rng.integers(2, 8))
+    n_cand = nq - multi
+    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, n_cand + 1)] + [int(rng.integers(0, n_cand + 1))]
+    lens = [int(rng.integers(50, 300))] + [1] * n_cand + [multi]
+    slots = np.append(rng.choice(kv - 1, sum(lens) - 1, replace=False), kv - 1)[rng.permutation(sum(lens))]
+    ptr = np.cumsum([0, *lens])
+    queries = [(v, 1) for v in range(1, n_cand + 1)] + [(n_cand + 1, k) for k in range(1, multi + 1)]
+    queries = [queries[i] for i in rng.permutation(nq)]
+    return DecodingTree.from_lists(parent, [slots[ptr[i] : ptr[i + 1]] for i in range(len(lens))], queries)
+
+
+def _inputs(tree: DecodingTree, shape: AttentionShape, device, seed: int = 0, n_slots: int | None = None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     dt = shape.torch_dtype
+    n_slots = n_slots or tree.n_slots
     q = torch.randn(tree.n_queries, shape.n_heads, shape.head_dim, generator=g).to(device, dt)
-    k = torch.randn(tree.n_slots, shape.n_kv_heads, shape.head_dim, generator=g).to(device, dt)
-    v = torch.randn(tree.n_slots, shape.n_kv_heads, shape.head_dim, generator=g).to(device, dt)
+    k = torch.randn(n_slots, shape.n_kv_heads, shape.head_dim, generator=g).to(device, dt)
+    v = torch.randn(n_slots, shape.n_kv_heads, shape.head_dim, generator=g).to(device, dt)
     return q, k, v
 
 
@@ -299,6 +325,118 @@ def test_flex_attention_eager_on_cpu_matches_reference(make_random_tree):
         q, k, v = _inputs(tree, shape, "cpu")
         out = method.run(q, k, v, method.plan(tree, shape, "cpu"))
         assert relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[torch.float32]
+
+
+def test_flex_buckets_bound_the_padding_and_the_number_of_shapes():
+    for n in range(1, 1000):
+        b = query_bucket(n)
+        assert n <= b and -(-b // 128) == -(-n // 128)  # never an extra 128-row query block
+        assert (b & (b - 1) == 0 and b >= 16) if n <= 128 else b % 128 == 0
+    sizes = np.arange(1, 1 << 16)
+    for per in (8, 2, 1):
+        kv = np.array([kv_bucket(int(n), per) for n in sizes])
+        assert (kv >= sizes).all() and (kv % 128 == 0).all()
+        assert (kv - sizes < np.maximum(128, sizes / per)).all()  # < 1/per padding (one block below 128 * per)
+        for k in range(10, 16):  # per key lengths an octave
+            assert np.unique(kv[(sizes > 1 << k) & (sizes <= 2 << k)]).size == per
+    with pytest.raises(ValueError, match="power of two"):
+        FlexAttention(kv_buckets_per_octave=3)
+
+
+def test_flex_padded_tables_hide_padded_slots_and_repeat_the_last_query(make_random_tree):
+    rng = np.random.default_rng(12)
+    for _ in range(20):
+        tree = make_random_tree(rng, max_nodes=10)
+        t = tree_mask_tables(tree)
+        q_len, kv_len = query_bucket(tree.n_queries), kv_bucket(t.slot_pos.size) + 5
+        p = pad_mask_tables(t, q_len, kv_len)
+        vis = (p.slot_pos[None, :] < p.q_end[:, None]) & (p.q_start[:, None] < p.slot_end[None, :])
+        n_q, n_kv = tree.n_queries, t.slot_pos.size
+        assert vis.shape == (q_len, kv_len) and not vis[:, n_kv:].any()
+        bare = (t.slot_pos < t.q_end[:, None]) & (t.q_start[:, None] < t.slot_end)
+        np.testing.assert_array_equal(vis[:n_q, :n_kv], bare)
+        assert (vis[n_q:] == vis[n_q - 1]).all()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_flex_attention_bucketed_matches_reference_and_pads_nothing_into_the_output(dtype, make_random_tree):
+    rng = np.random.default_rng(zlib.crc32(dtype.encode()))
+    shape = AttentionShape(8, 2, 32, dtype)  # GQA group 4
+    method = FlexAttention()
+    trees = [speculative_tree(rng, prompt=150, n_cand=40), multi_level_tree(rng, max_len=6)]
+    trees += [bucket_tree(rng, (130, 150), (700, 800))]  # the main kernel's path: two query blocks
+    trees += [make_random_tree(rng, max_nodes=10) for _ in range(6)]
+    padded_q = padded_kv = 0
+    for tree in trees:
+        q, k, v = _inputs(tree, shape, "cpu", n_slots=max(tree.n_slots or 0, kv_bucket(int(tree.slots.max()) + 1)))
+        plan = method.plan(tree, shape, "cpu")
+        padded_q += plan.q_len > tree.n_queries
+        padded_kv += plan.kv_len > int(tree.slots.max()) + 1
+        out = method.run(q, k, v, plan)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        err = relative_error(out, reference_attention(q, k, v, tree))
+        assert err < TOLERANCE[shape.torch_dtype], f"{tree}: rel err {err:.2e}"
+        assert torch.isfinite(flex_call(flex_mod._flex(), q, k, v, plan)).all()  # padded rows included
+    assert padded_q >= 5 and padded_kv >= 2  # the padding really happened
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_compiles_once_per_bucket_not_per_tree(monkeypatch):
+    """Dynamo, counting its compiles (``CompileCounter`` backend, dense flex behind it), over six trees of two
+    buckets, interleaved: queries 17..32 (decoding kernel) and 33..64 (main kernel), keys 1025..1152. Pools of
+    varying size. Unbucketed, the same trees compile once per (queries, key length)."""
+    from torch._dynamo.testing import CompileCounter
+
+    rng = np.random.default_rng(11)
+    shape = AttentionShape(8, 2, 32, "float32")
+    trees = [bucket_tree(rng, (17, 32) if i % 2 else (33, 64), (1025, 1152)) for i in range(6)]
+
+    def compiles(method: FlexAttention) -> int:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        fn = torch.compile(flex_mod._flex(), backend=counter, dynamic=False)
+        monkeypatch.setattr(flex_mod, "_compiled_flex", lambda dynamic: fn)
+        try:
+            for i, tree in enumerate(trees):
+                plan = dataclasses.replace(method.plan(tree, shape, "cpu"), compiled=True)
+                q, k, v = _inputs(tree, shape, "cpu", seed=i, n_slots=1152 + 64 * i)
+                err = relative_error(method.run(q, k, v, plan), reference_attention(q, k, v, tree))
+                assert err < TOLERANCE[torch.float32]
+            return counter.frame_count
+        finally:
+            torch._dynamo.reset()
+
+    assert compiles(FlexAttention()) == 2
+    shapes = {(t.n_queries, int(t.slots.max()) + 1) for t in trees}
+    assert len(shapes) > 2 and compiles(FlexAttention(bucket=False)) == len(shapes)
+
+
+def test_flex_io_counts_the_padded_rows_and_the_last_block_read_whole():
+    rng = np.random.default_rng(13)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    row = shape.q_row_bytes
+    split = 132 // shape.n_kv_heads * 2
+    # decoding kernel (<= 128 packed rows), keys padded to 1152; main kernel, keys padded to 1024
+    for n_q, kv_len, decoding in [((20, 30), (1025, 1100), True), ((40, 60), (900, 1000), False)]:
+        tree = bucket_tree(rng, n_q, kv_len)
+        n, q_len = tree.n_queries, query_bucket(tree.n_queries)
+        bare, padded = FlexAttention(bucket=False).io(tree, shape), FlexAttention().io(tree, shape)
+        tail = -(int(tree.slots.max()) + 1) % 128  # padded slots inside the last visited block
+        assert padded.kv - bare.kv == tail * shape.kv_token_bytes * (1 if decoding else shape.group_size)
+        assert padded.o == q_len * row and bare.o == n * row
+        reads = split if decoding else 1  # programs that load each query row
+        assert padded.q == (reads * q_len + n + q_len) * row and bare.q == reads * n * row
+    exact = bucket_tree(rng, (32, 32), (1024, 1024))  # already at its buckets: nothing padded, same IO
+    assert FlexAttention().io(exact, shape) == FlexAttention(bucket=False).io(exact, shape)
+
+
+def test_flex_attention_refuses_a_pool_shorter_than_its_padded_keys():
+    tree = bucket_tree(np.random.default_rng(14), (20, 20), (1030, 1030))
+    shape = AttentionShape(4, 2, 16, "float32")
+    q, k, v = _inputs(tree, shape, "cpu", n_slots=1030)
+    with pytest.raises(UnsupportedInput, match="padded to a bucket"):
+        FlexAttention().run(q, k, v, FlexAttention().plan(tree, shape, "cpu"))
 
 
 def test_gpu_tests_really_skip_without_gpu():

@@ -1,8 +1,9 @@
 """``bench=attention``: replay a trace without a model and time one layer of attention per sampled step.
 
 Per sampled step: plan time (host, synchronised), run latency of one layer (CUDA events, cold L2, median
-of at least 50 repetitions) over K/V pools of random normal data sized to the largest slot the sampled
-steps use, the method's analytic IO, achieved bandwidth (unique K/V bytes / time) and its fraction of
+of at least 50 repetitions) over K/V pools of random normal data sized to the trees' pool (``n_slots``; else
+the largest slot the sampled steps use: methods may read past a tree's last slot, e.g. FlexAttention's
+padded key length), the method's analytic IO, achieved bandwidth (unique K/V bytes / time) and its fraction of
 the measured copy bandwidth, and on selected steps the relative error against the fp64 reference.
 The aggregate row integrates over steps (each sample weighted by the steps it stands for) and layers.
 """
@@ -66,7 +67,7 @@ def attention_rows(
     steps = [s for s, _ in trees]
     w = step_weights(steps, n_steps)
     to_check = checked_steps(check, steps)
-    n_slots = max(int(t.slots.max()) + 1 for _, t in trees)
+    n_slots = max(t.n_slots or int(t.slots.max()) + 1 for _, t in trees)
     gen = torch.Generator(device=dev).manual_seed(seed)
     k_pool = torch.randn(n_slots, shape.n_kv_heads, shape.head_dim, generator=gen, device=dev, dtype=dtype)
     v_pool = torch.randn(n_slots, shape.n_kv_heads, shape.head_dim, generator=gen, device=dev, dtype=dtype)
