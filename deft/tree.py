@@ -172,7 +172,7 @@ class DecodingTree:
     @cached_property
     def node_len(self) -> np.ndarray:
         """Tokens per node."""
-        return np.diff(self.slot_ptr)
+        return self.slot_ptr[1:] - self.slot_ptr[:-1]
 
     @cached_property
     def root(self) -> int:
@@ -188,45 +188,64 @@ class DecodingTree:
         return np.split(order, np.cumsum(counts)[:-1])
 
     @cached_property
-    def dfs_order_unchecked(self) -> np.ndarray:
-        # plain Python lists: a per-node loop over numpy scalars costs several times more
-        roots = np.flatnonzero(self.parent == -1)
-        if not roots.size:
-            return np.zeros(0, dtype=np.int64)
-        kids = np.flatnonzero(self.parent >= 0)
-        by_parent = kids[np.argsort(self.parent[kids], kind="stable")].tolist()
-        ptr = np.zeros(max(self.n_nodes, int(self.parent.max()) + 1) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(self.parent[kids], minlength=ptr.size - 1), out=ptr[1:])
-        ptr_l = ptr.tolist()
+    def _dfs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pre-order DFS (children in increasing id order), DFS entry index and subtree size of every
+        node, in one walk over plain Python lists: per node, never per token, and a few small trees'
+        numpy calls would cost more than the walk. Nodes the walk does not reach (invalid trees only)
+        get entry 0 and size 1."""
+        par = self.parent.tolist()
+        n = len(par)
+        # first child and next sibling, both in increasing id order; sized for out-of-range parents,
+        # which validate() reports after asking for the order
+        m = max(n, max(par, default=-1) + 1)
+        first = [-1] * m
+        nxt = [-1] * m
+        root = -1
+        for v in range(n - 1, -1, -1):
+            p = par[v]
+            if p >= 0:
+                nxt[v] = first[p]
+                first[p] = v
+            elif p == -1:
+                root = v  # the first root, if there are several
         order: list[int] = []
-        stack = [int(roots[0])]
-        while stack:  # each node has one parent, so each is pushed at most once
-            v = stack.pop()
-            order.append(v)
-            a, b = ptr_l[v], ptr_l[v + 1]
-            if b > a:
-                stack.extend(reversed(by_parent[a:b]))
-        return np.asarray(order, dtype=np.int64)
+        tin = [0] * n
+        size = [1] * n
+        push = order.append
+        pos = 0
+        v = root
+        while v >= 0:  # each node has one parent, so the walk enters each node at most once
+            tin[v] = pos
+            pos += 1
+            push(v)
+            c = first[v]
+            if c >= 0:
+                v = c
+                continue
+            while v >= 0:  # a leaf: close its subtree and every subtree it is the last node of
+                size[v] = pos - tin[v]
+                s = nxt[v]
+                if s >= 0:
+                    v = s
+                    break
+                v = par[v]
+        return np.array(order, dtype=np.int64), np.array(tin, dtype=np.int64), np.array(size, dtype=np.int64)
+
+    @property
+    def dfs_order_unchecked(self) -> np.ndarray:
+        """The DFS order without validation: nodes not reachable from the (first) root are left out."""
+        return self._dfs[0]
 
     @property
     def dfs_order(self) -> np.ndarray:
         """Nodes in pre-order DFS (children in increasing id order)."""
-        return self.dfs_order_unchecked
+        return self._dfs[0]
 
-    @cached_property
+    @property
     def _euler(self) -> tuple[np.ndarray, np.ndarray]:
         """Pre-order entry index and subtree size: ``a`` is an ancestor-or-self of ``b`` iff
         ``tin[a] <= tin[b] < tin[a] + size[a]``."""
-        order = self.dfs_order
-        tin = np.empty(self.n_nodes, dtype=np.int64)
-        tin[order] = np.arange(order.size)
-        size_l = [1] * self.n_nodes
-        par = self.parent.tolist()
-        for v in reversed(order.tolist()):  # per node, not per token
-            p = par[v]
-            if p >= 0:
-                size_l[p] += size_l[v]
-        return tin, np.asarray(size_l, dtype=np.int64)
+        return self._dfs[1], self._dfs[2]
 
     @property
     def tin(self) -> np.ndarray:
@@ -290,14 +309,19 @@ class DecodingTree:
     @cached_property
     def node_seen_len(self) -> np.ndarray:
         """Tokens of each node seen by at least one query (full length if a query sits below it)."""
-        seen = np.zeros(self.n_nodes, dtype=np.int64)
-        if self.n_queries:
-            np.maximum.at(seen, self.query_node, self.query_visible)
-            # a node with a query strictly below it is seen in full: count queries in (tin, tin + size)
-            tin, size = self._euler
-            qt = np.sort(tin[self.query_node])
-            below = np.searchsorted(qt, tin + size, side="left") - np.searchsorted(qt, tin, side="right")
-            seen = np.where(below > 0, self.node_len, seen)
+        n = self.n_nodes
+        seen = np.zeros(n, dtype=np.int64)
+        if not self.n_queries:
+            return seen
+        np.maximum.at(seen, self.query_node, self.query_visible)
+        # a node with a query strictly below it is seen in full: queries at DFS entry indices
+        # tin + 1 .. tin + size - 1, counted from a running count of queries per entry index
+        tin, size = self._euler
+        upto = np.add.accumulate(np.bincount(tin[self.query_node], minlength=n))
+        last = tin + size
+        last -= 1
+        below = upto[last] > upto[tin]
+        seen[below] = self.node_len[below]
         return seen
 
     @property

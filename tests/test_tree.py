@@ -123,3 +123,45 @@ def test_counts_match_brute_force_visibility(seed, make_random_tree):
         p = t.path(v)
         assert t.depth[v] == p.size - 1
         assert all(t.is_ancestor(int(a), v) for a in p)
+
+
+def _stack_preorder(parent: list[int]) -> tuple[list[int], list[int]]:
+    kids: list[list[int]] = [[] for _ in parent]
+    for v, p in enumerate(parent):
+        if p >= 0:
+            kids[p].append(v)
+    order, stack = [], [parent.index(-1)]
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        stack.extend(reversed(kids[v]))
+    size = [1] * len(parent)
+    for v in reversed(order):
+        if parent[v] >= 0:
+            size[parent[v]] += size[v]
+    return order, size
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_dfs_order_entry_and_subtree_size_match_a_stack_preorder(seed, make_random_tree):
+    t = make_random_tree(np.random.default_rng(seed), max_nodes=int(np.random.default_rng(seed).integers(1, 80)))
+    order, size = _stack_preorder(t.parent.tolist())
+    assert t.dfs_order.tolist() == order
+    assert t.tin[order].tolist() == list(range(t.n_nodes))
+    assert t.subtree_size.tolist() == size
+
+
+def test_deep_chain_and_nodes_off_the_root():
+    n = 5000
+    perm = np.random.default_rng(0).permutation(n)  # a chain whose ids are shuffled
+    parent = np.empty(n, dtype=np.int64)
+    parent[perm] = np.concatenate([[-1], perm[:-1]])
+    t = DecodingTree.from_arrays(parent, np.ones(n, dtype=np.int64), np.arange(n), [perm[-1]], [1])
+    assert t.dfs_order.tolist() == perm.tolist()
+    assert t.subtree_size[perm].tolist() == list(range(n, 0, -1))
+    assert t.unique_kv_tokens == n
+    # 1 and 2 are each other's parent: the walk never reaches them, and validate() names them
+    cyc = DecodingTree.from_lists([-1, 2, 1], [[0], [1], [2]], [], validate=False)
+    assert cyc.dfs_order_unchecked.tolist() == [0]
+    with pytest.raises(TreeError, match="cycle"):
+        cyc.validate()

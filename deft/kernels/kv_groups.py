@@ -2,7 +2,10 @@
 
 Host-side and vectorised (numpy, no per-token Python). The three DeFT variants differ only in where
 chunks are cut; everything after that (queries per chunk, tiles, partial rows, the reduction's lists)
-is shared.
+is shared. The paper's trees have tens of nodes, queries and chunks but thousands of tokens, so a plan
+costs its numpy calls' fixed overhead, not their work: each step is a few calls over whole node, chunk
+or tile arrays, written straight into the packed array (a Python loop over ~60 chunks costs about three
+times the numpy calls it would replace).
 
 Layout. The tree's *seen* tokens (``node_seen_len``) are laid out flat in DFS order of their nodes.
 Queries are sorted by (DFS entry index of their node, visible); because a run of DFS-consecutive nodes
@@ -99,138 +102,186 @@ def build_groups(
         raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
     if mode != "node" and chunk_size <= 0:
         raise ValueError(f"mode {mode} needs a positive chunk_size, got {chunk_size}")
-    i32 = np.int32
-    if tree.n_queries == 0:
+    nq = tree.n_queries
+    if nq == 0:
         return _empty_groups(tree, out_alloc)
 
-    seen = tree.node_seen_len
+    # kept nodes (a seen token or more) in DFS order: a node's DFS entry index is its place in the order
     order = tree.dfs_order
-    nodes = order[seen[order] > 0]
-    lens = seen[nodes]
-    k = nodes.size
-    noff = np.zeros(k + 1, dtype=np.int64)
-    np.cumsum(lens, out=noff[1:])
-    n_tok = int(noff[-1])
-    tin_all = tree.tin
-    ntin = tin_all[nodes]
-    nend = ntin + tree.subtree_size[nodes]
-
-    # per token (DFS-flat): pool slot and kept-node index
-    tok_node = np.repeat(np.arange(k, dtype=i32), lens)
-    if n_tok == tree.slots.size and k == tree.n_nodes and bool((nodes[1:] > nodes[:-1]).all()):
-        tok_slot = tree.slots  # every token seen and DFS order = node order (a fan, a chain): no gather
-    elif k <= 256:
-        starts = tree.slot_ptr[nodes]
-        tok_slot = np.concatenate([tree.slots[a : a + n] for a, n in zip(starts.tolist(), lens.tolist(), strict=True)])
-    else:
-        tok_slot = tree.slots[np.repeat(tree.slot_ptr[nodes] - noff[:-1], lens) + np.arange(n_tok)]
+    seen = tree.node_seen_len[order]
+    ntin = seen.nonzero()[0]
+    k = ntin.size
+    nodes, lens = (order, seen) if k == order.size else (order[ntin], seen[ntin])
+    n_end = np.add.accumulate(lens)  # flat token range of kept node i: [n_off[i], n_end[i])
+    n_off = n_end - lens
+    n_tok = int(n_end[-1])
+    nend = ntin + tree.subtree_size[nodes]  # end of its subtree's entry indices
 
     # queries sorted by (node entry index, visible)
-    nq = tree.n_queries
-    qtin_raw = tin_all[tree.query_node]
-    q_idx = np.lexsort((tree.query_visible, qtin_raw))
-    q_tin = qtin_raw[q_idx]
+    qtin = tree.tin[tree.query_node]
+    q_idx = np.lexsort((tree.query_visible, qtin))
+    q_tin = qtin[q_idx]
     q_vis = tree.query_visible[q_idx]
 
-    # chunk boundaries in flat token space
+    # chunks: flat token ranges [c_lo, c_hi), the kept nodes of their first and last token
     if mode == "node":
-        bounds = noff
-    elif mode == "node_chunk":
-        per = -(-lens // chunk_size)
-        first_of = np.repeat(np.cumsum(per) - per, per)
-        bounds = np.append(np.repeat(noff[:-1], per) + (np.arange(int(per.sum())) - first_of) * chunk_size, n_tok)
+        c_lo, c_hi = n_off, n_end
+        first = last = np.arange(k)
     else:
-        n_chunks = max(1, -(-n_tok // chunk_size))
-        bounds = (np.arange(n_chunks + 1, dtype=np.int64) * n_tok) // n_chunks
-        if snap > 0 and n_chunks > 1:
-            bounds = _snap_to_nodes(bounds, noff, snap * n_tok / n_chunks)
-    c_lo, c_hi = bounds[:-1], bounds[1:]
+        if mode == "node_chunk":
+            per = (lens + (chunk_size - 1)) // chunk_size  # chunks per node
+            per_end = np.add.accumulate(per)
+            n_c = int(per_end[-1])
+            bounds = np.empty(n_c + 1, dtype=np.int64)
+            bounds[n_c] = n_tok
+            # chunk i of a node whose chunks are numbered from f on starts at off + (i - f) * chunk_size
+            start = (n_off - (per_end - per) * chunk_size).repeat(per)
+            np.add(start, np.arange(0, n_c * chunk_size, chunk_size), out=bounds[:n_c])
+        else:
+            n_c = max(1, -(-n_tok // chunk_size))
+            bounds = np.arange(0, (n_c + 1) * n_tok, n_tok) // n_c
+            if snap > 0 and n_c > 1:
+                bounds = _snap_to_nodes(bounds, n_off, n_end, snap * n_tok / n_c)
+        c_lo, c_hi = bounds[:-1], bounds[1:]
+        first = n_end.searchsorted(c_lo, "right")
+        last = n_end.searchsorted(c_hi)
     n_chunks = c_lo.size
-    first = np.searchsorted(noff, c_lo, side="right") - 1
-    last = np.searchsorted(noff, c_hi - 1, side="right") - 1
-    maxend = np.maximum(np.maximum.reduceat(nend, first), nend[last])
-    cq_lo = np.searchsorted(q_tin, ntin[first], side="left")
-    cq_hi = np.searchsorted(q_tin, maxend, side="left")
+
+    # a chunk's queries: those below its nodes, a contiguous range [cq_lo, cq_hi) of the sorted order
+    maxend = np.maximum.reduceat(nend, first)
+    np.maximum(maxend, nend[last], out=maxend)
+    c_tin = ntin[first]
+    cq_lo = q_tin.searchsorted(c_tin)
+    cq_hi = q_tin.searchsorted(maxend)
     cnq = cq_hi - cq_lo
-    cpbase = np.cumsum(cnq) - cnq
-    n_part = int(cnq.sum())
+    cp_end = np.add.accumulate(cnq)
+    cpbase = cp_end - cnq  # first partial row of each chunk
+    n_part = int(cp_end[-1])
+    # A tile needs the mask unless it lies in one node and its first query sees past the chunk's end,
+    # or is not in that node at all. The first node's own queries that stop inside the chunk come first
+    # in its range (sorted by visible): they are the queries below ``thr``, counted on one sort key,
+    # entry * big + visible, against (first node's entry, chunk end within that node).
+    big = n_tok + 1  # above every visible count
+    q_key = q_tin * big
+    q_key += q_vis
+    thr = q_key.searchsorted(c_tin * big + (c_hi - n_off[first]))
+    if mode == "flatten":
+        thr[first != last] = nq + 1  # a chunk across two nodes always needs it
 
     # tiles: near-equal query slices of each chunk
-    block_m = tile_rows(int(cnq.max()) if n_chunks else 1, group, block_m_max)
+    block_m = tile_rows(int(cnq.max()), group, block_m_max)
     qt_max = block_m // group
-    nt = np.maximum(1, -(-cnq // qt_max))
-    n_tiles = int(nt.sum())
-    t_chunk = np.repeat(np.arange(n_chunks), nt)
-    t_j = np.arange(n_tiles) - np.repeat(np.cumsum(nt) - nt, nt)
-    t_nt = nt[t_chunk]
-    t_cnq = cnq[t_chunk]
-    rel_lo = (t_j * t_cnq) // t_nt
-    rel_hi = ((t_j + 1) * t_cnq) // t_nt
-    tq_lo = cq_lo[t_chunk] + rel_lo
-    tq_hi = cq_lo[t_chunk] + rel_hi
-    t_pbase = cpbase[t_chunk] + rel_lo
-    # a tile needs no mask if it lies in one node and its first query (least visible of the node's own
-    # queries, by the sort) sees past the chunk's end, or is not in that node at all
-    t_first = first[t_chunk]
-    safe_q = np.minimum(tq_lo, max(nq - 1, 0))
-    if nq:
-        own_short = (q_tin[safe_q] == ntin[t_first]) & (q_vis[safe_q] < c_hi[t_chunk] - noff[t_first])
-    else:
-        own_short = np.zeros(n_tiles, dtype=bool)
-    t_mask = (t_first != last[t_chunk]) | own_short
+    nt = np.maximum(cnq, 1)
+    nt += qt_max - 1
+    nt //= qt_max  # tiles per chunk
+    t_end = np.add.accumulate(nt)
+    n_tiles = int(t_end[-1])
 
-    # global reduction: sorted query s -> its partial rows
-    part_q = np.arange(n_part) - np.repeat(cpbase - cq_lo, cnq)
-    # stable sort by query; small integer keys take numpy's radix sort (several times faster than int64's)
-    red_idx = np.argsort(part_q.astype(np.int16) if nq < 2**15 else part_q, kind="stable")
-    counts = np.bincount(part_q, minlength=nq)
-    red_ptr = np.zeros(nq + 1, dtype=np.int64)
-    np.cumsum(counts, out=red_ptr[1:])
-    max_parts = int(counts.max()) if nq else 0
-
-    tiles = np.empty((n_tiles, len(TILE_FIELDS)), dtype=i32)
-    for i, col in enumerate((c_lo[t_chunk], c_hi[t_chunk], tq_lo, tq_hi, t_pbase, t_mask)):
-        tiles[:, i] = col
-    node_rec = np.empty((k, len(NODE_FIELDS)), dtype=i32)
-    for i, col in enumerate((noff[:-1], ntin, nend)):
-        node_rec[:, i] = col
-    query_rec = np.empty((nq, len(QUERY_FIELDS)), dtype=i32)
-    for i, col in enumerate((q_idx, q_tin, q_vis)):
-        query_rec[:, i] = col
-    pieces = (tiles.ravel(), tok_slot, tok_node, node_rec.ravel(), query_rec.ravel(), red_ptr, red_idx)
+    sizes = (n_tiles * len(TILE_FIELDS), n_tok, n_tok, k * len(NODE_FIELDS), nq * len(QUERY_FIELDS), nq + 1, n_part)
     offsets, end = {}, 0
-    for name, p in zip(SECTIONS, pieces, strict=True):
-        offsets[name] = (end, end + p.size)
-        end += p.size
-    packed = np.empty(end, dtype=i32) if out_alloc is None else out_alloc(end)
-    np.concatenate(pieces, out=packed, casting="same_kind")
+    for name, size in zip(SECTIONS, sizes, strict=True):
+        offsets[name] = (end, end + size)
+        end += size
+    packed = np.empty(end, dtype=np.int32) if out_alloc is None else out_alloc(end)
+
+    tiles = packed[: sizes[0]].reshape(n_tiles, len(TILE_FIELDS))
+    pq_off = cpbase - cq_lo  # a chunk's partial row for sorted query s is s + pq_off
+    if n_tiles == n_chunks:  # one tile per chunk
+        tiles[:, 0] = c_lo
+        tiles[:, 1] = c_hi
+        tiles[:, 2] = cq_lo
+        tiles[:, 3] = cq_hi
+        tiles[:, 4] = cpbase
+        tiles[:, 5] = cq_lo < thr
+    else:
+        t_chunk = np.arange(n_chunks).repeat(nt)
+        t_cnq = cnq[t_chunk]
+        t_nt = nt[t_chunk]
+        t_j = np.arange(n_tiles) - (t_end - nt)[t_chunk]  # tile number within its chunk
+        t_j *= t_cnq
+        tq_lo = t_j // t_nt
+        t_j += t_cnq
+        t_j //= t_nt  # now the tile's query end, relative to the chunk's
+        t_qlo = cq_lo[t_chunk]
+        tq_lo += t_qlo
+        t_j += t_qlo
+        tiles[:, 0] = c_lo[t_chunk]
+        tiles[:, 1] = c_hi[t_chunk]
+        tiles[:, 2] = tq_lo
+        tiles[:, 3] = t_j
+        tiles[:, 4] = tq_lo + pq_off[t_chunk]
+        tiles[:, 5] = tq_lo < thr[t_chunk]
+
+    # per token (DFS-flat): pool slot and kept-node index. Slots come in runs of nodes that follow each
+    # other in the pool (one run for a fan or a chain): one copy per run, or one gather when runs are
+    # many and short (a copy costs about as much as gathering 30 tokens)
+    a, b = offsets["tok_slot"]
+    s_lo = tree.slot_ptr[nodes]
+    s_hi = s_lo + lens
+    brk = (s_lo[1:] != s_hi[:-1]).nonzero()[0]
+    if brk.size == 0:
+        packed[a:b] = tree.slots[int(s_lo[0]) : int(s_hi[-1])]
+    elif brk.size * 32 < n_tok:
+        run_lo = [int(s_lo[0]), *s_lo[brk + 1].tolist()]
+        run_hi = [*s_hi[brk].tolist(), int(s_hi[-1])]
+        runs = [tree.slots[x:y] for x, y in zip(run_lo, run_hi, strict=True)]
+        np.concatenate(runs, out=packed[a:b], casting="same_kind")
+    else:
+        idx = (s_lo - n_off).repeat(lens)
+        idx += np.arange(n_tok)
+        packed[a:b] = tree.slots[idx]
+    a, b = offsets["tok_node"]
+    packed[a:b] = np.arange(k, dtype=np.int32).repeat(lens)
+
+    a, b = offsets["nodes"]
+    node_rec = packed[a:b].reshape(k, len(NODE_FIELDS))
+    node_rec[:, 0] = n_off
+    node_rec[:, 1] = ntin
+    node_rec[:, 2] = nend
+    a, b = offsets["queries"]
+    query_rec = packed[a:b].reshape(nq, len(QUERY_FIELDS))
+    query_rec[:, 0] = q_idx
+    query_rec[:, 1] = q_tin
+    query_rec[:, 2] = q_vis
+
+    # global reduction: sorted query s -> its partial rows, in chunk order
+    part_q = np.arange(n_part) - pq_off.repeat(cnq)
+    counts = np.bincount(part_q, minlength=nq)
+    a, b = offsets["red_ptr"]
+    packed[a] = 0
+    packed[a + 1 : b] = np.add.accumulate(counts)
+    # stable sort by query; small integer keys take numpy's radix sort (several times faster than int64's)
+    a, b = offsets["red_idx"]
+    packed[a:b] = (part_q.astype(np.int16) if nq < 2**15 else part_q).argsort(kind="stable")
     return KVGroups(
         packed=packed,
         offsets=offsets,
         n_tiles=n_tiles,
-        n_chunks=int(n_chunks),
+        n_chunks=n_chunks,
         n_tokens=n_tok,
         n_partials=n_part,
-        max_parts=max_parts,
+        max_parts=int(counts.max()),
         rows=block_m,
         chunk_size=int(chunk_size) if mode != "node" else 0,
     )
 
 
-def _snap_to_nodes(bounds: np.ndarray, noff: np.ndarray, tol: float) -> np.ndarray:
-    """Move inner cuts to the nearest node boundary within ``tol`` tokens; drop cuts that coincide.
-    A cut moves by less than half a chunk, so the cuts stay sorted and equal ones are neighbours."""
+def _snap_to_nodes(bounds: np.ndarray, n_off: np.ndarray, n_end: np.ndarray, tol: float) -> np.ndarray:
+    """Move inner cuts to the nearest node boundary within ``tol`` tokens (the lower one on a tie), in
+    place; drop cuts that coincide. A cut moves by less than half a chunk, so the cuts stay sorted and
+    equal ones are neighbours."""
     inner = bounds[1:-1]
-    j = np.searchsorted(noff, inner)
-    lo = noff[j - 1]  # inner cuts lie strictly inside (0, n_tok): 1 <= j <= len(noff) - 1
-    hi = noff[j]
-    near = np.where(inner - lo <= hi - inner, lo, hi)
-    out = bounds.copy()
-    out[1:-1] = np.where(np.abs(near - inner) <= tol, near, inner)
-    keep = np.empty(out.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(out[1:], out[:-1], out=keep[1:])
-    return out[keep]
+    j = n_end.searchsorted(inner)  # n_off[j] < cut <= n_end[j]: inner cuts lie strictly inside (0, n_tok)
+    lo = n_off[j]
+    hi = n_end[j]
+    d_lo = inner - lo
+    d_hi = hi - inner
+    # distances are integers: comparing them with int(tol) is the same test, without a float cast
+    np.putmask(inner, np.minimum(d_lo, d_hi) <= int(tol), np.where(d_lo <= d_hi, lo, hi))
+    keep = bounds[1:] != bounds[:-1]
+    if np.count_nonzero(keep) < keep.size:
+        bounds = np.append(bounds[0], bounds[1:][keep])
+    return bounds
 
 
 def _empty_groups(tree: DecodingTree, out_alloc) -> KVGroups:
@@ -246,5 +297,5 @@ def _empty_groups(tree: DecodingTree, out_alloc) -> KVGroups:
 
 def tile_rows(max_queries_per_chunk: int, group: int, block_m_max: int) -> int:
     """Tile rows for a plan: the smallest power of two >= 16 holding a chunk's queries, at most ``block_m_max``."""
-    need = max(16, _next_pow2(max(1, max_queries_per_chunk) * group), _next_pow2(group))
+    need = max(16, _next_pow2(max(1, max_queries_per_chunk) * group))
     return int(max(min(need, block_m_max), _next_pow2(group), 16))
