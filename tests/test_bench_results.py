@@ -75,3 +75,22 @@ def test_load_results_concatenates_runs_and_skips_temporaries(tmp_path):
     df = results.load_results(tmp_path, bench="io")
     assert sorted(df["method"]) == ["m0", "m1"]
     assert np.all(df["source_file"].str.startswith("cpu/io/"))
+
+
+def test_e2e_runs_are_gzipped_reproducibly_and_found_in_either_layout(tmp_path):
+    path = results.run_path(tmp_path, "h100", "e2e", "w", "m", "k")
+    assert path.name == "w__m__k.csv.gz" and results.run_path(tmp_path, "h100", "io", "w", "m", "k").suffix == ".csv"
+    df = results.to_frame([{"bench": "e2e", "method": "m", "step": s, "run_key": "1e5"} for s in range(300)])
+    results.write_atomic(df, path)
+    first = path.read_bytes()
+    assert first[:2] == b"\x1f\x8b"  # gzip magic
+    results.write_atomic(df, path)
+    assert path.read_bytes() == first  # fixed mtime: equal rows, equal bytes
+    assert results.finished_run(path) == path
+    old = tmp_path / "h100" / "e2e" / "w__old__k.csv"  # a run written before e2e files were gzipped
+    results.write_atomic(results.to_frame([{"bench": "e2e", "method": "old"}]), old)
+    assert results.finished_run(results.run_path(tmp_path, "h100", "e2e", "w", "old", "k")) == old
+    assert results.finished_run(results.run_path(tmp_path, "h100", "e2e", "w", "new", "k")) is None
+    loaded = results.load_results(tmp_path, bench="e2e")
+    assert sorted(set(loaded["method"])) == ["m", "old"] and len(loaded) == 301
+    assert loaded.loc[loaded["method"] == "m", "run_key"].iloc[0] == "1e5"  # still a string, not 100000.0

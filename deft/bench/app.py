@@ -74,8 +74,9 @@ def run_job(cfg: DictConfig) -> str:
     prov = provenance(device if device.startswith("cuda") else None)
     key = results.run_key(cfg)
     path = results.run_path(cfg.results_dir, prov["gpu"], bench, workload.name, method.name, key)
-    if path.exists() and not cfg.bench.get("force", False):
-        print(f"done {path} (bench.force=true redoes it)", flush=True)
+    done = results.finished_run(path)
+    if done is not None and not cfg.bench.get("force", False):
+        print(f"done {done} (bench.force=true redoes it)", flush=True)
         return "done"
     if bench != "io":
         reason = method.unavailable_reason()
@@ -126,6 +127,8 @@ def run_job(cfg: DictConfig) -> str:
     }
     df = results.to_frame([{**common, **r} for r in rows])
     results.write_atomic(df, path)
+    if done is not None and done != path:  # redone (bench.force) in the current layout
+        done.unlink()
     print(f"wrote {path} ({len(df)} rows)", flush=True)
     return "written"
 

@@ -1,7 +1,8 @@
 """Result rows: the schema, the stable run key, atomic per-run CSV files, and loading them back.
 
 Layout: ``<results_dir>/<gpu>/<bench>/<workload>__<method>__<key>.csv``, one file per run (one Hydra
-job), holding one row per measured step plus one ``aggregate`` row. ``<gpu>`` is ``h100``, ``a100``...,
+job), holding one row per measured step plus one ``aggregate`` row; ``bench=e2e`` files, with a row for every
+decode step, are gzipped (``.csv.gz``, written with a fixed mtime so equal rows give equal bytes). ``<gpu>`` is ``h100``, ``a100``...,
 or ``cpu`` for runs without a GPU (``bench=io``). A file exists only once its run finished: it is
 written to a temporary name and renamed, so a killed sweep loses at most the run in flight.
 """
@@ -81,8 +82,20 @@ def _safe(s: str) -> str:
 
 
 def run_path(results_dir: str | Path, gpu: str, bench: str, workload: str, method: str, key: str) -> Path:
+    """Where a run's rows go: ``.csv.gz`` for ``bench=e2e`` (thousands of step rows), ``.csv`` otherwise."""
+    ext = ".csv.gz" if bench == "e2e" else ".csv"
     """Where one run's rows live."""
-    return Path(results_dir) / _safe(gpu) / _safe(bench) / f"{_safe(workload)}__{_safe(method)}__{key}.csv"
+    return Path(results_dir) / _safe(gpu) / _safe(bench) / f"{_safe(workload)}__{_safe(method)}__{key}{ext}"
+
+
+def finished_run(path: str | Path) -> Path | None:
+    """The finished file of the run ``path`` names, plain or gzipped (an older layout), or ``None``."""
+    path = Path(path)
+    stem = path.name.removesuffix(".gz").removesuffix(".csv")
+    for cand in (path.with_name(f"{stem}.csv"), path.with_name(f"{stem}.csv.gz")):
+        if cand.exists():
+            return cand
+    return None
 
 
 def flatten(prefix: str, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,13 +119,18 @@ def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def write_atomic(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``df`` as CSV to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``df`` as CSV (gzipped if ``path`` ends in ``.gz``) to ``path`` via a temporary file in the same
+    folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False, float_format="%.6g")
+        if path.suffix == ".gz":
+            with os.fdopen(fd, "wb") as f:
+                df.to_csv(f, index=False, float_format="%.6g", compression={"method": "gzip", "mtime": 0})
+        else:
+            with os.fdopen(fd, "w", newline="") as f:
+                df.to_csv(f, index=False, float_format="%.6g")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,8 +145,8 @@ _STR_COLUMNS = {c: str for c in ("run_key", "git_commit", "gpu", "gpu_name", "to
 def load_results(root: str | Path, bench: str | None = None, gpu: str | None = None) -> pd.DataFrame:
     """Every finished run under ``root`` (optionally one bench and/or one GPU folder) as one DataFrame."""
     root = Path(root)
-    pattern = f"{gpu or '*'}/{bench or '*'}/*.csv"
-    files = sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
+    folder = f"{gpu or '*'}/{bench or '*'}"
+    files = sorted(p for ext in ("csv", "csv.gz") for p in root.glob(f"{folder}/*.{ext}") if not p.name.startswith("."))
     if not files:
         return to_frame([])
     frames = [pd.read_csv(p, low_memory=False, dtype=_STR_COLUMNS) for p in files]
