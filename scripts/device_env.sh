@@ -28,6 +28,21 @@ if [ -f .cache/flashinfer_aot.tar.gz ] && [ -d /tmp/site/flashinfer ]; then
     && echo "device_env: FlashInfer modules from cache: $(ls /tmp/site/flashinfer/data/aot | tr '\n' ' ')"
 fi
 
+# Triton's and Inductor's compile caches (DeFT and baseline Triton kernels, FlexAttention's compiled shapes) live
+# under .cache too; a previous call's caches come back from .cache/compile_cache.tgz (made by
+# deft_pack_compile_cache DEST, which writes DEST/compile_cache.tgz: copy it into .cache/ here).
+export TRITON_CACHE_DIR=$PWD/.cache/triton
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+if [ -f .cache/compile_cache.tgz ]; then
+  tar -xzf .cache/compile_cache.tgz -C .cache && echo "device_env: compile caches from .cache/compile_cache.tgz"
+fi
+
+deft_pack_compile_cache() {  # deft_pack_compile_cache DEST: Triton + Inductor caches -> DEST/compile_cache.tgz
+  local dest=${1:?destination folder}
+  tar -czf "$dest/compile_cache.tgz" -C .cache $(cd .cache && ls -d triton inductor 2>/dev/null) \
+    && echo "deft_pack_compile_cache: $(du -h "$dest/compile_cache.tgz" | cut -f1) packed"
+}
+
 deft_pack_flashinfer_cache() {  # deft_pack_flashinfer_cache DEST: built FlashInfer modules -> DEST/flashinfer_aot.tar.gz.part-*
   local dest=${1:?destination folder} stage
   stage=$(mktemp -d)
