@@ -188,11 +188,21 @@ class DecodingTree:
         return np.split(order, np.cumsum(counts)[:-1])
 
     @cached_property
+    def _native(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int | None] | None:
+        """DFS order, entry index, subtree size, seen lengths and their sum from one call of the plan's C
+        code (:mod:`deft.kernels.plan_native`), or None where it is off; the same values as the Python below."""
+        return _native_derive(self)
+
+    @cached_property
     def _dfs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pre-order DFS (children in increasing id order), DFS entry index and subtree size of every
-        node, in one walk over plain Python lists: per node, never per token, and a few small trees'
-        numpy calls would cost more than the walk. Nodes the walk does not reach (invalid trees only)
-        get entry 0 and size 1."""
+        node. Nodes the walk does not reach (invalid trees only) get entry 0 and size 1."""
+        native = self._native
+        return native[:3] if native is not None else self._dfs_walk()
+
+    def _dfs_walk(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:attr:`_dfs` in one walk over plain Python lists: per node, never per token, and a few small
+        trees' numpy calls would cost more than the walk."""
         par = self.parent.tolist()
         n = len(par)
         # first child and next sibling, both in increasing id order; sized for out-of-range parents,
@@ -309,6 +319,13 @@ class DecodingTree:
     @cached_property
     def node_seen_len(self) -> np.ndarray:
         """Tokens of each node seen by at least one query (full length if a query sits below it)."""
+        native = self._native
+        if native is not None and native[3] is not None:
+            return native[3]
+        return self._seen_numpy(*self._euler)
+
+    def _seen_numpy(self, tin: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """:attr:`node_seen_len` in numpy, from the DFS entry index and subtree size of every node."""
         n = self.n_nodes
         seen = np.zeros(n, dtype=np.int64)
         if not self.n_queries:
@@ -316,7 +333,6 @@ class DecodingTree:
         np.maximum.at(seen, self.query_node, self.query_visible)
         # a node with a query strictly below it is seen in full: queries at DFS entry indices
         # tin + 1 .. tin + size - 1, counted from a running count of queries per entry index
-        tin, size = self._euler
         upto = np.add.accumulate(np.bincount(tin[self.query_node], minlength=n))
         last = tin + size
         last -= 1
@@ -327,6 +343,9 @@ class DecodingTree:
     @property
     def unique_kv_tokens(self) -> int:
         """Distinct KV tokens some query sees: what a tree-aware method must read once per layer."""
+        native = self._native
+        if native is not None and native[4] is not None:
+            return native[4]
         return int(self.node_seen_len.sum())
 
     @property
@@ -379,3 +398,16 @@ class DecodingTree:
             f"DecodingTree(nodes={self.n_nodes}, tokens={self.total_tokens}, queries={self.n_queries}, "
             f"unique_kv={self.unique_kv_tokens}, path_kv={self.path_kv_tokens})"
         )
+
+
+_plan_native = None
+
+
+def _native_derive(tree: DecodingTree):
+    """:func:`deft.kernels.plan_native.tree_derive`, imported on first use (that module imports this one)."""
+    global _plan_native
+    if _plan_native is None:
+        from deft.kernels import plan_native
+
+        _plan_native = plan_native
+    return _plan_native.tree_derive(tree)

@@ -1,0 +1,547 @@
+/* Native core of DeFT's host plan: the tree derivations (DFS order, entry index, subtree size, seen
+ * lengths) and the KV-guided grouping of deft/kernels/kv_groups.py, bit-identical to the numpy
+ * build_groups. Plain C99, no Python API: plan_native.py compiles it once and calls it through ctypes.
+ *
+ * A plan is two calls, because the caller allocates the packed array (a pinned staging buffer) once its
+ * size is known: deft_plan_size derives everything into a caller-owned int64 workspace and writes the
+ * sizes into its header; deft_plan_fill then writes the packed int32 array from that workspace.
+ * Every buffer is sized from the inputs; inputs that would index outside them (only invalid trees)
+ * make the call return a negative code, and the caller falls back to numpy.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef int64_t i64;
+typedef int32_t i32;
+
+enum { MODE_FLATTEN = 0, MODE_NODE = 1, MODE_NODE_CHUNK = 2 };
+
+/* workspace header (int64 slots); H_SEC .. H_SEC + 7 are the section boundaries of the packed array */
+enum {
+    H_NEED = 0, H_TOTAL, H_NTILES, H_NCHUNKS, H_NTOK, H_NPART, H_MAXPARTS, H_ROWS, H_K, H_NQ,
+    H_SEC = 10,
+    H_QT = 18, H_SLOT_PTR, H_SLOTS, H_MODE,
+    /* workspace offsets of the arrays deft_plan_fill reads */
+    H_KV, H_KOFF, H_KEND, H_KTIN, H_KNEND, H_QIDX, H_QTIN, H_QVIS, H_COUNT, H_BOUNDS, H_CQLO, H_CQHI, H_THR,
+    H_SIZE = 40
+};
+#define N_SECTIONS 7
+
+/* Pre-order DFS with children in increasing id order, as DecodingTree._dfs walks it: returns the number
+ * of nodes reached from the first root; unreached nodes (invalid trees) keep entry 0 and size 1.
+ * Iterative (first child / next sibling links), so deep chains cost no stack. */
+static i64 dfs(i64 n, const i64 *parent, i64 *first, i64 *nxt, i64 *order, i64 *tin, i64 *size)
+{
+    i64 root = -1;
+    for (i64 v = 0; v < n; v++) {
+        first[v] = -1;
+        nxt[v] = -1;
+        tin[v] = 0;
+        size[v] = 1;
+    }
+    for (i64 v = n - 1; v >= 0; v--) {
+        i64 p = parent[v];
+        if (p >= 0) {
+            if (p < n) {
+                nxt[v] = first[p];
+                first[p] = v;
+            }
+        } else if (p == -1) {
+            root = v; /* the first root, if there are several */
+        }
+    }
+    i64 pos = 0;
+    i64 v = root;
+    while (v >= 0) { /* each node has one parent, so the walk enters each node at most once */
+        if (pos >= n)
+            return -1; /* unreachable; keeps the writes in bounds regardless */
+        tin[v] = pos;
+        order[pos++] = v;
+        if (first[v] >= 0) {
+            v = first[v];
+            continue;
+        }
+        while (v >= 0) { /* a leaf: close its subtree and every subtree it is the last node of */
+            size[v] = pos - tin[v];
+            if (nxt[v] >= 0) {
+                v = nxt[v];
+                break;
+            }
+            v = parent[v];
+        }
+    }
+    return pos;
+}
+
+/* Tokens of each node seen by some query (DecodingTree.node_seen_len): the largest visible count of its
+ * own queries, or its full length when a query sits strictly below it. cnt: n scratch. -1 when a query
+ * names no node. */
+static int seen_len(i64 n, const i64 *slot_ptr, i64 nq, const i64 *qnode, const i64 *qvis, const i64 *tin,
+                    const i64 *size, i64 *cnt, i64 *seen)
+{
+    for (i64 v = 0; v < n; v++) {
+        seen[v] = 0;
+        cnt[v] = 0;
+    }
+    if (nq == 0)
+        return 0;
+    for (i64 j = 0; j < nq; j++) {
+        i64 q = qnode[j];
+        if (q < 0 || q >= n)
+            return -1;
+        if (qvis[j] > seen[q])
+            seen[q] = qvis[j];
+        cnt[tin[q]]++;
+    }
+    for (i64 e = 1; e < n; e++)
+        cnt[e] += cnt[e - 1]; /* queries at entry index <= e */
+    for (i64 v = 0; v < n; v++) {
+        i64 last = tin[v] + size[v] - 1;
+        if (cnt[last] > cnt[tin[v]])
+            seen[v] = slot_ptr[v + 1] - slot_ptr[v];
+    }
+    return 0;
+}
+
+/* out: 7 n + 1 int64 = order (first `reached` valid), tin, size, seen, scratch (n), and the sum of seen
+ * (DecodingTree.unique_kv_tokens) in out[7 n]. Returns the number
+ * of nodes reached, -1 - reached when seen was not computed (slot_ptr NULL or a query outside), or
+ * INT64_MIN if the walk failed (never). */
+i64 deft_tree_derive(i64 n, const i64 *parent, const i64 *slot_ptr, i64 nq, const i64 *qnode, const i64 *qvis,
+                     i64 *out)
+{
+    i64 *order = out, *tin = out + n, *size = out + 2 * n, *seen = out + 3 * n;
+    i64 *first = out + 4 * n, *nxt = out + 5 * n, *cnt = out + 6 * n;
+    i64 reached = dfs(n, parent, first, nxt, order, tin, size);
+    if (reached < 0)
+        return INT64_MIN;
+    if (slot_ptr == NULL || seen_len(n, slot_ptr, nq, qnode, qvis, tin, size, cnt, seen) != 0)
+        return -1 - reached;
+    i64 total = 0;
+    for (i64 v = 0; v < n; v++)
+        total += seen[v];
+    out[7 * n] = total;
+    return reached;
+}
+
+/* first index i in [0, m) with a[i] >= x, else m (numpy searchsorted, side left) */
+static i64 lower_bound(const i64 *a, i64 m, i64 x)
+{ /* branch-free steps (a conditional move): the answer's position is data, and mispredictions cost more */
+    if (m == 0)
+        return 0;
+    const i64 *base = a;
+    while (m > 1) {
+        i64 half = m / 2;
+        base = base[half] < x ? base + half : base;
+        m -= half;
+    }
+    return (base - a) + (*base < x);
+}
+
+/* lower_bound / upper_bound from a previous answer: exact for any x, a few steps when the xs ascend */
+static i64 walk_lower(const i64 *a, i64 m, i64 i, i64 x)
+{
+    while (i < m && a[i] < x)
+        i++;
+    while (i > 0 && a[i - 1] >= x)
+        i--;
+    return i;
+}
+
+static i64 walk_upper(const i64 *a, i64 m, i64 i, i64 x)
+{
+    while (i < m && a[i] <= x)
+        i++;
+    while (i > 0 && a[i - 1] > x)
+        i--;
+    return i;
+}
+
+static void insertion_by_vis(i64 *a, i64 m, const i64 *vis)
+{
+    for (i64 i = 1; i < m; i++) {
+        i64 x = a[i], key = vis[x], j = i;
+        while (j > 0 && vis[a[j - 1]] > key) {
+            a[j] = a[j - 1];
+            j--;
+        }
+        a[j] = x;
+    }
+}
+
+/* stable sort of query indices a[0..m) by vis (ties keep their order): insertion sort on runs of 32,
+ * then bottom-up merges through tmp */
+static void sort_by_vis(i64 *a, i64 m, const i64 *vis, i64 *tmp)
+{
+    const i64 run = 32;
+    for (i64 lo = 0; lo < m; lo += run)
+        insertion_by_vis(a + lo, m - lo < run ? m - lo : run, vis);
+    if (m <= run)
+        return;
+    i64 *src = a, *dst = tmp;
+    for (i64 w = run; w < m; w *= 2) {
+        for (i64 lo = 0; lo < m; lo += 2 * w) {
+            i64 mid = lo + w < m ? lo + w : m, hi = lo + 2 * w < m ? lo + 2 * w : m;
+            i64 i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                dst[o++] = vis[src[j]] < vis[src[i]] ? src[j++] : src[i++];
+            while (i < mid)
+                dst[o++] = src[i++];
+            while (j < hi)
+                dst[o++] = src[j++];
+        }
+        i64 *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, (size_t)m * sizeof(i64));
+}
+
+static i64 next_pow2(i64 x)
+{
+    i64 p = 1;
+    while (p < x)
+        p <<= 1;
+    return p;
+}
+
+/* the smallest power of two >= 16 holding a chunk's queries x group rows, at most block_m_max
+ * (kv_groups.tile_rows) */
+static i64 tile_rows(i64 max_q, i64 group, i64 block_m_max)
+{
+    i64 need = next_pow2((max_q > 1 ? max_q : 1) * group);
+    if (need < 16)
+        need = 16;
+    i64 rows = need < block_m_max ? need : block_m_max;
+    i64 g2 = next_pow2(group);
+    if (rows < g2)
+        rows = g2;
+    return rows < 16 ? 16 : rows;
+}
+
+/* Derive the plan into ws (ws_cap int64) and its sizes into the header. Returns 0, 1 when ws is too small
+ * (ws[H_NEED] says how many int64 it needs; ws_cap >= H_SIZE always), or < 0 on invalid input. The
+ * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
+i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
+                   const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
+                   double snap, i64 *ws, i64 ws_cap)
+{
+    if (ws_cap < H_SIZE)
+        return -1;
+    if (n < 1 || nq < 1 || group < 1 || mode < 0 || mode > 2 || (mode != MODE_NODE && chunk_size < 1))
+        return -2;
+    i64 fixed = H_SIZE + 12 * n + 1 + 5 * nq + 1;
+    if (ws_cap < fixed) {
+        ws[H_NEED] = fixed + 6 * n + 1; /* enough for node mode; chunked modes may ask again */
+        return 1;
+    }
+    i64 *p = ws + H_SIZE;
+    i64 *first = p, *nxt = p + n, *order = p + 2 * n, *tin = p + 3 * n, *size = p + 4 * n, *seen = p + 5 * n;
+    i64 *cnt = p + 6 * n; /* n + 1 */
+    i64 *kv = p + 7 * n + 1, *koff = p + 8 * n + 1, *kend = p + 9 * n + 1, *ktin = p + 10 * n + 1,
+        *knend = p + 11 * n + 1;
+    p += 12 * n + 1;
+    i64 *q_idx = p, *q_tin = p + nq, *q_vis = p + 2 * nq, *qtmp = p + 3 * nq, *count = p + 4 * nq; /* nq + 1 */
+    p += 5 * nq + 1;
+
+    /* tree derivations */
+    i64 reached = dfs(n, parent, first, nxt, order, tin, size);
+    if (reached < 0)
+        return -3;
+    if (seen_len(n, slot_ptr, nq, qnode, qvis, tin, size, cnt, seen) != 0)
+        return -4;
+
+    /* kept nodes (a seen token or more) in DFS order and their flat token ranges */
+    i64 k = 0, n_tok = 0;
+    for (i64 i = 0; i < reached; i++) {
+        i64 v = order[i], len = seen[v];
+        if (len == 0)
+            continue;
+        if (len < 0 || slot_ptr[v] < 0 || slot_ptr[v] > n_slots - len)
+            return -5;
+        kv[k] = v;
+        koff[k] = n_tok;
+        n_tok += len;
+        kend[k] = n_tok;
+        ktin[k] = i;
+        knend[k] = i + size[v];
+        k++;
+    }
+    if (k == 0)
+        return -6;
+
+    /* queries sorted by (entry index of their node, visible), ties in index order: a counting sort by
+     * entry index (stable), then a stable sort by visible inside each entry index */
+    for (i64 e = 0; e <= n; e++)
+        cnt[e] = 0;
+    for (i64 j = 0; j < nq; j++)
+        cnt[tin[qnode[j]] + 1]++;
+    for (i64 e = 1; e <= n; e++)
+        cnt[e] += cnt[e - 1];
+    for (i64 j = 0; j < nq; j++)
+        q_idx[cnt[tin[qnode[j]]]++] = j;
+    for (i64 s = 0; s < nq;) {
+        i64 t = tin[qnode[q_idx[s]]], e = s + 1;
+        while (e < nq && tin[qnode[q_idx[e]]] == t)
+            e++;
+        if (e - s > 1)
+            sort_by_vis(q_idx + s, e - s, qvis, qtmp);
+        for (; s < e; s++) {
+            q_tin[s] = t;
+            q_vis[s] = qvis[q_idx[s]];
+        }
+    }
+
+    /* chunks: cuts of the flat tokens, bounds[0] = 0 < ... < bounds[n_c] = n_tok */
+    i64 n_c;
+    if (mode == MODE_NODE)
+        n_c = k;
+    else if (mode == MODE_NODE_CHUNK) {
+        n_c = 0;
+        for (i64 i = 0; i < k; i++) {
+            i64 len = kend[i] - koff[i];
+            n_c += len / chunk_size + (len % chunk_size != 0);
+        }
+    } else {
+        n_c = n_tok / chunk_size + (n_tok % chunk_size != 0);
+        if (n_c < 1)
+            n_c = 1;
+    }
+    i64 need = fixed + 6 * n_c + 1;
+    if (ws_cap < need) {
+        ws[H_NEED] = need;
+        return 1;
+    }
+    i64 *bounds = p, *cq_lo = p + n_c + 1, *cq_hi = p + 2 * n_c + 1, *thr = p + 3 * n_c + 1,
+        *cfirst = p + 4 * n_c + 1, *clast = p + 5 * n_c + 1;
+    if (mode == MODE_NODE) {
+        for (i64 i = 0; i < k; i++)
+            bounds[i] = koff[i];
+    } else if (mode == MODE_NODE_CHUNK) {
+        i64 c = 0;
+        for (i64 i = 0; i < k; i++)
+            for (i64 t = koff[i]; t < kend[i]; t += chunk_size) {
+                bounds[c++] = t;
+                if (chunk_size > kend[i] - t)
+                    break; /* t + chunk_size would pass the node's end (or overflow) */
+            }
+    } else {
+        /* bounds[i] = i * n_tok // n_c, without a division per cut */
+        i64 step = n_tok / n_c, rem = n_tok % n_c, r = 0, x = 0;
+        for (i64 i = 0; i < n_c; i++) {
+            bounds[i] = x;
+            x += step;
+            r += rem;
+            if (r >= n_c) {
+                r -= n_c;
+                x++;
+            }
+        }
+        if (snap > 0 && n_c > 1) {
+            /* move each inner cut to the nearest node boundary (the lower on a tie) when it lies within
+             * int(snap * n_tok / n_c) tokens; the comparison is on integers, as in _snap_to_nodes */
+            double tol = snap * (double)n_tok / (double)n_c;
+            i64 itol = tol >= 9.0e18 ? INT64_MAX : (i64)tol;
+            i64 j = 0;
+            for (i64 i = 1; i < n_c; i++) {
+                i64 x = bounds[i];
+                j = walk_lower(kend, k, j, x);
+                i64 lo = koff[j], hi = kend[j], d_lo = x - lo, d_hi = hi - x;
+                if ((d_lo < d_hi ? d_lo : d_hi) <= itol)
+                    bounds[i] = d_lo <= d_hi ? lo : hi;
+            }
+            /* drop cuts that coincide with the one before (before the drop) */
+            i64 w = 1, prev = bounds[0];
+            for (i64 i = 1; i < n_c; i++) {
+                i64 x = bounds[i];
+                if (x != prev)
+                    bounds[w++] = x;
+                prev = x;
+            }
+            if (n_tok == prev) /* the last inner cut snapped onto the end */
+                w--;
+            n_c = w;
+        }
+    }
+    bounds[n_c] = n_tok;
+
+    /* kept nodes of each chunk's first and last token (the cuts are sorted: walks, not searches) */
+    for (i64 c = 0, f = 0, l = 0; c < n_c; c++) {
+        f = walk_upper(kend, k, f, bounds[c]);
+        l = walk_lower(kend, k, l, bounds[c + 1]);
+        if (f >= k || l >= k)
+            return -7;
+        cfirst[c] = f;
+        clast[c] = l;
+    }
+
+    /* qpos[e]: the first sorted query at DFS entry index e or later, e = 0..n (reuses cnt) */
+    i64 *qpos = cnt;
+    for (i64 e = 0, s = 0; e <= n; e++) {
+        while (s < nq && q_tin[s] < e)
+            s++;
+        qpos[e] = s;
+    }
+
+    /* a chunk's queries: those below its nodes, the contiguous range [cq_lo, cq_hi) of the sorted
+     * order; the subtree end is numpy's maximum.reduceat over the chunks' first nodes, then the last */
+    i64 max_q = 0, n_part = 0;
+    for (i64 e = 0; e <= nq; e++)
+        count[e] = 0;
+    for (i64 c = 0; c < n_c; c++) {
+        i64 f = cfirst[c], l = clast[c];
+        i64 stop = c + 1 < n_c ? (cfirst[c + 1] > f ? cfirst[c + 1] : f + 1) : k;
+        i64 m = knend[f];
+        for (i64 i = f + 1; i < stop; i++)
+            if (knend[i] > m)
+                m = knend[i];
+        if (knend[l] > m)
+            m = knend[l];
+        i64 a = qpos[ktin[f]], b = qpos[m];
+        cq_lo[c] = a;
+        cq_hi[c] = b;
+        if (b - a > max_q)
+            max_q = b - a;
+        n_part += b - a;
+        count[a]++;
+        count[b]--;
+        /* the mask is needed unless the chunk's first query sees past its end (or is not in its first
+         * node): the first node's own queries that stop inside the chunk sort first. numpy finds them
+         * by searching the key entry * (n_tok + 1) + visible; visible < n_tok + 1, so that search ends
+         * inside the first node's own queries [a, qpos[entry + 1]), sorted by visible */
+        if (mode == MODE_FLATTEN && f != l)
+            thr[c] = nq + 1;
+        else
+            thr[c] = a + lower_bound(q_vis + a, qpos[ktin[f] + 1] - a, bounds[c + 1] - koff[f]);
+    }
+    i64 max_parts = 0;
+    for (i64 s = 0; s < nq; s++) {
+        if (s > 0)
+            count[s] += count[s - 1];
+        if (count[s] > max_parts)
+            max_parts = count[s];
+    }
+
+    i64 rows = tile_rows(max_q, group, block_m_max);
+    i64 qt = rows / group;
+    i64 n_tiles = 0;
+    for (i64 c = 0; c < n_c; c++) {
+        i64 cn = cq_hi[c] - cq_lo[c];
+        n_tiles += ((cn > 1 ? cn : 1) + qt - 1) / qt;
+    }
+
+    i64 sizes[N_SECTIONS] = {6 * n_tiles, n_tok, n_tok, 3 * k, 3 * nq, nq + 1, n_part};
+    i64 end = 0;
+    ws[H_SEC] = 0;
+    for (int i = 0; i < N_SECTIONS; i++) {
+        end += sizes[i];
+        ws[H_SEC + 1 + i] = end;
+    }
+    ws[H_NEED] = need;
+    ws[H_TOTAL] = end;
+    ws[H_NTILES] = n_tiles;
+    ws[H_NCHUNKS] = n_c;
+    ws[H_NTOK] = n_tok;
+    ws[H_NPART] = n_part;
+    ws[H_MAXPARTS] = max_parts;
+    ws[H_ROWS] = rows;
+    ws[H_K] = k;
+    ws[H_NQ] = nq;
+    ws[H_QT] = qt;
+    ws[H_SLOT_PTR] = (i64)(intptr_t)slot_ptr;
+    ws[H_SLOTS] = (i64)(intptr_t)slots;
+    ws[H_MODE] = mode;
+    ws[H_KV] = kv - ws;
+    ws[H_KOFF] = koff - ws;
+    ws[H_KEND] = kend - ws;
+    ws[H_KTIN] = ktin - ws;
+    ws[H_KNEND] = knend - ws;
+    ws[H_QIDX] = q_idx - ws;
+    ws[H_QTIN] = q_tin - ws;
+    ws[H_QVIS] = q_vis - ws;
+    ws[H_COUNT] = count - ws;
+    ws[H_BOUNDS] = bounds - ws;
+    ws[H_CQLO] = cq_lo - ws;
+    ws[H_CQHI] = cq_hi - ws;
+    ws[H_THR] = thr - ws;
+    return 0;
+}
+
+/* separate loops over non-aliasing pointers: both vectorise (the per-token part of a plan) */
+static void narrow_copy(i32 *restrict dst, const i64 *restrict src, i64 len)
+{
+    for (i64 t = 0; t < len; t++)
+        dst[t] = (i32)src[t];
+}
+
+static void fill32(i32 *restrict dst, i32 v, i64 len)
+{
+    for (i64 t = 0; t < len; t++)
+        dst[t] = v;
+}
+
+/* Write the packed plan (ws[H_TOTAL] int32) that deft_plan_size derived into ws; the slot arrays it was
+ * given must still be alive. Uses the query-sort scratch as the reduction's cursors. */
+void deft_plan_fill(i64 *ws, i32 *out)
+{
+    i64 n_c = ws[H_NCHUNKS], k = ws[H_K], nq = ws[H_NQ], qt = ws[H_QT];
+    const i64 *slot_ptr = (const i64 *)(intptr_t)ws[H_SLOT_PTR], *slots = (const i64 *)(intptr_t)ws[H_SLOTS];
+    const i64 *kv = ws + ws[H_KV], *koff = ws + ws[H_KOFF], *kend = ws + ws[H_KEND], *ktin = ws + ws[H_KTIN],
+              *knend = ws + ws[H_KNEND], *q_idx = ws + ws[H_QIDX], *q_tin = ws + ws[H_QTIN],
+              *q_vis = ws + ws[H_QVIS], *count = ws + ws[H_COUNT], *bounds = ws + ws[H_BOUNDS],
+              *cq_lo = ws + ws[H_CQLO], *cq_hi = ws + ws[H_CQHI], *thr = ws + ws[H_THR];
+    i64 *cursor = ws + ws[H_QIDX] + 3 * nq; /* qtmp: free once the queries are sorted */
+    i32 *tiles = out + ws[H_SEC], *tok_slot = out + ws[H_SEC + 1], *tok_node = out + ws[H_SEC + 2],
+        *nodes = out + ws[H_SEC + 3], *queries = out + ws[H_SEC + 4], *red_ptr = out + ws[H_SEC + 5],
+        *red_idx = out + ws[H_SEC + 6];
+
+    /* tiles: near-equal query slices of each chunk */
+    i64 pbase = 0;
+    for (i64 c = 0; c < n_c; c++) {
+        i64 a = cq_lo[c], cn = cq_hi[c] - a, th = thr[c];
+        i64 nt = ((cn > 1 ? cn : 1) + qt - 1) / qt;
+        for (i64 j = 0; j < nt; j++) {
+            i64 lo = a + j * cn / nt;
+            tiles[0] = (i32)bounds[c];
+            tiles[1] = (i32)bounds[c + 1];
+            tiles[2] = (i32)lo;
+            tiles[3] = (i32)(a + (j + 1) * cn / nt);
+            tiles[4] = (i32)(pbase + lo - a);
+            tiles[5] = lo < th;
+            tiles += 6;
+        }
+        pbase += cn;
+    }
+
+    /* per token (DFS-flat): pool slot and kept-node index; per kept node: offset, entry, subtree end */
+    for (i64 i = 0; i < k; i++) {
+        i64 o = koff[i], len = kend[i] - o;
+        narrow_copy(tok_slot + o, slots + slot_ptr[kv[i]], len);
+        fill32(tok_node + o, (i32)i, len);
+        nodes[3 * i] = (i32)o;
+        nodes[3 * i + 1] = (i32)ktin[i];
+        nodes[3 * i + 2] = (i32)knend[i];
+    }
+    for (i64 s = 0; s < nq; s++) {
+        queries[3 * s] = (i32)q_idx[s];
+        queries[3 * s + 1] = (i32)q_tin[s];
+        queries[3 * s + 2] = (i32)q_vis[s];
+    }
+
+    /* global reduction: sorted query s -> its partial rows in chunk order (numpy's stable argsort) */
+    red_ptr[0] = 0;
+    i64 acc = 0;
+    for (i64 s = 0; s < nq; s++) {
+        cursor[s] = acc;
+        acc += count[s];
+        red_ptr[s + 1] = (i32)acc;
+    }
+    pbase = 0;
+    for (i64 c = 0; c < n_c; c++) {
+        i64 a = cq_lo[c], b = cq_hi[c];
+        for (i64 s = a; s < b; s++)
+            red_idx[cursor[s]++] = (i32)(pbase + s - a);
+        pbase += b - a;
+    }
+}
