@@ -40,7 +40,7 @@ class DeftPlan(Plan):
 
     groups: KVGroups
     meta: torch.Tensor
-    part_o: torch.Tensor
+    part_o: torch.Tensor  # the method's workspace; rows [0, groups.n_partials) are this plan's
     part_lse: torch.Tensor
     block_m: int
     block_n: int
@@ -224,7 +224,8 @@ class DeftAttention(AttentionMethod):
     def _workspace(self, n_part: int, shape: AttentionShape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial outputs and LSE, owned by the method and grown geometrically: plans on one stream
         run in order, so consecutive plans may share it (plans run concurrently on several streams
-        may not)."""
+        may not). The whole buffers are returned (a plan uses their first ``n_part`` rows; the kernels
+        index them through the plan, so no per-plan slicing)."""
         p_dtype = shape.torch_dtype if self.partial_dtype == "input" else torch.float32
         key = (device, p_dtype, shape.n_heads, shape.head_dim)
         ws = self._ws.get(key)
@@ -235,7 +236,7 @@ class DeftAttention(AttentionMethod):
                 torch.empty(n, shape.n_heads, dtype=torch.float32, device=device),
             )
             self._ws[key] = ws
-        return ws[0][:n_part], ws[1][:n_part]
+        return ws
 
     # ------------------------------------------------------------------ plan / run / io
     def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> DeftPlan:
