@@ -7,6 +7,13 @@ written at their ``query_slot``), and each query's greedy token is logged. The t
 tree's shape, so every method does exactly the same work. No host sync inside a step: CUDA events
 around the step and around attention in every layer are read after the step's one sync (the greedy
 tokens coming back to the host).
+
+With ``overlap`` the loop runs one step ahead: step t+1 is advanced, planned and uploaded while the GPU
+still runs step t (the trace decides the next tree and the greedy tokens are fed on the device, so
+nothing waits for step t's output), then launched, and only then is step t read back, once step t+1's
+start event (which follows every upload of its plan) has completed. Two sets of events and pinned
+staging buffers alternate between steps; a step's metrics are the same, except ``step_ms``, which
+becomes the time between two steps' completions.
 """
 
 from __future__ import annotations
