@@ -391,3 +391,35 @@ def test_plan_with_no_queries_runs_to_empty_output():
 def test_describe_reports_tunables():
     d = DeftFlatten(chunk_size=256, block_m=64).describe()
     assert d["chunk_size"] == 256 and d["block_m"] == 64 and d["mode"] == "flatten"
+
+
+# ---------------------------------------------------------------------- few_split (experimental)
+@pytest.mark.parametrize("seed", range(3))
+def test_flatten_few_query_chunks_split_at_nodes_match_reference(seed):
+    rng = np.random.default_rng(70 + seed)
+    tree = fan_tree(60, 7, 11, rng) if seed == 0 else random_tree(rng, n_nodes=12, max_len=25, extra_queries=2)
+    check(DeftFlatten(chunk_size=29, block_n=16, few_split=16, snap=0.3 * (seed % 2)), tree, dtype=torch.bfloat16, seed=seed)
+
+
+def test_few_split_cuts_only_few_query_chunks_and_only_at_node_boundaries():
+    rng = np.random.default_rng(5)
+    shape = AttentionShape(8, 2, 64, "float16")  # group 4: a 16-row tile holds 4 queries
+    for tree in [fan_tree(100, 9, 30, rng)] + [random_tree(rng, n_nodes=15, max_len=30, extra_queries=2) for _ in range(20)]:
+        base = DeftFlatten(chunk_size=70).groups(tree, shape)
+        split = DeftFlatten(chunk_size=70, few_split=16).groups(tree, shape)
+        t0, t1 = base.records("tiles"), split.records("tiles")
+        node_starts = set(base.records("nodes")["off"].tolist())
+        cuts0, cuts1 = set(t0["tok_lo"].tolist()), set(t1["tok_lo"].tolist())
+        assert cuts0 <= cuts1 and cuts1 - cuts0 <= node_starts  # only extra cuts, all at node starts
+        nodes = split.records("nodes")
+        end = np.append(nodes["off"][1:], split.n_tokens)
+        # every chunk of the split plan that spans several nodes has more queries than 16 rows hold
+        chunk_q = {}
+        for lo, hi, qlo, qhi in zip(t1["tok_lo"], t1["tok_hi"], t1["q_lo"], t1["q_hi"], strict=True):
+            chunk_q.setdefault((int(lo), int(hi)), []).append((int(qlo), int(qhi)))
+        for (lo, hi), qs in chunk_q.items():
+            n_q = max(q[1] for q in qs) - min(q[0] for q in qs)
+            spans = np.searchsorted(end, lo, "right") != np.searchsorted(end, hi - 1, "right")
+            assert not (spans and n_q * 4 <= 16), (lo, hi, n_q)
+    fan = fan_tree(100, 9, 30, rng)
+    assert DeftFlatten(chunk_size=70, few_split=16).groups(fan, shape).n_chunks > DeftFlatten(chunk_size=70).groups(fan, shape).n_chunks

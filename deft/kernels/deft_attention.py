@@ -95,6 +95,8 @@ class DeftAttention(AttentionMethod):
     chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`). ``small_m``:
     tiles whose rows (queries x group) fit this many run a small tile in the same launch (a branch
     with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
+    ``few_split`` (Flatten, experimental): also cut few-query chunks (queries x group <= this) at node
+    boundaries; 0 (default) is off. Built by the numpy plan only.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -120,6 +122,7 @@ class DeftAttention(AttentionMethod):
         snap: float = 0.3,
         idx_inloop: bool = True,
         small_m: int = 16,
+        few_split: int = 0,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
@@ -142,6 +145,9 @@ class DeftAttention(AttentionMethod):
         self.snap = float(snap)
         self.idx_inloop = bool(idx_inloop)
         self.small_m = int(small_m)
+        if int(few_split) < 0:
+            raise ValueError(f"few_split must be >= 0, got {few_split}")
+        self.few_split = int(few_split)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, _PinnedStaging] = {}
@@ -181,7 +187,8 @@ class DeftAttention(AttentionMethod):
         _check_shape(shape)
         snap = self.snap if self.mode == "flatten" else 0.0
         return build_groups(
-            tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc, snap
+            tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc, snap,
+            few_split=self.few_split if self.mode == "flatten" else 0,
         )
 
     def _launch_config(self, rows: int, head_dim: int) -> tuple[int, int]:
@@ -216,6 +223,7 @@ class DeftAttention(AttentionMethod):
             "partial_dtype": self.partial_dtype,
             "prefetch": self.prefetch,
             "snap": self.snap,
+            "few_split": self.few_split,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,

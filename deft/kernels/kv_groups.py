@@ -86,6 +86,7 @@ def build_groups(
     out_alloc: Callable[[int], np.ndarray] | None = None,
     snap: float = 0.0,
     native: bool | None = None,
+    few_split: int = 0,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -101,6 +102,9 @@ def build_groups(
     ``native``: build it with the C code of :mod:`deft.kernels.plan_native` (bit-identical, a few
     microseconds instead of a hundred numpy calls); ``None`` uses it when it is available, ``True``
     raises without it, ``False`` uses numpy (the reference; also taken for inputs the C code declines).
+    ``few_split`` (flatten only, experimental, numpy only): a chunk whose queries x ``group`` fit this many
+    rows and that spans several nodes is also cut at every node boundary inside it, so the few-query part
+    of a tree (e.g. a fan's branches) runs as shorter one-node programs, as Node-Chunk's does; 0 is off.
     """
     if mode not in MODES:
         raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
@@ -108,6 +112,11 @@ def build_groups(
         raise ValueError(f"mode {mode} needs a positive chunk_size, got {chunk_size}")
     if tree.n_queries == 0:
         return _empty_groups(tree, out_alloc)
+    few_split = int(few_split) if mode == "flatten" else 0
+    if few_split > 0:
+        if native:
+            raise RuntimeError("few_split has no native implementation; use native=None or False")
+        native = False
     if native is not False:
         pn = _plan_native()
         if native and not pn.native_available():
@@ -115,7 +124,7 @@ def build_groups(
         g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap)
         if g is not None:
             return g
-    return _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap)
+    return _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split)
 
 
 _native_module = None
@@ -139,6 +148,7 @@ def _build_groups_numpy(
     block_m_max: int,
     out_alloc: Callable[[int], np.ndarray] | None,
     snap: float,
+    few_split: int = 0,
 ) -> KVGroups:
     """:func:`build_groups` in numpy, for a tree with queries: the reference the C code matches."""
     nq = tree.n_queries
@@ -179,6 +189,8 @@ def _build_groups_numpy(
             bounds = np.arange(0, (n_c + 1) * n_tok, n_tok) // n_c
             if snap > 0 and n_c > 1:
                 bounds = _snap_to_nodes(bounds, n_off, n_end, snap * n_tok / n_c)
+            if few_split > 0:
+                bounds = _split_few_query_chunks(bounds, n_off, n_end, ntin, nend, q_tin, group, few_split)
         c_lo, c_hi = bounds[:-1], bounds[1:]
         first = n_end.searchsorted(c_lo, "right")
         last = n_end.searchsorted(c_hi)
@@ -301,6 +313,33 @@ def _build_groups_numpy(
         rows=block_m,
         chunk_size=int(chunk_size) if mode != "node" else 0,
     )
+
+
+def _split_few_query_chunks(
+    bounds: np.ndarray,
+    n_off: np.ndarray,
+    n_end: np.ndarray,
+    ntin: np.ndarray,
+    nend: np.ndarray,
+    q_tin: np.ndarray,
+    group: int,
+    rows: int,
+) -> np.ndarray:
+    """Add a cut at every node boundary inside a chunk that spans several nodes and whose queries x
+    ``group`` fit ``rows`` (the same query ranges the plan derives next)."""
+    c_lo, c_hi = bounds[:-1], bounds[1:]
+    first = n_end.searchsorted(c_lo, "right")
+    last = n_end.searchsorted(c_hi)
+    maxend = np.maximum.reduceat(nend, first)
+    np.maximum(maxend, nend[last], out=maxend)
+    cnq = q_tin.searchsorted(maxend) - q_tin.searchsorted(ntin[first])
+    few = (cnq * group <= rows) & (first != last)
+    if not few.any():
+        return bounds
+    inner = n_off[1:]  # node starts inside (0, n_tok)
+    chunk_of = bounds.searchsorted(inner, "right") - 1
+    extra = inner[few[chunk_of] & (inner != bounds[chunk_of])]
+    return np.union1d(bounds, extra)
 
 
 def _snap_to_nodes(bounds: np.ndarray, n_off: np.ndarray, n_end: np.ndarray, tol: float) -> np.ndarray:
