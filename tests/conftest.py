@@ -56,6 +56,33 @@ def random_tree(
     return DecodingTree.from_lists(parent, [slots[ptr[i] : ptr[i + 1]] for i in range(n)], queries, n_slots=n_slots)
 
 
+def speculative_tree(
+    rng: np.random.Generator,
+    prompt: int,
+    n_candidates: int,
+    max_len: int = 4,
+    shuffle_visible: bool = False,
+    spare_slots: int = 0,
+) -> DecodingTree:
+    """A prompt and a random tree of 1..``max_len``-token candidate nodes, every candidate token a query
+    (``visible`` 1..len, in shuffled order with ``shuffle_visible``); slots scattered over the tokens plus
+    ``spare_slots`` (the pool size when there are spare slots)."""
+    parent, lens, qn, qv = [-1], [prompt], [], []
+    while n_candidates > 0:
+        ln = int(min(n_candidates, rng.integers(1, max_len + 1)))
+        parent.append(int(rng.integers(0, len(parent))))
+        lens.append(ln)
+        vis = list(range(1, ln + 1))
+        if shuffle_visible:
+            rng.shuffle(vis)
+        qn += [len(lens) - 1] * ln
+        qv += vis
+        n_candidates -= ln
+    n_tok = sum(lens)
+    slots = rng.permutation(n_tok + spare_slots)[:n_tok]
+    return DecodingTree.from_arrays(parent, lens, slots, qn, qv, n_slots=n_tok + spare_slots if spare_slots else None)
+
+
 @pytest.fixture(scope="session")
 def make_random_tree() -> Callable[..., DecodingTree]:
     """``make_random_tree(rng, max_nodes=, max_len=, max_queries=, spare_slots=)`` -> a random valid tree."""

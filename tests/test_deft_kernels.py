@@ -18,6 +18,7 @@ from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
+from tests.conftest import speculative_tree as _speculative
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -73,20 +74,7 @@ def chain_tree(depth: int, node_len: int, rng) -> DecodingTree:
 def speculative_tree(prompt: int, n_candidates: int, rng) -> DecodingTree:
     """A prompt node and a random token tree of candidates under it. Candidate nodes are chains of 1..4
     tokens; every candidate token is a query (causal inside its node via ``visible``)."""
-    parent = [-1]
-    lens = [prompt]
-    qn: list[int] = []
-    qv: list[int] = []
-    left = n_candidates
-    while left > 0:
-        ln = int(min(left, rng.integers(1, 5)))
-        parent.append(int(rng.integers(0, len(parent))))
-        lens.append(ln)
-        qn += [len(lens) - 1] * ln
-        qv += list(range(1, ln + 1))
-        left -= ln
-    n_tok = sum(lens)
-    return DecodingTree.from_arrays(parent, lens, rng.permutation(n_tok + 5)[:n_tok], qn, qv, n_slots=n_tok + 5)
+    return _speculative(rng, prompt, n_candidates, spare_slots=5)
 
 
 def tensors(tree: DecodingTree, heads: int, kv_heads: int, head_dim: int, dtype, seed: int = 0):

@@ -12,6 +12,7 @@ import pytest
 
 from deft.kernels.kv_groups import MODES, SECTIONS, build_groups
 from deft.tree import DecodingTree
+from tests.conftest import speculative_tree
 
 
 # ---------------------------------------------------------------------- reference
@@ -144,20 +145,6 @@ def assert_matches_reference(tree, group, mode, chunk_size=0, block_m_max=128, s
 
 
 # ---------------------------------------------------------------------- trees
-def speculative_tree(rng, prompt: int, n_candidates: int) -> DecodingTree:
-    """A prompt and a random tree of 1..4-token candidate nodes, every candidate token a query."""
-    parent, lens, qn, qv = [-1], [prompt], [], []
-    while n_candidates > 0:
-        ln = int(min(n_candidates, rng.integers(1, 5)))
-        parent.append(int(rng.integers(0, len(parent))))
-        lens.append(ln)
-        qn += [len(lens) - 1] * ln
-        qv += list(range(1, ln + 1))
-        n_candidates -= ln
-    n_tok = sum(lens)
-    return DecodingTree.from_arrays(parent, lens, rng.permutation(n_tok), qn, qv)
-
-
 def reasoning_tree(rng, n_nodes: int, node_len: int) -> DecodingTree:
     """Node ids in creation order (not DFS order), each node's slots contiguous in the pool, one query
     at the newest token of every leaf: the plan copies its slots in a few runs."""

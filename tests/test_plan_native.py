@@ -16,6 +16,7 @@ import pytest
 from deft.kernels import plan_native
 from deft.kernels.kv_groups import MODES, SECTIONS, KVGroups, build_groups
 from deft.tree import DecodingTree
+from tests.conftest import speculative_tree as _speculative
 
 FIELDS = ("n_tiles", "n_chunks", "n_tokens", "n_partials", "max_parts", "rows", "chunk_size")
 
@@ -72,18 +73,8 @@ def random_params(rng, tree: DecodingTree) -> dict:
 
 
 def speculative_tree(rng, prompt: int, n_candidates: int, max_len: int = 4) -> DecodingTree:
-    """A prompt and a random tree of candidate nodes, every candidate token a query (``visible`` 1..len)."""
-    parent, lens, qn, qv = [-1], [prompt], [], []
-    while n_candidates > 0:
-        ln = int(min(n_candidates, rng.integers(1, max_len + 1)))
-        parent.append(int(rng.integers(0, len(parent))))
-        lens.append(ln)
-        vis = list(range(1, ln + 1))
-        rng.shuffle(vis)  # queries of one node in any order
-        qn += [len(lens) - 1] * ln
-        qv += vis
-        n_candidates -= ln
-    return DecodingTree.from_arrays(parent, lens, rng.permutation(sum(lens)), qn, qv)
+    """A speculative tree whose node queries come in shuffled ``visible`` order."""
+    return _speculative(rng, prompt, n_candidates, max_len, shuffle_visible=True)
 
 
 def chain_tree(rng, n_nodes: int) -> DecodingTree:
