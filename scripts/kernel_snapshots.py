@@ -37,7 +37,7 @@ SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 #: graph-replayed device time) is then used for all three variants on every snapshot
 V5 = {"idx_inloop": True, "block_n": 32, "snap": 0.3, "partial_dtype": "input"}
 V6 = {**V5, "small_m": 16}
-SWEEP = {
+ALL_SWEEP = {
     "default": {},
     "v5": V5,
     "v6": V6,
@@ -53,6 +53,17 @@ SWEEP = {
     "v6_cmin256": {**V6, "chunk_min": 256},
     "v6_snap45": {**V6, "snap": 0.45},
     "v6_nosnap": {**V6, "snap": 0.0},
+    # session 5: the current defaults (= v6_n64) against few_split and 128-row tiles
+    "few16": {"few_split": 16},
+    "m128w8": {"block_m": 128, "num_warps": 8},
+    "m128w4": {"block_m": 128, "num_warps": 4},
+    "few16_m128w8": {"few_split": 16, "block_m": 128, "num_warps": 8},
+    "c2": {"ctas_per_sm": 2.0},
+}
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-5 set)
+SWEEP = {
+    n: ALL_SWEEP[n]
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,few16,m128w8,m128w4,few16_m128w8,c2").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",
@@ -241,7 +252,7 @@ def main() -> None:
     # correctness on random trees with the real shape
     rng = np.random.default_rng(0)
     worst: dict[str, float] = {}
-    checks = {"flatten_" + n: (DeftFlatten, SWEEP[n]) for n in ("default", "v5", "v6", "v6_m128", "v6_n16")}
+    checks = {"flatten_" + n: (DeftFlatten, ALL_SWEEP[n]) for n in ("default", "v6", "v6_m128", "few16", "m128w4")}
     checks |= {"node": (DeftNode, {}), "node_chunk": (DeftNodeChunk, {"chunk_min": 64})}
     for _ in range(6):
         tree = random_tree(rng, int(rng.integers(2, 40)), int(rng.integers(8, 700)))
@@ -293,6 +304,9 @@ def main() -> None:
     }
     if best != "default":
         table["flatten_default"] = (DeftFlatten, {})
+    keep = os.environ.get("DEFT_SNAP_TABLE")  # e.g. flatten,node_chunk: the table's variants
+    if keep:
+        table = {n: table[n] for n in keep.split(",") if n in table}
     for sname, tree in snaps:
         q, k, v, ref = inputs(tree, dev)
         kv_bytes = tree.unique_kv_tokens * SHAPE.kv_token_bytes
