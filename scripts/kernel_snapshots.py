@@ -59,6 +59,13 @@ ALL_SWEEP = {
     "m128w4": {"block_m": 128, "num_warps": 4},
     "few16_m128w8": {"few_split": 16, "block_m": 128, "num_warps": 8},
     "c2": {"ctas_per_sm": 2.0},
+    # session 5, affine addresses for consecutive slots (on by default): its effect, and chunk rules
+    "nocontig": {"contiguous": False},
+    "c1": {"ctas_per_sm": 1.0},
+    "c05": {"ctas_per_sm": 0.5},
+    "c1_max8k": {"ctas_per_sm": 1.0, "chunk_max": 8192},
+    "few16_c2": {"few_split": 16, "ctas_per_sm": 2.0},
+    "few16_c1": {"few_split": 16, "ctas_per_sm": 1.0},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-5 set)
 SWEEP = {

@@ -298,19 +298,24 @@ def _plan_counts(g, tree: DecodingTree):
     vis = tree.visibility(node, pos)  # [Q, T_all] in token_table order
     flat_of_col = np.array([slot_to_flat.get(int(s), -1) for s in slot])
     covered = np.zeros((tree.n_queries, n_tok), dtype=np.int64)
-    counts = dict(kv_tokens=0, q_rows=0, masked_tokens=0)
+    counts = dict(kv_tokens=0, q_rows=0, masked_tokens=0, slot_reads=0)
     rows_seen = set()
     for t in range(g.n_tiles):
         lo, hi = tiles["tok_lo"][t], tiles["tok_hi"][t]
         qs = queries["idx"][tiles["q_lo"][t] : tiles["q_hi"][t]]
         counts["kv_tokens"] += hi - lo
         counts["q_rows"] += qs.size
-        counts["masked_tokens"] += (hi - lo) * int(tiles["mask"][t] != 0)
+        masked = tiles["flags"][t] & 1 != 0
+        counts["masked_tokens"] += (hi - lo) * int(masked)
+        # bit 1: the tile's slots are consecutive; unmasked ones then read only their first slot
+        contig = bool(np.all(np.diff(tok_slot[lo:hi]) == 1))
+        assert bool(tiles["flags"][t] & 2) == contig
+        counts["slot_reads"] += 1 if contig and not masked else hi - lo
         rows_seen.update(range(int(tiles["pbase"][t]), int(tiles["pbase"][t]) + qs.size))
         cols = (flat_of_col >= lo) & (flat_of_col < hi)
         sub = vis[:, cols]
         covered[np.ix_(qs, flat_of_col[cols])] += sub[qs].astype(np.int64)
-        if tiles["mask"][t] == 0:  # an unmasked tile: all its queries see all its tokens
+        if not masked:  # an unmasked tile: all its queries see all its tokens
             assert sub[qs].all()
     assert len(rows_seen) == g.n_partials
     counts["partial_rows"] = g.n_partials
@@ -350,6 +355,8 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     p_bytes = 4 if m.partial_dtype == "float32" else shape.elem_bytes
     assert io.partial == 2 * c["partial_rows"] * shape.n_heads * (shape.head_dim * p_bytes + 4)
     assert io.mask >= shape.n_kv_heads * c["masked_tokens"] * 4
+    tile_meta = g.n_tiles * 6 * 4 + c["slot_reads"] * 4 + c["q_rows"] * 12
+    assert io.meta == shape.n_kv_heads * tile_meta + shape.n_heads * (tree.n_queries * 12 + g.n_partials * 4)
     assert io.kv >= tree.unique_kv_tokens * shape.kv_token_bytes  # never below the floor
     if g.n_tiles == g.n_chunks:
         assert io.kv == tree.unique_kv_tokens * shape.kv_token_bytes
@@ -411,3 +418,53 @@ def test_few_split_cuts_only_few_query_chunks_and_only_at_node_boundaries():
             assert not (spans and n_q * 4 <= 16), (lo, hi, n_q)
     fan = fan_tree(100, 9, 30, rng)
     assert DeftFlatten(chunk_size=70, few_split=16).groups(fan, shape).n_chunks > DeftFlatten(chunk_size=70).groups(fan, shape).n_chunks
+
+
+# ---------------------------------------------------------------------- consecutive slots (affine addresses)
+def runs_tree(rng, n_nodes: int, max_len: int, extra_queries: int = 2) -> DecodingTree:
+    """A random tree whose nodes sit in the pool as a paged allocator leaves them: each node's tokens in
+    one run of consecutive slots (a few nodes scattered instead), runs in random order, some with a gap
+    after them, so chunks are consecutive within a node, across adjacent runs, or not at all."""
+    parent = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, n_nodes)])
+    lens = rng.integers(1, max_len + 1, n_nodes)
+    start, pos = np.zeros(n_nodes, dtype=np.int64), 0
+    for n in rng.permutation(n_nodes):
+        start[n] = pos
+        pos += int(lens[n]) + int(rng.integers(0, 2)) * int(rng.integers(1, 5))
+    slots = np.concatenate([start[n] + np.arange(lens[n]) for n in range(n_nodes)])
+    for n in rng.choice(n_nodes, size=max(1, n_nodes // 4), replace=False):
+        a = int(lens[:n].sum())
+        slots[a : a + lens[n]] = rng.permutation(slots[a : a + lens[n]])
+    leaves = np.setdiff1d(np.arange(n_nodes), parent[parent >= 0])
+    qn = list(leaves) + [int(x) for x in rng.integers(0, n_nodes, extra_queries)]
+    qv = list(lens[leaves]) + [int(rng.integers(1, lens[n] + 1)) for n in qn[len(leaves) :]]
+    return DecodingTree.from_arrays(parent, lens, slots, qn, qv, n_slots=pos)
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("seed", range(4))
+def test_affine_tiles_over_consecutive_slots_match_reference_and_the_gather_path(mode, seed):
+    rng = np.random.default_rng(300 + seed)
+    tree = runs_tree(rng, n_nodes=int(rng.integers(3, 12)), max_len=60)
+    kw = dict(chunk_size=int(rng.integers(9, 50)), block_n=16, small_m=16 if seed % 2 else 0)
+    dtype = torch.bfloat16 if seed % 2 else torch.float16
+    plan = check(METHODS[mode](**kw), tree, dtype=dtype, seed=seed)
+    flags = plan.groups.records("tiles")["flags"]
+    assert ((flags & 2) != 0).any() and ((flags & 2) == 0).any(), "the tree should give both kinds of tile"
+    check(METHODS[mode](contiguous=False, **kw), tree, dtype=dtype, seed=seed)
+    q, k, v = tensors(tree, 8, 2, 16, dtype, seed)
+    affine = METHODS[mode](**kw)(q, k, v, tree)
+    gather = METHODS[mode](contiguous=False, **kw)(q, k, v, tree)
+    assert torch.equal(affine, gather)  # same values loaded, same arithmetic
+
+
+def test_prompt_tiles_of_a_prefilled_fan_are_flagged_consecutive():
+    tree = fan_tree(300, 6, 5)  # slots in order: prompt, then each branch
+    g = DeftFlatten(chunk_size=64, snap=0.0).groups(tree, AttentionShape(8, 2, 16, "float16"))
+    t = g.records("tiles")
+    in_prompt = t["tok_hi"] <= 300
+    assert in_prompt.any() and ((t["flags"][in_prompt] & 2) != 0).all()
+    assert ((t["flags"][in_prompt] & 1) == 0).all()  # and they need no mask: the affine path runs them
+    scattered = fan_tree(300, 6, 5, np.random.default_rng(0))
+    g2 = DeftFlatten(chunk_size=64, snap=0.0).groups(scattered, AttentionShape(8, 2, 16, "float16"))
+    assert ((g2.records("tiles")["flags"] & 2) == 0).all()

@@ -103,17 +103,18 @@ def reference_groups(tree: DecodingTree, group: int, mode: str, chunk_size: int,
     rows = _tile_rows(max(c[5] - c[4] for c in chunks), group, block_m_max)
     per_tile = rows // group
 
+    tok_slot = [int(s) for v in nodes for s in tree.node_slots(v)[: seen[v]]]
     tiles, cpbase, pbase = [], [], 0
     for lo, hi, f, last, a, b in chunks:
+        consecutive = all(tok_slot[t + 1] == tok_slot[t] + 1 for t in range(lo, hi - 1))
         cpbase.append(pbase)
         cnq = b - a
         nt = max(1, -(-cnq // per_tile))
         for j in range(nt):
             ta, tb = a + j * cnq // nt, a + (j + 1) * cnq // nt
             own_short = q_tin[ta] == tin[nodes[f]] and q_vis[ta] < hi - off[f]
-            tiles += [lo, hi, ta, tb, pbase + ta - a, int(f != last or own_short)]
+            tiles += [lo, hi, ta, tb, pbase + ta - a, int(f != last or own_short) | 2 * int(consecutive)]
         pbase += cnq
-    tok_slot = [int(s) for v in nodes for s in tree.node_slots(v)[: seen[v]]]
     tok_node = [i for i, v in enumerate(nodes) for _ in range(seen[v])]
     node_rec = [x for i, v in enumerate(nodes) for x in (off[i], tin[v], tin[v] + size[v])]
     query_rec = [x for s in range(nq) for x in (qs[s], q_tin[s], q_vis[s])]

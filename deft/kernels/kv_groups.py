@@ -18,7 +18,8 @@ three int32 per node and two per query: query ``j`` sees flat token ``t`` (node 
 ``t - off[n]``) iff
 ``tin[n] <= qtin[j] < end[n]`` (ancestor-or-self) and (``qtin[j] != tin[n]`` or ``t - off[n] < qvis[j]``)
 (strict ancestor, or own node within the visible prefix: causal inside a speculative node).
-Tiles where every query sees every token (one node, no partial own-node query) skip the mask loads.
+Tiles where every query sees every token (one node, no partial own-node query) skip the mask loads, and
+tiles whose tokens sit in consecutive pool slots (a prefilled prompt) skip the per-token slot loads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ MODES = ("flatten", "node", "node_chunk")
 #: the int32 sections packed into one host array, in this order; ``tiles``, ``nodes`` and ``queries``
 #: are row-major records of the fields below
 SECTIONS = ("tiles", "tok_slot", "tok_node", "nodes", "queries", "red_ptr", "red_idx")
-TILE_FIELDS = ("tok_lo", "tok_hi", "q_lo", "q_hi", "pbase", "mask")
+#: a tile's ``flags``: bit 0 (``FLAG_MASK``) its queries need the visibility test; bit 1 (``FLAG_CONTIG``)
+#: its tokens' pool slots are consecutive
+TILE_FIELDS = ("tok_lo", "tok_hi", "q_lo", "q_hi", "pbase", "flags")
+FLAG_MASK = 1
+FLAG_CONTIG = 2
 NODE_FIELDS = ("off", "tin", "end")
 QUERY_FIELDS = ("idx", "tin", "vis")
 
@@ -279,6 +284,13 @@ def _build_groups_numpy(
         idx = (s_lo - n_off).repeat(lens)
         idx += np.arange(n_tok)
         packed[a:b] = tree.slots[idx]
+    # bit 1 of a tile's flags: its chunk's slots are consecutive (a prefilled prompt's are), so the kernel
+    # can address K and V affinely: no break (a step other than +1) between its first and last token
+    brk = (np.diff(packed[a:b]) != 1).nonzero()[0]
+    t_lo, t_hi = tiles[:, 0], tiles[:, 1]
+    contig = brk.searchsorted(t_hi - 1) == brk.searchsorted(t_lo)
+    contig &= t_hi > t_lo
+    tiles[:, 5] |= contig.astype(np.int32) << 1
     a, b = offsets["tok_node"]
     packed[a:b] = np.arange(k, dtype=np.int32).repeat(lens)
 

@@ -529,6 +529,23 @@ void deft_plan_fill(i64 *ws, i32 *out)
         queries[3 * s + 2] = (i32)q_vis[s];
     }
 
+    /* bit 1 of a tile's flags: its chunk's slots are consecutive (a prefilled prompt's are), so the kernel
+     * can address K and V affinely; a chunk's tiles are neighbours and share the answer */
+    i32 *tile = out + ws[H_SEC];
+    i64 prev_lo = -1, prev_hi = -1, contig = 0;
+    for (i64 i = 0; i < ws[H_NTILES]; i++, tile += 6) {
+        i64 lo = tile[0], hi = tile[1];
+        if (lo != prev_lo || hi != prev_hi) {
+            contig = hi > lo;
+            for (i64 t = lo + 1; contig && t < hi; t++)
+                contig = (i64)tok_slot[t] == (i64)tok_slot[lo] + (t - lo);
+            prev_lo = lo;
+            prev_hi = hi;
+        }
+        if (contig)
+            tile[5] |= 2;
+    }
+
     /* global reduction: sorted query s -> its partial rows in chunk order (numpy's stable argsort) */
     red_ptr[0] = 0;
     i64 acc = 0;

@@ -46,6 +46,7 @@ def _attend_chunk(
     PREFETCH: tl.constexpr,
     DOT_F32: tl.constexpr,
     IDX_INLOOP: tl.constexpr,
+    AFFINE: tl.constexpr,
 ):
     """Online softmax of the tile's rows over flat tokens ``[t_lo, t_hi)``: the inner loop.
 
@@ -53,12 +54,19 @@ def _attend_chunk(
     together, so the gathers never wait on an index load; with ``PREFETCH`` the next block's K and V
     themselves are loaded into registers before the current block is computed (two blocks in flight).
     With ``IDX_INLOOP`` the slot indices are loaded at the top of each iteration instead, the plain
-    gather idiom that Triton's software pipeliner can schedule ``num_stages`` blocks ahead."""
+    gather idiom that Triton's software pipeliner can schedule ``num_stages`` blocks ahead.
+    With ``AFFINE`` (the plan found the chunk's slots consecutive, as a prefilled prompt's are) the
+    addresses are the first slot plus the token offset: no per-token index loads, and addresses the
+    compiler knows are contiguous, so K and V stream like a dense tensor's."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     t = t_lo + offs_n
-    slot = tl.load(tok_slot + t, mask=t < t_hi, other=0).to(tl.int64)
-    if PREFETCH:
+    if AFFINE:
+        base = tl.load(tok_slot + t_lo).to(tl.int64) - t_lo
+        slot = base + t
+    else:
+        slot = tl.load(tok_slot + t, mask=t < t_hi, other=0).to(tl.int64)
+    if PREFETCH and not AFFINE:
         # K/V of the next block are loaded into registers before this block is computed
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=(t < t_hi)[:, None], other=0.0)
         v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=(t < t_hi)[:, None], other=0.0)
@@ -66,7 +74,11 @@ def _attend_chunk(
     for _start in range(t_lo, t_hi, BLOCK_N):
         valid = t < t_hi
         t_next = t + BLOCK_N
-        if PREFETCH:
+        if AFFINE:
+            slot = base + t
+            k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        elif PREFETCH:
             nvalid = t_next < t_hi
             k_cur = k
             v_cur = v
@@ -139,6 +151,7 @@ def deft_partial_kernel(
     PREFETCH: tl.constexpr,
     DOT_F32: tl.constexpr,
     IDX_INLOOP: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -148,7 +161,7 @@ def deft_partial_kernel(
     q_lo = tl.load(rec + 2)
     n_q = tl.load(rec + 3) - q_lo
     pbase = tl.load(rec + 4)
-    need_mask = tl.load(rec + 5)
+    flags = tl.load(rec + 5)  # bit 0: visibility mask needed; bit 1: the chunk's slots are consecutive
 
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_vh
@@ -159,13 +172,13 @@ def deft_partial_kernel(
         _tile_masked_or_not(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, need_mask, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
         )  # fmt: skip
     else:
         _tile_masked_or_not(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, need_mask, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
         )  # fmt: skip
 
 
@@ -173,22 +186,36 @@ def deft_partial_kernel(
 def _tile_masked_or_not(
     q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
     stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-    kvh, t_lo, t_hi, q_lo, n_q, pbase, need_mask,
+    kvh, t_lo, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr,
+    PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
 ):  # fmt: skip
-    """The tile body with or without the visibility test, chosen by the tile's mask flag."""
-    if need_mask != 0:
+    """The tile body with or without the visibility test, chosen by the tile's flags; unmasked tiles
+    over consecutive slots take affine addresses when ``CONTIG`` compiled that copy in."""
+    if (flags & 1) != 0:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False,
         )  # fmt: skip
+    elif CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
+        if (flags & 2) != 0:
+            _tile(
+                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+            )  # fmt: skip
+        else:
+            _tile(
+                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
+                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
+                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP,
+            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
         )  # fmt: skip
 
 
@@ -199,6 +226,7 @@ def _tile(
     kvh, t_lo, t_hi, q_lo, n_q, pbase,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr,
+    AFFINE: tl.constexpr,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk, store the normalised partial and LSE."""
     rows = tl.arange(0, BLOCK_M)
@@ -223,6 +251,7 @@ def _tile(
     acc, m_i, l_i = _attend_chunk(
         acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
         meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, MASKED, PREFETCH, DOT_F32, IDX_INLOOP,
+        AFFINE,
     )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -262,8 +291,10 @@ def launch_partials(
     prefetch: bool = False,
     idx_inloop: bool = False,
     small_m: int = 0,
+    contiguous: bool = True,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
+    ``contiguous``: tiles the plan flagged as over consecutive slots use affine addresses.
     Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     return deft_partial_kernel[(n_tiles, n_kv)](
@@ -273,5 +304,5 @@ def launch_partials(
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         LOG2E / math.sqrt(d),
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
