@@ -162,6 +162,65 @@ def configs(quick: bool) -> list[dict]:
     return out
 
 
+def _time_deft(m, plan, q, k, v, dev) -> tuple[float, float]:
+    """Device µs of the DeFT partial kernel alone, and of the whole run (kernel + reduction)."""
+    from deft.bench.timing import time_device
+    from deft.kernels.tree_attention import launch_partials
+
+    g = plan.groups
+
+    def part():
+        launch_partials(
+            q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
+            plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
+        )  # fmt: skip
+
+    t_part = time_device(part, reps=50, device=dev).median_ms * 1e3
+    t_all = time_device(lambda: m.run(q, k, v, plan), reps=50, device=dev).median_ms * 1e3
+    return t_part, t_all
+
+
+def deft_rows(dev, bw: float, meta: dict) -> list[dict]:
+    """The DeFT partial kernel itself on the probe's work (a fan of one-token branches on the prompt, so
+    the prompt's tiles carry the same 200 rows), and on the sorting128ToT snapshot: partial kernel alone
+    and with the reduction, against chunk length, the affine copy, the small-tile copy and tile shape."""
+    from deft.attention import AttentionShape
+    from deft.kernels.autotune import fan_tree
+    from deft.kernels.deft_flatten import DeftFlatten
+    from deft.reference import reference_attention, relative_error
+
+    shape = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
+    trees = [("prompt16k_fan50x1", fan_tree(16384, 50, 1))]
+    try:
+        from scripts.kernel_snapshots import workload_snapshots
+
+        trees += [(n, t) for n, t in workload_snapshots() if n.startswith(("sorting", "docmerge"))]
+    except Exception as e:  # traces absent: the probe tree alone
+        print(f"workload trees skipped: {e}")
+    out = []
+    for name, tree in trees:
+        n_slots = tree.n_slots or int(tree.slots.max()) + 1
+        q = torch.randn(tree.n_queries, 32, 128, device=dev).bfloat16()
+        k = torch.randn(n_slots, 8, 128, device=dev).bfloat16()
+        v = torch.randn_like(k)
+        ref = reference_attention(q, k, v, tree)
+        chunks = (512, 1024, 2048) if name.startswith("prompt") else (None,)
+        for chunk, contig, small, (bm, w) in itertools.product(chunks, (True, False), (16, 0), ((64, 4), (128, 8))):
+            m = DeftFlatten(chunk_size=chunk, contiguous=contig, small_m=small, block_m=bm, num_warps=w)
+            plan = m.plan(tree, shape, dev)
+            err = relative_error(m.run(q, k, v, plan), ref)
+            g = plan.groups
+            t_part, t_all = _time_deft(m, plan, q, k, v, dev)
+            kern = m.last_kernel
+            row = dict(load="deft", tree=name, chunk=g.chunk_size, contiguous=contig, small_m=small, block_m=bm,
+                       num_warps=w, partial_us=t_part, us=t_all, rel_error=err, n_tiles=g.n_tiles,
+                       n_regs=getattr(kern, "n_regs", -1), n_spills=getattr(kern, "n_spills", -1),
+                       kv_bw_frac=tree.unique_kv_tokens * shape.kv_token_bytes / (t_all * 1e-6) / bw, **meta)  # fmt: skip
+            print(row, flush=True)
+            out.append(row)
+    return out
+
+
 def main() -> None:
     from deft.bench.timing import copy_bandwidth, time_device
 
@@ -194,7 +253,7 @@ def main() -> None:
     kv_bytes = 2 * k.numel() * k.element_size()
     flops = 4.0 * n_rows * n_kv * n_tok * d
     rows = []
-    cfgs = configs(quick)
+    cfgs = configs(quick) if os.environ.get("DEFT_PROBE_KERNEL", "1") == "1" else []
     for i, cfg in enumerate(cfgs):
         if dev.type != "cuda" and cfg["load"] == "tma":
             continue
@@ -226,6 +285,13 @@ def main() -> None:
     )  # fmt: skip
     for key, val in meta.items():
         df[key] = val
+    if dev.type == "cuda" and os.environ.get("DEFT_PROBE_DEFT", "1") == "1":
+        deft = pd.DataFrame(deft_rows(dev, bw, meta))
+        df = pd.concat([df, deft], ignore_index=True)
+        with pd.option_context("display.width", 200, "display.max_rows", 200):
+            cols = ["tree", "chunk", "contiguous", "small_m", "block_m", "num_warps", "partial_us", "us", "n_regs",
+                    "n_tiles", "kv_bw_frac", "rel_error"]  # fmt: skip
+            print(deft[cols].to_string(index=False))
     out_dir = Path(os.environ.get("OUT", "results/h100"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if dev.type == "cuda":
