@@ -60,25 +60,30 @@ def _attend_chunk(
     compiler knows are contiguous, so K and V stream like a dense tensor's."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    t = t_lo + offs_n
+    # Only the hand-pipelined modes carry state across iterations; in the others every address is a
+    # function of the loop's induction variable, which is what lets Triton's software pipeliner issue
+    # the loads of later blocks (``num_stages``) while this one computes.
     if AFFINE:
         base = tl.load(tok_slot + t_lo).to(tl.int64) - t_lo
-        slot = base + t
-    else:
-        slot = tl.load(tok_slot + t, mask=t < t_hi, other=0).to(tl.int64)
-    if PREFETCH and not AFFINE:
+    elif PREFETCH:
         # K/V of the next block are loaded into registers before this block is computed
-        k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=(t < t_hi)[:, None], other=0.0)
-        v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=(t < t_hi)[:, None], other=0.0)
-        slot = tl.load(tok_slot + t + BLOCK_N, mask=t + BLOCK_N < t_hi, other=0).to(tl.int64)
-    for _start in range(t_lo, t_hi, BLOCK_N):
+        t0 = t_lo + offs_n
+        slot = tl.load(tok_slot + t0, mask=t0 < t_hi, other=0).to(tl.int64)
+        k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=(t0 < t_hi)[:, None], other=0.0)
+        v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=(t0 < t_hi)[:, None], other=0.0)
+        slot = tl.load(tok_slot + t0 + BLOCK_N, mask=t0 + BLOCK_N < t_hi, other=0).to(tl.int64)
+    elif not IDX_INLOOP:
+        t0 = t_lo + offs_n
+        slot = tl.load(tok_slot + t0, mask=t0 < t_hi, other=0).to(tl.int64)
+    for start in range(t_lo, t_hi, BLOCK_N):
+        t = start + offs_n
         valid = t < t_hi
-        t_next = t + BLOCK_N
         if AFFINE:
-            slot = base + t
-            k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+            addr = base + t
+            k_cur = tl.load(k_base + addr[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v_cur = tl.load(v_base + addr[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         elif PREFETCH:
+            t_next = t + BLOCK_N
             nvalid = t_next < t_hi
             k_cur = k
             v_cur = v
@@ -86,10 +91,11 @@ def _attend_chunk(
             v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=nvalid[:, None], other=0.0)
             slot = tl.load(tok_slot + t_next + BLOCK_N, mask=t_next + BLOCK_N < t_hi, other=0).to(tl.int64)
         elif IDX_INLOOP:
-            slot = tl.load(tok_slot + t, mask=valid, other=0).to(tl.int64)
-            k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+            idx = tl.load(tok_slot + t, mask=valid, other=0).to(tl.int64)
+            k_cur = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v_cur = tl.load(v_base + idx[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         else:
+            t_next = t + BLOCK_N
             k_cur = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
             v_cur = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
             slot = tl.load(tok_slot + t_next, mask=t_next < t_hi, other=0).to(tl.int64)
@@ -117,7 +123,6 @@ def _attend_chunk(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_cur.dtype), v_cur)
         m_i = m_new
-        t = t_next
     return acc, m_i, l_i
 
 
