@@ -16,6 +16,7 @@ from deft.attention import AttentionShape, UnsupportedInput
 from deft.kernels import deft_attention
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
+from deft.kernels.tree_attention import small_tile_rows
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
 from tests.conftest import speculative_tree as _speculative
@@ -283,7 +284,7 @@ def test_bad_inputs_raise_before_launch(no_launch):
 
 
 # ---------------------------------------------------------------------- plan structure and io
-def _plan_counts(g, tree: DecodingTree):
+def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0):
     """Walk the plan tile by tile: check that it covers exactly the visible (query, token) pairs, and
     count what the kernels move."""
     tiles, nodes, queries = g.records("tiles"), g.records("nodes"), g.records("queries")
@@ -305,18 +306,21 @@ def _plan_counts(g, tree: DecodingTree):
         qs = queries["idx"][tiles["q_lo"][t] : tiles["q_hi"][t]]
         counts["kv_tokens"] += hi - lo
         counts["q_rows"] += qs.size
-        masked = tiles["flags"][t] & 1 != 0
-        counts["masked_tokens"] += (hi - lo) * int(masked)
-        # bit 1: the tile's slots are consecutive; unmasked ones then read only their first slot
-        contig = bool(np.all(np.diff(tok_slot[lo:hi]) == 1))
-        assert bool(tiles["flags"][t] & 2) == contig
-        counts["slot_reads"] += 1 if contig and not masked else hi - lo
+        flags = int(tiles["flags"][t])
+        mid = lo + (flags >> 2)  # first phase [lo, mid) without the visibility test, then [mid, hi) with it
+        assert lo <= mid <= hi and bool(flags & 1) == (mid < hi)
+        counts["masked_tokens"] += hi - mid
+        # bit 1: the first phase's slots are consecutive; a big tile then reads only its first slot
+        contig = mid > lo and bool(np.all(np.diff(tok_slot[lo:mid]) == 1))
+        assert bool(flags & 2) == contig
+        affine = contig and qs.size * g_size > small_rows
+        counts["slot_reads"] += (1 if affine else mid - lo) + hi - mid
         rows_seen.update(range(int(tiles["pbase"][t]), int(tiles["pbase"][t]) + qs.size))
         cols = (flat_of_col >= lo) & (flat_of_col < hi)
         sub = vis[:, cols]
         covered[np.ix_(qs, flat_of_col[cols])] += sub[qs].astype(np.int64)
-        if not masked:  # an unmasked tile: all its queries see all its tokens
-            assert sub[qs].all()
+        first = (flat_of_col >= lo) & (flat_of_col < mid)  # the first phase: all its queries see all of it
+        assert vis[np.ix_(qs, first.nonzero()[0])].all()
     assert len(rows_seen) == g.n_partials
     counts["partial_rows"] = g.n_partials
     # every visible (query, token) pair is computed exactly once
@@ -347,7 +351,8 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     shape = AttentionShape(32, 8, 128, "bfloat16")
     m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])))
     g = m.groups(tree, shape)
-    c = _plan_counts(g, tree)
+    small = small_tile_rows(shape.group_size, g.rows, m.small_m)
+    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0)
     io = m.io(tree, shape)
     assert io.kv == c["kv_tokens"] * shape.kv_token_bytes
     assert io.q == c["q_rows"] * shape.q_row_bytes
@@ -450,7 +455,8 @@ def test_affine_tiles_over_consecutive_slots_match_reference_and_the_gather_path
     dtype = torch.bfloat16 if seed % 2 else torch.float16
     plan = check(METHODS[mode](**kw), tree, dtype=dtype, seed=seed)
     flags = plan.groups.records("tiles")["flags"]
-    assert ((flags & 2) != 0).any() and ((flags & 2) == 0).any(), "the tree should give both kinds of tile"
+    assert ((flags & 2) != 0).any(), "the tree should give tiles over consecutive slots"
+    assert ((flags & 1) != 0).any() or ((flags & 2) == 0).any(), "and tokens that take the gather path"
     check(METHODS[mode](contiguous=False, **kw), tree, dtype=dtype, seed=seed)
     q, k, v = tensors(tree, 8, 2, 16, dtype, seed)
     affine = METHODS[mode](**kw)(q, k, v, tree)
@@ -468,3 +474,22 @@ def test_prompt_tiles_of_a_prefilled_fan_are_flagged_consecutive():
     scattered = fan_tree(300, 6, 5, np.random.default_rng(0))
     g2 = DeftFlatten(chunk_size=64, snap=0.0).groups(scattered, AttentionShape(8, 2, 16, "float16"))
     assert ((g2.records("tiles")["flags"] & 2) == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_masked_tiles_run_their_shared_prefix_without_the_mask_and_match_reference(mode):
+    # a chunk that holds the prompt's tail and the first branches: the tail is seen by every query
+    tree = fan_tree(300, 6, 5)
+    m = METHODS[mode](chunk_size=70, snap=0.0, block_n=16) if mode == "flatten" else METHODS[mode](chunk_size=70)
+    plan = check(m, tree)
+    t = plan.groups.records("tiles")
+    prefix = t["flags"] >> 2
+    straddle = (t["tok_lo"] < 300) & (t["tok_hi"] > 300)
+    if mode == "flatten":
+        assert straddle.any() and (t["flags"][straddle] & 1).all()
+        assert (prefix[straddle] == 300 - t["tok_lo"][straddle]).all()
+    # causal queries inside a node: the prefix stops where the least-seeing query of the tile stops
+    spec = speculative_tree(40, 30, np.random.default_rng(5))
+    plan = check(METHODS[mode](chunk_size=23, block_n=16), spec, dtype=torch.bfloat16)
+    t = plan.groups.records("tiles")
+    assert ((t["flags"] & 1) != 0).any() and ((t["flags"] >> 2) > 0).any()

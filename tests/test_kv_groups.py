@@ -106,14 +106,20 @@ def reference_groups(tree: DecodingTree, group: int, mode: str, chunk_size: int,
     tok_slot = [int(s) for v in nodes for s in tree.node_slots(v)[: seen[v]]]
     tiles, cpbase, pbase = [], [], 0
     for lo, hi, f, last, a, b in chunks:
-        consecutive = all(tok_slot[t + 1] == tok_slot[t] + 1 for t in range(lo, hi - 1))
         cpbase.append(pbase)
         cnq = b - a
         nt = max(1, -(-cnq // per_tile))
         for j in range(nt):
             ta, tb = a + j * cnq // nt, a + (j + 1) * cnq // nt
             own_short = q_tin[ta] == tin[nodes[f]] and q_vis[ta] < hi - off[f]
-            tiles += [lo, hi, ta, tb, pbase + ta - a, int(f != last or own_short) | 2 * int(consecutive)]
+            unmasked = hi - lo  # the first phase: tokens every query of the tile sees whole
+            if f != last or own_short:
+                unmasked, fv = 0, nodes[f]
+                if tb > ta and q_tin[tb - 1] < tin[fv] + size[fv]:  # all in f's subtree
+                    stop = off[f] + q_vis[ta] if q_tin[ta] == tin[fv] else off[f + 1]
+                    unmasked = max(0, min(stop, hi) - lo)
+            consecutive = unmasked > 0 and all(tok_slot[t + 1] == tok_slot[t] + 1 for t in range(lo, lo + unmasked - 1))
+            tiles += [lo, hi, ta, tb, pbase + ta - a, int(unmasked < hi - lo) | 2 * int(consecutive) | unmasked << 2]
         pbase += cnq
     tok_node = [i for i, v in enumerate(nodes) for _ in range(seen[v])]
     node_rec = [x for i, v in enumerate(nodes) for x in (off[i], tin[v], tin[v] + size[v])]

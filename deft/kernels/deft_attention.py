@@ -23,8 +23,8 @@ from deft.attention import (
     check_inputs,
 )
 from deft.kernels.global_reduce import launch_reduce
-from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, KVGroups, build_groups, flatten_chunk_count
-from deft.kernels.tree_attention import launch_partials
+from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, FLAG_SHIFT, KVGroups, build_groups, flatten_chunk_count
+from deft.kernels.tree_attention import launch_partials, small_tile_rows
 from deft.tree import DecodingTree
 
 #: head dims the kernels take; 64 and 128 are the models', 16 and 32 keep interpreter tests small
@@ -315,7 +315,9 @@ class DeftAttention(AttentionMethod):
         return out
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
-        return groups_io(self.groups(tree, shape), tree.n_queries, shape, self.partial_dtype, self.contiguous)
+        g = self.groups(tree, shape)
+        small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small)
 
 
 def _check_shape(shape: AttentionShape) -> None:
@@ -326,7 +328,12 @@ def _check_shape(shape: AttentionShape) -> None:
 
 
 def groups_io(
-    g: KVGroups, n_queries: int, shape: AttentionShape, partial_dtype: str = "input", contiguous: bool = True
+    g: KVGroups,
+    n_queries: int,
+    shape: AttentionShape,
+    partial_dtype: str = "input",
+    contiguous: bool = True,
+    small_rows: int = 0,
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores.
 
@@ -336,9 +343,10 @@ def groups_io(
     - o: the reduction writes every query row once.
     - partial: each (chunk, query) partial row, all heads, output plus fp32 log-sum-exp, written by the
       attention kernel and read back by the reduction.
-    - mask: per masked program, the node index of each token (int32); the per-node table it indexes
-      (offset, DFS entry, subtree end) is a few KB, counted once.
-    - meta: per program the tile record, one slot index per token and its queries' records (index,
+    - mask: per program, the node index of each token of its masked phase (int32); the per-node table
+      it indexes (offset, DFS entry, subtree end) is a few KB, counted once.
+    - meta: per program the tile record, one slot index per token (one in all for an affine first
+      phase: a big tile over consecutive slots) and its queries' records (index,
       entry, visible); per (query, head) of the reduction its list pointers, query index and
       partial-row indices.
     """
@@ -346,9 +354,12 @@ def groups_io(
     ntok = t["tok_hi"] - t["tok_lo"]
     nq_t = t["q_hi"] - t["q_lo"]
     masked = (t["flags"] & FLAG_MASK) != 0
-    # an unmasked tile over consecutive slots reads its first slot only (affine addresses)
-    affine = ~masked & ((t["flags"] & FLAG_CONTIG) != 0) if contiguous else np.zeros_like(masked)
-    slot_reads = int(np.where(affine, 1, ntok).sum())
+    unmasked = t["flags"] >> FLAG_SHIFT  # each tile's first phase; the rest is tested token by token
+    masked_tok = ntok - unmasked
+    # a first phase over consecutive slots reads its first slot only (affine addresses; big tiles only)
+    small = (nq_t * shape.group_size <= small_rows) & (small_rows < g.rows)
+    affine = ((t["flags"] & FLAG_CONTIG) != 0) & ~small if contiguous else np.zeros_like(masked)
+    slot_reads = int(np.where(affine, 1, unmasked).sum() + masked_tok.sum())
     kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim
     p_bytes = shape.elem_bytes if partial_dtype == "input" else 4
     per_program_meta = g.n_tiles * TILE_FIELDS * 4 + slot_reads * 4 + int(nq_t.sum()) * 12
@@ -357,6 +368,6 @@ def groups_io(
         q=int(nq_t.sum()) * shape.q_row_bytes,
         o=n_queries * shape.q_row_bytes,
         partial=2 * g.n_partials * heads * (d * p_bytes + 4),
-        mask=kvh * int(ntok[masked].sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
+        mask=kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
         meta=kvh * per_program_meta + heads * (n_queries * 3 * 4 + g.n_partials * 4),
     )

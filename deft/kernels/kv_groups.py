@@ -18,8 +18,10 @@ three int32 per node and two per query: query ``j`` sees flat token ``t`` (node 
 ``t - off[n]``) iff
 ``tin[n] <= qtin[j] < end[n]`` (ancestor-or-self) and (``qtin[j] != tin[n]`` or ``t - off[n] < qvis[j]``)
 (strict ancestor, or own node within the visible prefix: causal inside a speculative node).
-Tiles where every query sees every token (one node, no partial own-node query) skip the mask loads, and
-tiles whose tokens sit in consecutive pool slots (a prefilled prompt) skip the per-token slot loads.
+Tiles where every query sees every token (one node, no partial own-node query) skip the mask loads; a
+tile across nodes runs the part of its first node that all its queries see without them (a shared
+prompt's tail in a chunk that also holds branches), and tokens in consecutive pool slots (a prefilled
+prompt) skip the per-token slot loads.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ MODES = ("flatten", "node", "node_chunk")
 #: the int32 sections packed into one host array, in this order; ``tiles``, ``nodes`` and ``queries``
 #: are row-major records of the fields below
 SECTIONS = ("tiles", "tok_slot", "tok_node", "nodes", "queries", "red_ptr", "red_idx")
-#: a tile's ``flags``: bit 0 (``FLAG_MASK``) its queries need the visibility test; bit 1 (``FLAG_CONTIG``)
-#: its tokens' pool slots are consecutive
+#: a tile's ``flags``: its tokens run in two phases, ``[tok_lo, tok_lo + (flags >> FLAG_SHIFT))`` seen whole
+#: by every query of the tile (no visibility test), then the rest with the test; bit 0 (``FLAG_MASK``):
+#: the second phase is not empty; bit 1 (``FLAG_CONTIG``): the first phase's pool slots are consecutive
 TILE_FIELDS = ("tok_lo", "tok_hi", "q_lo", "q_hi", "pbase", "flags")
 FLAG_MASK = 1
 FLAG_CONTIG = 2
+FLAG_SHIFT = 2
 NODE_FIELDS = ("off", "tin", "end")
 QUERY_FIELDS = ("idx", "tin", "vis")
 
@@ -284,15 +288,10 @@ def _build_groups_numpy(
         idx = (s_lo - n_off).repeat(lens)
         idx += np.arange(n_tok)
         packed[a:b] = tree.slots[idx]
-    # bit 1 of a tile's flags: its chunk's slots are consecutive (a prefilled prompt's are), so the kernel
-    # can address K and V affinely: no break (a step other than +1) between its first and last token
-    brk = (np.diff(packed[a:b]) != 1).nonzero()[0]
-    t_lo, t_hi = tiles[:, 0], tiles[:, 1]
-    contig = brk.searchsorted(t_hi - 1) == brk.searchsorted(t_lo)
-    contig &= t_hi > t_lo
-    tiles[:, 5] |= contig.astype(np.int32) << 1
+    tok_slot = packed[a:b]
     a, b = offsets["tok_node"]
     packed[a:b] = np.arange(k, dtype=np.int32).repeat(lens)
+    _finish_flags(tiles, tok_slot, packed[a:b], n_off, n_end, ntin, nend, q_tin, q_vis)
 
     a, b = offsets["nodes"]
     node_rec = packed[a:b].reshape(k, len(NODE_FIELDS))
@@ -325,6 +324,37 @@ def _build_groups_numpy(
         rows=block_m,
         chunk_size=int(chunk_size) if mode != "node" else 0,
     )
+
+
+def _finish_flags(tiles, tok_slot, tok_node, n_off, n_end, ntin, nend, q_tin, q_vis) -> None:
+    """Turn each tile's mask bit into its final flags, in place (see ``TILE_FIELDS``).
+
+    A masked tile keeps an unmasked prefix: the tokens of its chunk's first node ``f`` when every one of
+    its queries lies in ``f``'s subtree, up to where the first of them that sits in ``f`` itself stops
+    seeing (queries are sorted by (entry, visible), so that one is the tile's first). The prefix runs
+    without the visibility test; a tile whose prefix is the whole chunk is unmasked. Then bit 1 says
+    whether the prefix's slots are consecutive."""
+    lo, hi = tiles[:, 0].astype(np.int64), tiles[:, 1].astype(np.int64)
+    qlo, qhi = tiles[:, 2].astype(np.int64), tiles[:, 3].astype(np.int64)
+    masked = (tiles[:, 5] & FLAG_MASK) != 0
+    unmasked_len = hi - lo
+    if masked.any():
+        m = masked & (qhi > qlo)
+        f = tok_node[lo[m]]
+        first, last = qlo[m], qhi[m] - 1
+        own = q_tin[first] == ntin[f]
+        stop = np.minimum(hi[m], np.where(own, n_off[f] + q_vis[first], n_end[f]))
+        prefix = np.where(q_tin[last] < nend[f], np.maximum(stop - lo[m], 0), 0)
+        unmasked_len[masked] = 0
+        unmasked_len[m] = prefix
+    flags = (unmasked_len < hi - lo).astype(np.int64)
+    # no break (a slot step other than +1) between the prefix's first and last token
+    brk = (np.diff(tok_slot) != 1).nonzero()[0]
+    end = lo + unmasked_len
+    contig = (brk.searchsorted(end - 1) == brk.searchsorted(lo)) & (unmasked_len > 0)
+    flags |= contig.astype(np.int64) << 1
+    flags |= unmasked_len << 2
+    tiles[:, 5] = flags
 
 
 def _split_few_query_chunks(

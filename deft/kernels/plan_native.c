@@ -529,21 +529,32 @@ void deft_plan_fill(i64 *ws, i32 *out)
         queries[3 * s + 2] = (i32)q_vis[s];
     }
 
-    /* bit 1 of a tile's flags: its chunk's slots are consecutive (a prefilled prompt's are), so the kernel
-     * can address K and V affinely; a chunk's tiles are neighbours and share the answer */
+    /* final tile flags (TILE_FIELDS in kv_groups.py): a masked tile keeps as an unmasked prefix the tokens
+     * of its first node f that all its queries see (all in f's subtree; the first, the least-seeing of
+     * those in f itself, bounds it); then bit 1: the prefix's slots are consecutive; bits 2..: its length */
     i32 *tile = out + ws[H_SEC];
-    i64 prev_lo = -1, prev_hi = -1, contig = 0;
+    i64 prev_lo = -1, prev_len = -1, contig = 0; /* a chunk's tiles are neighbours: test its slots once */
     for (i64 i = 0; i < ws[H_NTILES]; i++, tile += 6) {
-        i64 lo = tile[0], hi = tile[1];
-        if (lo != prev_lo || hi != prev_hi) {
-            contig = hi > lo;
-            for (i64 t = lo + 1; contig && t < hi; t++)
+        i64 lo = tile[0], hi = tile[1], qlo = tile[2], qhi = tile[3], len = hi - lo;
+        if (tile[5] & 1) {
+            len = 0;
+            if (qhi > qlo) {
+                i64 f = tok_node[lo], first = qlo, last = qhi - 1;
+                i64 stop = q_tin[first] == ktin[f] ? koff[f] + q_vis[first] : kend[f];
+                if (stop > hi)
+                    stop = hi;
+                if (q_tin[last] < knend[f] && stop > lo)
+                    len = stop - lo;
+            }
+        }
+        if (lo != prev_lo || len != prev_len) {
+            contig = len > 0;
+            for (i64 t = lo + 1; contig && t < lo + len; t++)
                 contig = (i64)tok_slot[t] == (i64)tok_slot[lo] + (t - lo);
             prev_lo = lo;
-            prev_hi = hi;
+            prev_len = len;
         }
-        if (contig)
-            tile[5] |= 2;
+        tile[5] = (i32)((len < hi - lo) | (contig << 1) | (len << 2));
     }
 
     /* global reduction: sorted query s -> its partial rows in chunk order (numpy's stable argsort) */

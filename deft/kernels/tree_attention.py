@@ -166,61 +166,27 @@ def deft_partial_kernel(
     q_lo = tl.load(rec + 2)
     n_q = tl.load(rec + 3) - q_lo
     pbase = tl.load(rec + 4)
-    flags = tl.load(rec + 5)  # bit 0: visibility mask needed; bit 1: the chunk's slots are consecutive
+    # bits 0 and 1: the masked phase is not empty; the unmasked phase's slots are consecutive. Bits 2 and
+    # up: the unmasked phase's length, [t_lo, t_mid); the masked phase is [t_mid, t_hi).
+    flags = tl.load(rec + 5)
+    t_mid = t_lo + (flags >> 2)
 
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_vh
     # tiles whose rows fit SMALL_M run the small tile (a quarter of the tensor-core work per token for a
-    # branch with one or two queries); inside each size, tiles that need no visibility test carry none
-    # of its registers (four compiled copies of the tile body, picked per program at run time)
+    # branch with one or two queries); the small tile has no affine copy (few-query nodes are decoded
+    # tokens, whose slots are rarely consecutive), which keeps the kernel's code small
     if SMALL_M < BLOCK_M and n_q * GROUP <= SMALL_M:
-        _tile_masked_or_not(
-            q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-            stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
-        )  # fmt: skip
-    else:
-        _tile_masked_or_not(
-            q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-            stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
-        )  # fmt: skip
-
-
-@triton.jit
-def _tile_masked_or_not(
-    q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-    stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-    kvh, t_lo, t_hi, q_lo, n_q, pbase, flags,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
-):  # fmt: skip
-    """The tile body with or without the visibility test, chosen by the tile's flags; unmasked tiles
-    over consecutive slots take affine addresses when ``CONTIG`` compiled that copy in."""
-    if (flags & 1) != 0:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False,
         )  # fmt: skip
-    elif CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
-        if (flags & 2) != 0:
-            _tile(
-                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
-            )  # fmt: skip
-        else:
-            _tile(
-                q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
-                stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-                kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
-            )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_hi, q_lo, n_q, pbase, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
         )  # fmt: skip
 
 
@@ -228,12 +194,15 @@ def _tile_masked_or_not(
 def _tile(
     q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
     stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-    kvh, t_lo, t_hi, q_lo, n_q, pbase,
+    kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr,
-    AFFINE: tl.constexpr,
+    PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
 ):  # fmt: skip
-    """One tile: load its rows' queries, attend over the chunk, store the normalised partial and LSE."""
+    """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
+    and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
+    shared ancestor's tokens), so it carries no visibility test, and with ``CONTIG`` it takes affine
+    addresses when the plan flagged its slots consecutive; phase two, ``[t_mid, t_hi)``, tests visibility
+    per token (empty for most tiles)."""
     rows = tl.arange(0, BLOCK_M)
     lq = rows // GROUP
     head = kvh * GROUP + rows % GROUP
@@ -253,11 +222,30 @@ def _tile(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_chunk(
-        acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, meta + off_tok_slot, meta + off_tok_node,
-        meta + off_nodes, t_lo, t_hi, row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, MASKED, PREFETCH, DOT_F32, IDX_INLOOP,
-        AFFINE,
-    )  # fmt: skip
+    tok_slot = meta + off_tok_slot
+    tok_node = meta + off_tok_node
+    nodes = meta + off_nodes
+    if CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
+        if (flags & 2) != 0:
+            acc, m_i, l_i = _attend_chunk(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+                row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+            )  # fmt: skip
+        else:
+            acc, m_i, l_i = _attend_chunk(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+                row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            )  # fmt: skip
+    else:
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+            row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+        )  # fmt: skip
+    if t_mid < t_hi:
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
+            row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False,
+        )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
