@@ -70,7 +70,7 @@ ALL_SWEEP = {
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-5 set)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,few16,m128w8,m128w4,few16_m128w8,c2").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nocontig,c2,few16").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

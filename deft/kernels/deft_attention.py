@@ -98,7 +98,7 @@ class DeftAttention(AttentionMethod):
     ``few_split`` (Flatten, experimental): also cut few-query chunks (queries x group <= this) at node
     boundaries; 0 (default) is off. Built by the numpy plan only. ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
-    loading a slot index per token (measured 1.4x faster on a 16k prompt, notes/deft_kernels.md).
+    loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.

@@ -2,7 +2,9 @@
 its chunk of gathered K/V, with online softmax; writes a normalised partial output and its log-sum-exp.
 
 GQA-aware: a tile's rows are (local query, query head of this KV head), so each K/V block is loaded
-once for all ``group`` query heads that share it; ``tl.dot`` runs the rows on tensor cores.
+once for all ``group`` query heads that share it; ``tl.dot`` runs the rows on tensor cores. A tile runs in
+two phases: the tokens all its rows see whole (no visibility test; affine addresses when their pool slots
+are consecutive), then the rest with the per-token ancestor/causal test (``kv_groups.TILE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -287,7 +289,8 @@ def launch_partials(
     contiguous: bool = True,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
-    ``contiguous``: tiles the plan flagged as over consecutive slots use affine addresses.
+    ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
+    addresses.
     Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     return deft_partial_kernel[(n_tiles, n_kv)](
