@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from baselines._optional import gpu_package_problem
-from baselines.path_decode import path_slots
+from baselines.path_decode import device_path_slots, path_indptr, path_slots
 from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
 from deft.tree import DecodingTree
 
@@ -79,7 +79,14 @@ class FlashInferPaged(AttentionMethod):
 
     name = "flashinfer_paged"
 
-    def __init__(self, use_tensor_cores: bool | str = "auto", num_sms: int = 132, ctas_per_sm: int = 2) -> None:
+    def __init__(
+        self, use_tensor_cores: bool | str = "auto", num_sms: int = 132, ctas_per_sm: int = 2, device_indices: bool = True
+    ) -> None:
+        """``device_indices``: build the per-query page lists on the GPU (as Radix does, and as SGLang keeps its
+        ``req_to_token`` table there) and hand them to FlashInfer's plan, which takes device indices as they
+        are; ``False`` builds them on the host and FlashInfer copies them (the Q x path-length list is 3 MB a
+        step at few-shot width 50, prompt 16k: a host-bound plan in the engine)."""
+        self.device_indices = bool(device_indices)
         self.use_tensor_cores = use_tensor_cores
         self.num_sms = num_sms
         self.ctas_per_sm = ctas_per_sm
@@ -91,7 +98,7 @@ class FlashInferPaged(AttentionMethod):
         return gpu_package_problem("flashinfer")
 
     def describe(self) -> dict[str, Any]:
-        return {"use_tensor_cores": self.use_tensor_cores, "page_size": 1}
+        return {"use_tensor_cores": self.use_tensor_cores, "page_size": 1, "device_indices": self.device_indices}
 
     def _wrapper(self, device: torch.device, tc: bool):
         import flashinfer
@@ -113,11 +120,16 @@ class FlashInferPaged(AttentionMethod):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         tc = resolve_tensor_cores(self.use_tensor_cores, shape)
-        indptr, slots = path_slots(tree)
+        if self.device_indices:
+            indptr = path_indptr(tree)
+            indices = device_path_slots(tree, device)  # int32, built where FlashInfer reads it
+        else:
+            indptr, slots = path_slots(tree)
+            indices = torch.from_numpy(slots.astype(np.int32))
         w = self._wrapper(device, tc)
         w.plan(
             torch.from_numpy(indptr.astype(np.int32)),
-            torch.from_numpy(slots.astype(np.int32)),
+            indices,
             torch.ones(tree.n_queries, dtype=torch.int32),
             shape.n_heads,
             shape.n_kv_heads,

@@ -74,6 +74,13 @@ def path_segments(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return tree.slot_ptr[seg_node], seg_len, indptr
 
 
+def path_indptr(tree: DecodingTree) -> np.ndarray:
+    """``path_slots``' ``indptr`` alone (per-query path lengths, cumulated): no per-token work."""
+    indptr = np.zeros(tree.n_queries + 1, dtype=np.int64)
+    np.cumsum(tree.query_path_len, out=indptr[1:])
+    return indptr
+
+
 def path_slots(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray]:
     """CSR (``indptr [Q+1]``, ``indices``) of every query's path slots, root first (SGLang's kv_indices)."""
     seg_start, seg_len, indptr = path_segments(tree)

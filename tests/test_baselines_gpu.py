@@ -30,7 +30,7 @@ from baselines.flex_attention import (
     query_bucket,
     tree_mask_tables,
 )
-from baselines.path_decode import path_slots
+from baselines.path_decode import device_path_slots, path_indptr, path_slots
 from baselines.xformers_splitk import XformersSplitK, xformers_split_k
 from deft.attention import AttentionShape, IOCounts, UnsupportedInput, floor_io
 from deft.reference import TOLERANCE, reference_attention, relative_error
@@ -236,6 +236,11 @@ def test_path_slots_are_each_querys_visible_slots_on_random_trees(make_random_tr
         indptr, slots = path_slots(tree)
         for j in range(tree.n_queries):
             np.testing.assert_array_equal(slots[indptr[j] : indptr[j + 1]], tree.query_slots(j))
+        # what FlashInfer paged's plan passes with device_indices: the same lists, built by torch
+        np.testing.assert_array_equal(path_indptr(tree), indptr)
+        dev = device_path_slots(tree, torch.device("cpu"))
+        assert dev.dtype == torch.int32
+        np.testing.assert_array_equal(dev.numpy(), slots)
 
 
 def test_split_kv_planner_splits_only_when_the_grid_is_underfilled():
