@@ -66,11 +66,15 @@ ALL_SWEEP = {
     "c1_max8k": {"ctas_per_sm": 1.0, "chunk_max": 8192},
     "few16_c2": {"few_split": 16, "ctas_per_sm": 2.0},
     "few16_c1": {"few_split": 16, "ctas_per_sm": 1.0},
+    # wide nodes (a shared prompt) in long chunks, about 1 or 2 waves of programs (numpy plan)
+    "wide1": {"wide_waves": 1.0},
+    "wide2": {"wide_waves": 2.0},
+    "wide1_few16": {"wide_waves": 1.0, "few_split": 16},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-5 set)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nocontig,c2,few16").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,wide1,wide2,wide1_few16,nocontig").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

@@ -493,3 +493,25 @@ def test_masked_tiles_run_their_shared_prefix_without_the_mask_and_match_referen
     plan = check(METHODS[mode](chunk_size=23, block_n=16), spec, dtype=torch.bfloat16)
     t = plan.groups.records("tiles")
     assert ((t["flags"] & 1) != 0).any() and ((t["flags"] >> 2) > 0).any()
+
+
+# ---------------------------------------------------------------------- wide nodes (experimental knob)
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_wide_nodes_get_long_chunks_within_the_budget_and_match_reference(mode):
+    tree = fan_tree(600, 12, 20)  # 12 queries x group 4 = 48 rows: two 32-row tiles on the prompt
+    shape = AttentionShape(8, 2, 16, "float16")
+    m = METHODS[mode](chunk_size=40, block_m=32, block_n=16, wide_waves=1.0, wide_ctas_per_sm=2, n_sms=20)
+    budget = m.wide_budget(shape)
+    assert budget == 20  # 1 wave x 2 per SM x 20 SMs / 2 KV heads
+    g = m.groups(tree, shape)
+    t = g.records("tiles")
+    prompt = t["tok_hi"] <= 600
+    n_prompt_chunks = np.unique(t["tok_lo"][prompt]).size
+    assert n_prompt_chunks == 10  # 20 programs / 2 tiles, each 60 tokens (>= chunk_size 40)
+    assert n_prompt_chunks * 2 <= budget
+    branches = t["tok_lo"] >= 600
+    assert (t["tok_hi"][branches] - t["tok_lo"][branches]).max() <= 40  # the rest keeps its chunk size
+    check(m, tree)
+    check(m, random_tree(np.random.default_rng(9), n_nodes=15, max_len=40, extra_queries=8))
+    spec = speculative_tree(200, 40, np.random.default_rng(3))
+    check(METHODS[mode](chunk_size=30, block_m=32, block_n=16, wide_waves=0.5, n_sms=8), spec, dtype=torch.bfloat16)

@@ -99,6 +99,9 @@ class DeftAttention(AttentionMethod):
     boundaries; 0 (default) is off. Built by the numpy plan only. ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
+    ``wide_waves`` (Flatten and Node-Chunk, experimental, numpy plan, 0 = off): nodes whose queries need two
+    or more row tiles (a shared prompt) get long chunks, about ``wide_waves`` waves of programs at
+    ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -126,6 +129,8 @@ class DeftAttention(AttentionMethod):
         small_m: int = 16,
         few_split: int = 0,
         contiguous: bool = True,
+        wide_waves: float = 0.0,
+        wide_ctas_per_sm: int = 2,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
@@ -152,6 +157,10 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"few_split must be >= 0, got {few_split}")
         self.few_split = int(few_split)
         self.contiguous = bool(contiguous)
+        if float(wide_waves) < 0 or int(wide_ctas_per_sm) < 1:
+            raise ValueError(f"wide_waves must be >= 0 and wide_ctas_per_sm >= 1, got {wide_waves}, {wide_ctas_per_sm}")
+        self.wide_waves = float(wide_waves)
+        self.wide_ctas_per_sm = int(wide_ctas_per_sm)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, _PinnedStaging] = {}
@@ -193,7 +202,14 @@ class DeftAttention(AttentionMethod):
         return build_groups(
             tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc, snap,
             few_split=self.few_split if self.mode == "flatten" else 0,
+            wide_budget=self.wide_budget(shape),
         )
+
+    def wide_budget(self, shape: AttentionShape) -> int:
+        """(chunk x tile) programs per KV head that ``wide_waves`` allows the wide nodes (0: off)."""
+        if self.wide_waves <= 0 or self.mode == "node":
+            return 0
+        return max(1, int(self.wide_waves * self.wide_ctas_per_sm * self.n_sms) // shape.n_kv_heads)
 
     def _launch_config(self, rows: int, head_dim: int) -> tuple[int, int]:
         warps = self.num_warps or (8 if rows * head_dim >= 128 * 128 else 4)
@@ -229,6 +245,8 @@ class DeftAttention(AttentionMethod):
             "snap": self.snap,
             "few_split": self.few_split,
             "contiguous": self.contiguous,
+            "wide_waves": self.wide_waves,
+            "wide_ctas_per_sm": self.wide_ctas_per_sm,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,

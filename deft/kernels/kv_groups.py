@@ -96,6 +96,7 @@ def build_groups(
     snap: float = 0.0,
     native: bool | None = None,
     few_split: int = 0,
+    wide_budget: int = 0,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -114,6 +115,9 @@ def build_groups(
     ``few_split`` (flatten only, experimental, numpy only): a chunk whose queries x ``group`` fit this many
     rows and that spans several nodes is also cut at every node boundary inside it, so the few-query part
     of a tree (e.g. a fan's branches) runs as shorter one-node programs, as Node-Chunk's does; 0 is off.
+    ``wide_budget`` (flatten and node_chunk, experimental, numpy only): cut nodes that need two or more row
+    tiles into long chunks, at most this many (chunk x tile) programs per KV head (see
+    :func:`_wide_node_bounds`); 0 is off.
     """
     if mode not in MODES:
         raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
@@ -122,9 +126,10 @@ def build_groups(
     if tree.n_queries == 0:
         return _empty_groups(tree, out_alloc)
     few_split = int(few_split) if mode == "flatten" else 0
-    if few_split > 0:
+    wide_budget = int(wide_budget) if mode != "node" else 0
+    if few_split > 0 or wide_budget > 0:
         if native:
-            raise RuntimeError("few_split has no native implementation; use native=None or False")
+            raise RuntimeError("few_split and wide_budget have no native implementation; use native=None or False")
         native = False
     if native is not False:
         pn = _plan_native()
@@ -133,7 +138,7 @@ def build_groups(
         g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap)
         if g is not None:
             return g
-    return _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split)
+    return _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)
 
 
 _native_module = None
@@ -158,6 +163,7 @@ def _build_groups_numpy(
     out_alloc: Callable[[int], np.ndarray] | None,
     snap: float,
     few_split: int = 0,
+    wide_budget: int = 0,
 ) -> KVGroups:
     """:func:`build_groups` in numpy, for a tree with queries: the reference the C code matches."""
     nq = tree.n_queries
@@ -200,6 +206,11 @@ def _build_groups_numpy(
                 bounds = _snap_to_nodes(bounds, n_off, n_end, snap * n_tok / n_c)
             if few_split > 0:
                 bounds = _split_few_query_chunks(bounds, n_off, n_end, ntin, nend, q_tin, group, few_split)
+        if wide_budget > 0:
+            nq_sub = q_tin.searchsorted(nend) - q_tin.searchsorted(ntin)  # queries below each kept node
+            bounds = _wide_node_bounds(
+                bounds, n_off, n_end, nq_sub, group, block_m_max, chunk_size, wide_budget, mode == "flatten"
+            )
         c_lo, c_hi = bounds[:-1], bounds[1:]
         first = n_end.searchsorted(c_lo, "right")
         last = n_end.searchsorted(c_hi)
@@ -355,6 +366,54 @@ def _finish_flags(tiles, tok_slot, tok_node, n_off, n_end, ntin, nend, q_tin, q_
     flags |= contig.astype(np.int64) << 1
     flags |= unmasked_len << 2
     tiles[:, 5] = flags
+
+
+def _wide_node_bounds(
+    bounds: np.ndarray,
+    n_off: np.ndarray,
+    n_end: np.ndarray,
+    nq_sub: np.ndarray,
+    group: int,
+    block_m: int,
+    chunk_size: int,
+    budget: int,
+    flatten: bool,
+) -> np.ndarray:
+    """Re-cut the *wide* nodes (their queries x ``group`` need two tiles or more: a shared prompt) into few,
+    long chunks: together at most ``budget`` (chunk x tile) programs per KV head, shared in proportion to
+    each node's tokens x tiles, never shorter than ``chunk_size``. Everything else keeps its cuts, cut again
+    at the wide nodes' edges: Flatten re-cuts each run of other nodes into equal chunks of about
+    ``chunk_size``; Node-Chunk keeps its per-node cuts. So a prompt that every query reads runs as about one
+    wave of long programs (the probe's best case, notes/deft_kernels.md) and the branches keep short ones."""
+    lens = n_end - n_off
+    tiles = -(-(nq_sub * group) // block_m)
+    wide = (tiles >= 2).nonzero()[0]
+    if wide.size == 0:
+        return bounds
+    work = lens[wide] * tiles[wide]
+    n_w = np.maximum(1, (budget * lens[wide]) // max(1, int(work.sum())))
+    n_w = np.minimum(n_w, -(-lens[wide] // chunk_size))
+    pieces, pos = [np.zeros(1, dtype=np.int64)], 0
+    for j, n in zip(wide.tolist(), n_w.tolist(), strict=True):
+        lo, hi = int(n_off[j]), int(n_end[j])
+        if lo > pos:
+            pieces.append(_light_cuts(bounds, pos, lo, chunk_size, flatten))
+        pieces.append(lo + np.arange(1, n + 1, dtype=np.int64) * (hi - lo) // n)
+        pos = hi
+    n_tok = int(n_end[-1])
+    if pos < n_tok:
+        pieces.append(_light_cuts(bounds, pos, n_tok, chunk_size, flatten))
+    return np.concatenate(pieces)
+
+
+def _light_cuts(bounds: np.ndarray, a: int, b: int, chunk_size: int, flatten: bool) -> np.ndarray:
+    """Cut points in ``(a, b]`` for a run of non-wide nodes: equal chunks of about ``chunk_size`` (Flatten),
+    or the existing cuts inside the run (Node-Chunk, whose cuts already fall on every node boundary)."""
+    if flatten:
+        n = max(1, -(-(b - a) // chunk_size))
+        return a + np.arange(1, n + 1, dtype=np.int64) * (b - a) // n
+    inner = bounds[(bounds > a) & (bounds < b)]
+    return np.append(inner, b).astype(np.int64)
 
 
 def _split_few_query_chunks(
