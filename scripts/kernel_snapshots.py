@@ -66,7 +66,7 @@ ALL_SWEEP = {
     "c1_max8k": {"ctas_per_sm": 1.0, "chunk_max": 8192},
     "few16_c2": {"few_split": 16, "ctas_per_sm": 2.0},
     "few16_c1": {"few_split": 16, "ctas_per_sm": 1.0},
-    # wide nodes (a shared prompt) in long chunks, about 1 or 2 waves of programs (numpy plan)
+    # wide nodes (a shared prompt) in long chunks, about 1 or 2 waves of programs
     "wide1": {"wide_waves": 1.0},
     "wide2": {"wide_waves": 2.0},
     "wide1_few16": {"wide_waves": 1.0, "few_split": 16},

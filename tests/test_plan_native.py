@@ -40,7 +40,9 @@ def assert_same_groups(a: KVGroups, b: KVGroups) -> None:
         assert type(getattr(a, f)) is int and getattr(a, f) == getattr(b, f), f
 
 
-def assert_native_matches_numpy(tree, group, mode, chunk_size=0, block_m_max=128, snap=0.0, use_out=False):
+def assert_native_matches_numpy(
+    tree, group, mode, chunk_size=0, block_m_max=128, snap=0.0, use_out=False, wide_budget=0
+):
     """Native plan (``use_out``: into a buffer given by out_alloc) equals the numpy plan of the same tree."""
     bufs = []
 
@@ -50,11 +52,16 @@ def assert_native_matches_numpy(tree, group, mode, chunk_size=0, block_m_max=128
 
     if tree.n_queries:  # the C code itself, not build_groups' numpy fallback for inputs it declines
         out_alloc = alloc if use_out else None
-        nat = plan_native.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap)
+        nat = plan_native.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget)
         assert nat is not None
     else:
-        nat = build_groups(tree, group, mode, chunk_size, block_m_max, alloc if use_out else None, snap, native=True)
-    ref = build_groups(python_tree(tree), group, mode, chunk_size, block_m_max, None, snap, native=False)
+        nat = build_groups(
+            tree, group, mode, chunk_size, block_m_max, alloc if use_out else None, snap, native=True,
+            wide_budget=wide_budget,
+        )  # fmt: skip
+    ref = build_groups(
+        python_tree(tree), group, mode, chunk_size, block_m_max, None, snap, native=False, wide_budget=wide_budget
+    )
     assert_same_groups(nat, ref)
     if use_out:
         assert len(bufs) == 1 and np.shares_memory(nat.packed, bufs[0])
@@ -69,6 +76,7 @@ def random_params(rng, tree: DecodingTree) -> dict:
         chunk_size=int(rng.choice([1, rng.integers(1, 8), rng.integers(1, n_tok + 1), n_tok, 2 * n_tok + 5])),
         block_m_max=int(rng.choice([16, 32, 48, 64, 128])),
         snap=float(rng.choice([0.0, 0.3, 0.49])),
+        wide_budget=int(rng.choice([0, 0, 1, 3, 33])),
     )
 
 

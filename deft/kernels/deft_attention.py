@@ -99,7 +99,7 @@ class DeftAttention(AttentionMethod):
     boundaries; 0 (default) is off. Built by the numpy plan only. ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
-    ``wide_waves`` (Flatten and Node-Chunk, experimental, numpy plan, 0 = off): nodes whose queries need two
+    ``wide_waves`` (Flatten and Node-Chunk, experimental, 0 = off): nodes whose queries need two
     or more row tiles (a shared prompt) get long chunks, about ``wide_waves`` waves of programs at
     ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of

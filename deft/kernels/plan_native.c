@@ -225,7 +225,7 @@ static i64 tile_rows(i64 max_q, i64 group, i64 block_m_max)
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
 i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
                    const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
-                   double snap, i64 *ws, i64 ws_cap)
+                   double snap, i64 wide_budget, i64 *ws, i64 ws_cap)
 {
     if (ws_cap < H_SIZE)
         return -1;
@@ -293,10 +293,57 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
         }
     }
 
+    /* wide nodes (their subtree's queries x group need two tiles or more: a shared prompt) get long chunks,
+     * at most wide_budget (chunk x tile) programs per KV head in all, shared in proportion to tokens x
+     * tiles and never shorter than chunk_size; the other nodes keep their cuts, Flatten's runs of them
+     * re-cut into equal chunks (kv_groups._wide_node_bounds) */
+    i64 *wide_n = first; /* free after the DFS: chunks of each wide kept node, 0 for the others */
+    i64 n_wide = 0;
+    if (wide_budget > 0 && mode != MODE_NODE) {
+        if (block_m_max < 1)
+            return -8;
+        i64 work = 0;
+        for (i64 i = 0; i < k; i++) {
+            i64 nsub = lower_bound(q_tin, nq, knend[i]) - lower_bound(q_tin, nq, ktin[i]);
+            i64 tiles = (nsub * group + block_m_max - 1) / block_m_max;
+            wide_n[i] = tiles >= 2 ? tiles : 0;
+            if (tiles >= 2) {
+                work += (kend[i] - koff[i]) * tiles;
+                n_wide++;
+            }
+        }
+        if (work < 1)
+            work = 1;
+        for (i64 i = 0; i < k; i++) {
+            if (wide_n[i] == 0)
+                continue;
+            i64 len = kend[i] - koff[i], most = len / chunk_size + (len % chunk_size != 0);
+            i64 c = wide_budget * len / work;
+            if (c < 1)
+                c = 1;
+            wide_n[i] = c < most ? c : most;
+        }
+    }
+
     /* chunks: cuts of the flat tokens, bounds[0] = 0 < ... < bounds[n_c] = n_tok */
     i64 n_c;
     if (mode == MODE_NODE)
         n_c = k;
+    else if (n_wide > 0) {
+        n_c = 0;
+        i64 run = 0; /* Flatten: tokens of the current run of other nodes */
+        for (i64 i = 0; i < k; i++) {
+            i64 len = kend[i] - koff[i];
+            if (wide_n[i] > 0) {
+                n_c += run / chunk_size + (run % chunk_size != 0) + wide_n[i];
+                run = 0;
+            } else if (mode == MODE_NODE_CHUNK)
+                n_c += len / chunk_size + (len % chunk_size != 0);
+            else
+                run += len;
+        }
+        n_c += run / chunk_size + (run % chunk_size != 0);
+    }
     else if (mode == MODE_NODE_CHUNK) {
         n_c = 0;
         for (i64 i = 0; i < k; i++) {
@@ -318,6 +365,32 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
     if (mode == MODE_NODE) {
         for (i64 i = 0; i < k; i++)
             bounds[i] = koff[i];
+    } else if (n_wide > 0) {
+        /* chunk starts: a run [a, b) cut into n equal chunks starts at a + j * (b - a) / n */
+        i64 c = 0, run_lo = 0;
+        for (i64 i = 0; i <= k; i++) {
+            i64 at = i < k ? koff[i] : n_tok;
+            if (mode == MODE_FLATTEN && (i == k || wide_n[i] > 0) && at > run_lo) {
+                i64 len = at - run_lo, m = len / chunk_size + (len % chunk_size != 0);
+                for (i64 j = 0; j < m; j++)
+                    bounds[c++] = run_lo + j * len / m;
+            }
+            if (i == k)
+                break;
+            i64 len = kend[i] - koff[i];
+            if (wide_n[i] > 0) {
+                for (i64 j = 0; j < wide_n[i]; j++)
+                    bounds[c++] = koff[i] + j * len / wide_n[i];
+                run_lo = kend[i];
+            } else if (mode == MODE_NODE_CHUNK) {
+                for (i64 t = koff[i]; t < kend[i]; t += chunk_size) {
+                    bounds[c++] = t;
+                    if (chunk_size > kend[i] - t)
+                        break;
+                }
+            }
+        }
+        n_c = c;
     } else if (mode == MODE_NODE_CHUNK) {
         i64 c = 0;
         for (i64 i = 0; i < k; i++)
