@@ -1,0 +1,99 @@
+"""Compile the DeFT partial kernel (and the probe's kernel) for Hopper on a machine without a GPU, and report
+what the compiler made of them: registers, shared memory, SASS size, and whether the K/V loads of the inner
+loop became asynchronous copies (Triton's software pipeliner) feeding ``wgmma``.
+
+Uses ``triton.compile`` with ``GPUTarget("cuda", 90, 32)`` and the bundled ``ptxas``/``cuobjdump``. Pointer and
+stride arguments get the divisibility-16 hints the JIT gives them at launch; without those hints no load is
+pipelined and the report would mislead. Registers match what the H100 reports for the same kernel (198-223 in
+session 5). Writes the TTGIR and SASS of each variant under ``$OUT`` (default ``/tmp/deft_aot``).
+
+Run anywhere: ``python -m scripts.kernel_aot``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from deft.kernels.tree_attention import deft_partial_kernel
+from scripts.kernel_probe import probe_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+PROBE_SIG = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slots": "*i32", "desc_k": "*bf16", "desc_v": "*bf16",
+    "part_o": "*bf16", "part_lse": "*fp32", "n_tok": "i32", "chunk": "i32", "n_rows": "i32", "n_rt": "i32",
+    "stride_qn": "i32", "stride_qh": "i32", "stride_ks": "i32", "stride_kh": "i32", "qk_scale": "fp32",
+    "GROUP": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_DIM": "constexpr",
+    "LOAD": "constexpr", "WS": "constexpr",
+}  # fmt: skip
+DEFT_SIG = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "part_o": "*bf16", "part_lse": "*fp32", "meta": "*i32",
+    "off_tok_slot": "i32", "off_tok_node": "i32", "off_nodes": "i32", "off_queries": "i32",
+    "stride_qn": "i32", "stride_qh": "i32", "stride_ks": "i32", "stride_kh": "i32", "stride_vs": "i32",
+    "stride_vh": "i32", "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32",
+    "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
+    "HEAD_DIM": "constexpr", "PREFETCH": "constexpr", "DOT_F32": "constexpr", "IDX_INLOOP": "constexpr",
+    "CONTIG": "constexpr",
+}  # fmt: skip
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    """The compiled kernel, with the launch-time divisibility hints on pointers and strides."""
+    names = list(signature)
+    hinted = [n for n in names if signature[n].startswith("*") or n.startswith("stride")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def report(name: str, kernel, out: Path) -> dict:
+    """Registers (cuobjdump), shared memory, SASS instructions, async copies and wgmma ops in the TTGIR."""
+    ttgir = kernel.asm["ttgir"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    regs = re.search(r"REG:(\d+)", usage)
+    (out / f"{name}.ttgir").write_text(ttgir)
+    (out / f"{name}.sass").write_text(sass)
+    return {
+        "kernel": name,
+        "regs": int(regs.group(1)) if regs else -1,
+        "smem": kernel.metadata.shared,
+        "sass_instr": sass.count(";"),
+        "async_copies": ttgir.count("async_copy_global_to_local"),
+        "wgmma": len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
+    }
+
+
+def main() -> None:
+    out = Path(os.environ.get("OUT", "/tmp/deft_aot"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for load in (0, 1):
+        k = compile_for_hopper(probe_kernel, PROBE_SIG, dict(GROUP=4, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128,
+                                                              LOAD=load, WS=False))  # fmt: skip
+        rows.append(report(f"probe_{['gather', 'affine'][load]}", k, out))
+    for small, contig in ((16, True), (64, True), (16, False), (64, False)):
+        k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
+            GROUP=4, BLOCK_M=64, SMALL_M=small, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
+            IDX_INLOOP=True, CONTIG=contig))  # fmt: skip
+        rows.append(report(f"deft_small{small}_contig{int(contig)}", k, out))
+    print(f"{'kernel':26s} {'regs':>5s} {'smem':>7s} {'sass':>6s} {'async':>6s} {'wgmma':>6s}")
+    for r in rows:
+        print(f"{r['kernel']:26s} {r['regs']:5d} {r['smem']:7d} {r['sass_instr']:6d} {r['async_copies']:6d} {r['wgmma']:6d}")
+    print(f"TTGIR and SASS in {out}")
+
+
+if __name__ == "__main__":
+    main()
