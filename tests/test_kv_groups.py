@@ -231,3 +231,10 @@ def test_snapped_cut_halfway_between_two_node_boundaries_moves_to_the_lower():
     g = build_groups(tree, 4, "flatten", 11, 64, snap=0.3)
     assert g.records("tiles")["tok_hi"].tolist() == [10, 22]
     assert_matches_reference(tree, 4, "flatten", 11, 64, 0.3)
+
+
+def test_a_tree_too_large_for_the_flags_field_is_refused_before_planning(monkeypatch):
+    tree = DecodingTree.from_arrays([-1], [8], np.arange(8), [0], [8])
+    monkeypatch.setattr(DecodingTree, "unique_kv_tokens", property(lambda self: 1 << 29))
+    with pytest.raises(ValueError, match="at most 536870911"):
+        build_groups(tree, 1, "flatten", 4)

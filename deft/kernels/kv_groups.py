@@ -125,6 +125,10 @@ def build_groups(
         raise ValueError(f"mode {mode} needs a positive chunk_size, got {chunk_size}")
     if tree.n_queries == 0:
         return _empty_groups(tree, out_alloc)
+    if tree.unique_kv_tokens >= 1 << (31 - FLAG_SHIFT):  # a tile's flags hold its unmasked length above 2 bits
+        raise ValueError(
+            f"the tree has {tree.unique_kv_tokens} KV tokens; a DeFT plan holds at most {(1 << (31 - FLAG_SHIFT)) - 1}"
+        )
     few_split = int(few_split) if mode == "flatten" else 0
     wide_budget = int(wide_budget) if mode != "node" else 0
     if few_split > 0:
