@@ -69,9 +69,7 @@ def path_segments(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray, np.ndarra
     seg_len = tree.node_len[seg_node].copy()
     last = np.cumsum(qd + 1) - 1  # each query's own node is its last segment
     seg_len[last] = tree.query_visible
-    indptr = np.zeros(nq + 1, dtype=np.int64)
-    np.cumsum(tree.query_path_len, out=indptr[1:])
-    return tree.slot_ptr[seg_node], seg_len, indptr
+    return tree.slot_ptr[seg_node], seg_len, path_indptr(tree)
 
 
 def path_indptr(tree: DecodingTree) -> np.ndarray:
