@@ -38,6 +38,7 @@ import torch
 
 from baselines._optional import gpu_package_problem
 from baselines.flashinfer_paged import WORKSPACE_BYTES
+from baselines.flashinfer_ring import WrapperRing
 from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs, to_device
 from deft.tree import DecodingTree
 
@@ -120,6 +121,7 @@ class FlashInferCascadePlan(Plan):
     order: torch.Tensor | None  # DFS query order, None when the tree's order already is
     inverse: torch.Tensor | None
     n_levels: int
+    epoch: int  # the wrapper's plan count when this plan was made (a ring reuses wrappers)
 
 
 class FlashInferCascade(AttentionMethod):
@@ -130,6 +132,7 @@ class FlashInferCascade(AttentionMethod):
     def __init__(self, cta_q: int = 128) -> None:
         self.cta_q = cta_q
         self._workspace: dict[torch.device, torch.Tensor] = {}
+        self._wrappers = WrapperRing(self._new_wrapper)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -138,14 +141,14 @@ class FlashInferCascade(AttentionMethod):
     def describe(self) -> dict[str, Any]:
         return {"page_size": 1, "levels": "depth+own"}
 
-    def _wrapper(self, device: torch.device, n_levels: int):
-        """A new wrapper for every plan (sharing one float workspace). Re-planning one wrapper per level count
-        step after step crashed FlashInfer 0.5.3 with an illegal memory access on the engine's trees
-        (sorting128ToT 4k, step 1545 of 1999, reproducibly; the same tree alone, the steps from 1500 on, and all
-        1999 steps with a fresh wrapper each pass): the cause lies in the wrapper's reused state and was not
-        isolated. Its per-level int workspaces come from PyTorch's caching allocators, so this costs little."""
+    def _new_wrapper(self, key: tuple[torch.device, int]):
+        """A wrapper for (device, level count), sharing one float workspace. Wrappers are reused through a
+        ``WrapperRing``: re-planning one wrapper while the GPU had not yet copied its previous schedule was the
+        illegal memory access FlashInfer 0.5.3 hit in the engine (sorting128ToT 4k step 1545, docmergeToT 4k);
+        see ``baselines/flashinfer_ring.py``."""
         import flashinfer
 
+        device, n_levels = key
         if device not in self._workspace:
             self._workspace[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         return flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, self._workspace[device], "NHD")
@@ -159,7 +162,7 @@ class FlashInferCascade(AttentionMethod):
             device = torch.device("cuda", torch.cuda.current_device())
         layout = cascade_layout(tree)
         n_levels = len(layout.levels)
-        w = self._wrapper(device, n_levels)
+        w = self._wrappers.acquire((device, n_levels))
         lv = layout.levels
         w.plan(
             [torch.from_numpy(x.qo_indptr) for x in lv],
@@ -175,14 +178,18 @@ class FlashInferCascade(AttentionMethod):
             q_data_type=shape.torch_dtype,
             kv_data_type=shape.torch_dtype,
         )
+        self._wrappers.planned((device, n_levels), w, device)
+        w._deft_epoch = getattr(w, "_deft_epoch", 0) + 1
         order = inverse = None
         if not layout.is_identity:
             order = to_device(layout.order, device)
             inverse = to_device(np.argsort(layout.order), device)
-        return FlashInferCascadePlan(tree.n_queries, shape, str(device), w, order, inverse, n_levels)
+        return FlashInferCascadePlan(tree.n_queries, shape, str(device), w, order, inverse, n_levels, w._deft_epoch)
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: FlashInferCascadePlan) -> torch.Tensor:
         check_inputs(q, k_pool, v_pool)
+        if plan.wrapper._deft_epoch != plan.epoch:
+            raise RuntimeError(f"{self.name}: this plan was superseded (its wrapper was planned again); plan again")
         if plan.order is not None:
             q = q.index_select(0, plan.order)
         out = plan.wrapper.run(q, (k_pool.unsqueeze(1), v_pool.unsqueeze(1)))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from baselines._optional import gpu_package_problem
+from baselines.flashinfer_ring import WrapperRing
 from baselines.path_decode import device_path_slots, path_indptr, path_slots
 from deft.attention import AttentionMethod, AttentionShape, IOCounts, Plan, UnsupportedInput, check_inputs
 from deft.tree import DecodingTree
@@ -91,7 +92,7 @@ class FlashInferPaged(AttentionMethod):
         self.num_sms = num_sms
         self.ctas_per_sm = ctas_per_sm
         self._workspace: dict[torch.device, torch.Tensor] = {}
-        self._wrappers: dict[tuple[torch.device, bool], Any] = {}
+        self._wrappers = WrapperRing(self._new_wrapper)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -100,17 +101,16 @@ class FlashInferPaged(AttentionMethod):
     def describe(self) -> dict[str, Any]:
         return {"use_tensor_cores": self.use_tensor_cores, "page_size": 1, "device_indices": self.device_indices}
 
-    def _wrapper(self, device: torch.device, tc: bool):
+    def _new_wrapper(self, key: tuple[torch.device, bool]):
+        """A wrapper for (device, tensor cores); they share one float workspace (runs are stream-ordered)."""
         import flashinfer
 
-        key = (device, tc)
-        if key not in self._wrappers:
-            if device not in self._workspace:
-                self._workspace[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace[device], "NHD", use_tensor_cores=tc)
-            w._deft_epoch = 0
-            self._wrappers[key] = w
-        return self._wrappers[key]
+        device, tc = key
+        if device not in self._workspace:
+            self._workspace[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace[device], "NHD", use_tensor_cores=tc)
+        w._deft_epoch = 0
+        return w
 
     def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> FlashInferPagedPlan:
         self.check_available()
@@ -126,7 +126,7 @@ class FlashInferPaged(AttentionMethod):
         else:
             indptr, slots = path_slots(tree)
             indices = torch.from_numpy(slots.astype(np.int32))
-        w = self._wrapper(device, tc)
+        w = self._wrappers.acquire((device, tc))
         w.plan(
             torch.from_numpy(indptr.astype(np.int32)),
             indices,
@@ -139,13 +139,14 @@ class FlashInferPaged(AttentionMethod):
             kv_data_type=shape.torch_dtype,
             sm_scale=shape.sm_scale,
         )
+        self._wrappers.planned((device, tc), w, device)
         w._deft_epoch += 1
         return FlashInferPagedPlan(tree.n_queries, shape, str(device), w, w._deft_epoch, tc)
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: FlashInferPagedPlan) -> torch.Tensor:
         check_inputs(q, k_pool, v_pool)
         if plan.wrapper._deft_epoch != plan.epoch:
-            raise RuntimeError(f"{self.name}: this plan was superseded by a later plan() on the same method; plan again")
+            raise RuntimeError(f"{self.name}: this plan was superseded (its wrapper was planned again); plan again")
         return plan.wrapper.run(q, (k_pool.unsqueeze(1), v_pool.unsqueeze(1)))
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:

@@ -66,15 +66,19 @@ ALL_SWEEP = {
     "c1_max8k": {"ctas_per_sm": 1.0, "chunk_max": 8192},
     "few16_c2": {"few_split": 16, "ctas_per_sm": 2.0},
     "few16_c1": {"few_split": 16, "ctas_per_sm": 1.0},
-    # wide nodes (a shared prompt) in long chunks, about 1 or 2 waves of programs
+    # wide nodes (a shared prompt) in long chunks, about 1 or 2 waves of programs (1 is the default since
+    # session 6, so "default" = "wide1" from then on)
+    "wide0": {"wide_waves": 0.0},
     "wide1": {"wide_waves": 1.0},
+    "wide1.5": {"wide_waves": 1.5},
+    "wide3": {"wide_waves": 3.0},
     "wide2": {"wide_waves": 2.0},
     "wide1_few16": {"wide_waves": 1.0, "few_split": 16},
 }
-#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-5 set)
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-6 set)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,wide1,wide2,wide1_few16,nocontig").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,wide0,wide1.5,wide2,wide3").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

@@ -174,16 +174,27 @@ def test_flex_attention_forced_kernel_matches_reference(force):
 
 
 @pytest.mark.gpu
-def test_flashinfer_stale_plan_is_refused():
-    _skip_unless_runs("flashinfer_paged")
+@pytest.mark.parametrize("name", ["flashinfer_paged", "flashinfer_cascade"])
+def test_flashinfer_plans_in_the_ring_stay_valid_and_older_ones_are_refused(name):
+    """Plans on a ring of wrappers: the last ``size`` plans all run correctly, in any order; one older than
+    that is refused (its wrapper holds a newer schedule)."""
+    _skip_unless_runs(name)
     rng = np.random.default_rng(2)
-    method = FlashInferPaged()
-    t1, t2 = multi_level_tree(rng), multi_level_tree(rng)
-    p1 = method.plan(t1, SHAPE, "cuda")
-    method.plan(t2, SHAPE, "cuda")
-    q, k, v = _inputs(t1, SHAPE, "cuda")
+    method = METHODS[name]()
+    trees = [multi_level_tree(rng)]
+    n_levels = len(cascade_layout(trees[0]).levels)  # cascade keys its rings by level count: keep it fixed
+    while len(trees) <= method._wrappers.size:
+        t = multi_level_tree(rng)
+        if name == "flashinfer_paged" or len(cascade_layout(t).levels) == n_levels:
+            trees.append(t)
+    plans = [method.plan(t, SHAPE, "cuda") for t in trees]
+    for t, p in reversed(list(zip(trees[1:], plans[1:], strict=True))):
+        q, k, v = _inputs(t, SHAPE, "cuda")
+        err = relative_error(method.run(q, k, v, p), reference_attention(q, k, v, t))
+        assert err < TOLERANCE[SHAPE.torch_dtype], f"{name}: rel err {err:.2e}"
+    q, k, v = _inputs(trees[0], SHAPE, "cuda")
     with pytest.raises(RuntimeError, match="superseded"):
-        method.run(q, k, v, p1)
+        method.run(q, k, v, plans[0])
 
 
 # ---------------------------------------------------------------------------------------------- CPU

@@ -515,3 +515,34 @@ def test_wide_nodes_get_long_chunks_within_the_budget_and_match_reference(mode):
     check(m, random_tree(np.random.default_rng(9), n_nodes=15, max_len=40, extra_queries=8))
     spec = speculative_tree(200, 40, np.random.default_rng(3))
     check(METHODS[mode](chunk_size=30, block_m=32, block_n=16, wide_waves=0.5, n_sms=8), spec, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU")
+def test_first_run_compiles_every_variant_so_later_plans_compile_nothing():
+    """After one run, plans with other tile heights and reduction widths (one query, a wide fan, a long chain)
+    reuse compiled kernels: no compile inside a timed engine step."""
+    from deft.kernels.global_reduce import global_reduce_kernel
+    from deft.kernels.tree_attention import deft_partial_kernel
+
+    def n_compiled() -> int:
+        return sum(len(c[0]) for c in deft_partial_kernel.device_caches.values()) + sum(
+            len(c[0]) for c in global_reduce_kernel.device_caches.values()
+        )
+
+    shape = AttentionShape(n_heads=8, n_kv_heads=2, head_dim=64, dtype="bfloat16")
+    m = DeftFlatten(chunk_min=16)
+    rng = np.random.default_rng(7)
+    trees = [random_tree(rng, 3, 40), random_tree(rng, 60, 30), random_tree(rng, 2, 3000), random_tree(rng, 30, 300, 40)]
+    before = None
+    plans = []
+    for tree in trees:
+        q, k, v = (x.to(DEVICE) for x in tensors(tree, 8, 2, 64, torch.bfloat16))
+        plan = m.plan(tree, shape, DEVICE)
+        plans.append((plan.block_m, plan.block_p))
+        out = m.run(q, k, v, plan)
+        assert relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[torch.bfloat16]
+        if before is None:
+            before = n_compiled()
+    assert len(set(plans)) > 1, plans  # the trees really pick different variants
+    assert n_compiled() == before, plans

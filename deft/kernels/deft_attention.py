@@ -7,6 +7,7 @@ grouping mode; see ``deft_flatten.py`` and ``deft_node.py``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,10 @@ HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 #: int32 fields per tile record (token range, query range, partial base, mask flag)
 TILE_FIELDS = 6
+#: widths the reduction kernel is compiled for (a plan picks the one that holds its most partials per query)
+REDUCE_BLOCKS = (2, 4, 8, 16, 32, 64)
+#: (configuration, tensor layout) keys whose kernel variants are all compiled in this process
+_PRECOMPILED: set[tuple] = set()
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +104,7 @@ class DeftAttention(AttentionMethod):
     boundaries; 0 (default) is off. Built by the numpy plan only. ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
-    ``wide_waves`` (Flatten and Node-Chunk, experimental, 0 = off): nodes whose queries need two
+    ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
     or more row tiles (a shared prompt) get long chunks, about ``wide_waves`` waves of programs at
     ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
@@ -129,7 +134,7 @@ class DeftAttention(AttentionMethod):
         small_m: int = 16,
         few_split: int = 0,
         contiguous: bool = True,
-        wide_waves: float = 0.0,
+        wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
@@ -283,7 +288,7 @@ class DeftAttention(AttentionMethod):
         meta = staging.upload(g.packed.size, device) if staging else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         warps, stages = self._launch_config(g.rows, shape.head_dim)
-        block_p = min(64, max(2, 1 << max(0, (g.max_parts - 1).bit_length())))
+        block_p = min(REDUCE_BLOCKS[-1], max(REDUCE_BLOCKS[0], 1 << max(0, (g.max_parts - 1).bit_length())))
         return DeftPlan(
             n_queries=tree.n_queries, shape=shape, device=str(device), groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
@@ -324,6 +329,7 @@ class DeftAttention(AttentionMethod):
         if plan.n_queries == 0:
             return out
         g = plan.groups
+        self._precompile(q, k_pool, v_pool, out, plan)
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
@@ -331,6 +337,37 @@ class DeftAttention(AttentionMethod):
         )  # fmt: skip
         launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
         return out
+
+    def _precompile(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, out: torch.Tensor, plan: DeftPlan) -> None:
+        """Compile, once per process and layout, every kernel variant a plan for this shape can pick: the
+        partial kernel for each tile height (16 up to ``block_m``) and the reduction for each width. A plan
+        picks them from its tree, so without this a run compiles one the first time a tree needs it: a few
+        hundred milliseconds inside a timed engine step (seen on the H100). Not under the interpreter."""
+        if q.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return
+        tensors = (q, k_pool, v_pool, out, plan.part_o, plan.part_lse)
+        key = (
+            q.device, q.dtype, plan.part_o.dtype, tuple(q.shape[1:]), tuple(k_pool.shape[1:]),
+            tuple(t.stride() for t in tensors), self.block_m, self.block_n, self.num_warps, self.num_stages,
+            self.prefetch, self.idx_inloop, self.small_m, self.contiguous,
+        )  # fmt: skip
+        if key in _PRECOMPILED:
+            return
+        g, d = plan.groups, q.shape[2]
+        group = q.shape[1] // k_pool.shape[1]
+        rows = max(16, 1 << max(0, group - 1).bit_length())  # tile_rows' smallest answer
+        while True:
+            warps, stages = self._launch_config(rows, d)
+            launch_partials(
+                q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n,
+                warps, stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True,
+            )  # fmt: skip
+            if rows >= self.block_m:
+                break
+            rows *= 2
+        for block_p in REDUCE_BLOCKS:
+            launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, warmup=True)
+        _PRECOMPILED.add(key)
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
         g = self.groups(tree, shape)

@@ -62,10 +62,16 @@ def launch_reduce(
     meta: torch.Tensor,
     offsets: dict[str, tuple[int, int]],
     block_p: int,
+    warmup: bool = False,
 ) -> None:
+    """One program per (query, query head) merges the query's partial rows. ``warmup``: compile only."""
     n_q, n_heads, d = out.shape
-    global_reduce_kernel[(n_q, n_heads)](
+    args = (
         out, part_o, part_lse, meta, offsets["red_ptr"][0], offsets["red_idx"][0], offsets["queries"][0],
         out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
-        BLOCK_P=block_p, HEAD_DIM=d, num_warps=4 if d >= 128 else 2,
     )  # fmt: skip
+    consts = dict(BLOCK_P=block_p, HEAD_DIM=d, num_warps=4 if d >= 128 else 2)
+    if warmup:
+        global_reduce_kernel.warmup(*args, grid=(max(n_q, 1), n_heads), **consts)
+    else:
+        global_reduce_kernel[(n_q, n_heads)](*args, **consts)

@@ -287,18 +287,24 @@ def launch_partials(
     idx_inloop: bool = False,
     small_m: int = 0,
     contiguous: bool = True,
+    warmup: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
-    addresses.
+    addresses. ``warmup``: compile (or load) the kernel for these arguments without running it.
     Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
-    return deft_partial_kernel[(n_tiles, n_kv)](
+    args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
         offsets["tok_slot"][0], offsets["tok_node"][0], offsets["nodes"][0], offsets["queries"][0],
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         LOG2E / math.sqrt(d),
+    )  # fmt: skip
+    consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
         CONTIG=bool(contiguous), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if warmup:
+        return deft_partial_kernel.warmup(*args, grid=(max(n_tiles, 1), n_kv), **consts)
+    return deft_partial_kernel[(n_tiles, n_kv)](*args, **consts)
