@@ -401,18 +401,18 @@ def test_flatten_few_query_chunks_split_at_nodes_match_reference(seed):
     check(DeftFlatten(chunk_size=29, block_n=16, few_split=16, snap=0.3 * (seed % 2)), tree, dtype=torch.bfloat16, seed=seed)
 
 
-def test_few_split_cuts_only_few_query_chunks_and_only_at_node_boundaries():
+def test_few_split_cuts_few_query_chunks_as_node_chunk_does():
     rng = np.random.default_rng(5)
     shape = AttentionShape(8, 2, 64, "float16")  # group 4: a 16-row tile holds 4 queries
     for tree in [fan_tree(100, 9, 30, rng)] + [random_tree(rng, n_nodes=15, max_len=30, extra_queries=2) for _ in range(20)]:
         base = DeftFlatten(chunk_size=70).groups(tree, shape)
         split = DeftFlatten(chunk_size=70, few_split=16).groups(tree, shape)
         t0, t1 = base.records("tiles"), split.records("tiles")
-        node_starts = set(base.records("nodes")["off"].tolist())
-        cuts0, cuts1 = set(t0["tok_lo"].tolist()), set(t1["tok_lo"].tolist())
-        assert cuts0 <= cuts1 and cuts1 - cuts0 <= node_starts  # only extra cuts, all at node starts
         nodes = split.records("nodes")
         end = np.append(nodes["off"][1:], split.n_tokens)
+        node_cuts = {int(o) + k for o, e in zip(nodes["off"], end, strict=True) for k in range(0, int(e - o), 70)}
+        cuts0, cuts1 = set(t0["tok_lo"].tolist()), set(t1["tok_lo"].tolist())
+        assert cuts1 - cuts0 <= node_cuts  # new cuts are Node-Chunk's: node starts, every 70 tokens inside
         # every chunk of the split plan that spans several nodes has more queries than 16 rows hold
         chunk_q = {}
         for lo, hi, qlo, qhi in zip(t1["tok_lo"], t1["tok_hi"], t1["q_lo"], t1["q_hi"], strict=True):

@@ -208,13 +208,13 @@ def _build_groups_numpy(
             bounds = np.arange(0, (n_c + 1) * n_tok, n_tok) // n_c
             if snap > 0 and n_c > 1:
                 bounds = _snap_to_nodes(bounds, n_off, n_end, snap * n_tok / n_c)
-            if few_split > 0:
-                bounds = _split_few_query_chunks(bounds, n_off, n_end, ntin, nend, q_tin, group, few_split)
         if wide_budget > 0:
             nq_sub = q_tin.searchsorted(nend) - q_tin.searchsorted(ntin)  # queries below each kept node
             bounds = _wide_node_bounds(
                 bounds, n_off, n_end, nq_sub, group, block_m_max, chunk_size, wide_budget, mode == "flatten"
             )
+        if few_split > 0:  # after the wide nodes' re-cut, which re-cuts the rest of the tree too
+            bounds = _split_few_query_chunks(bounds, n_off, n_end, ntin, nend, q_tin, group, few_split, chunk_size)
         c_lo, c_hi = bounds[:-1], bounds[1:]
         first = n_end.searchsorted(c_lo, "right")
         last = n_end.searchsorted(c_hi)
@@ -429,9 +429,12 @@ def _split_few_query_chunks(
     q_tin: np.ndarray,
     group: int,
     rows: int,
+    chunk_size: int,
 ) -> np.ndarray:
-    """Add a cut at every node boundary inside a chunk that spans several nodes and whose queries x
-    ``group`` fit ``rows`` (the same query ranges the plan derives next)."""
+    """Cut the few-query part of the tree as Node-Chunk does. A chunk that spans several nodes and whose
+    queries x ``group`` fit ``rows`` (the same query ranges the plan derives next) is *few*; each run of
+    few chunks is merged and re-cut at its node boundaries and every ``chunk_size`` tokens inside a node
+    (counted from the node's start), so its tiles need no visibility mask (branches, one query each)."""
     c_lo, c_hi = bounds[:-1], bounds[1:]
     first = n_end.searchsorted(c_lo, "right")
     last = n_end.searchsorted(c_hi)
@@ -441,10 +444,16 @@ def _split_few_query_chunks(
     few = (cnq * group <= rows) & (first != last)
     if not few.any():
         return bounds
-    inner = n_off[1:]  # node starts inside (0, n_tok)
-    chunk_of = bounds.searchsorted(inner, "right") - 1
-    extra = inner[few[chunk_of] & (inner != bounds[chunk_of])]
-    return np.union1d(bounds, extra)
+    keep = np.ones(bounds.size, dtype=bool)
+    keep[1:-1] = ~(few[:-1] & few[1:])  # merge runs of few chunks
+    merged = bounds[keep]
+    merged_few = few[keep[:-1]]  # a merged region is few iff its first chunk is
+    per = (n_end - n_off + (chunk_size - 1)) // chunk_size  # Node-Chunk's cuts: node starts, then every chunk
+    first_cut = np.add.accumulate(per) - per
+    nc = n_off.repeat(per) + (np.arange(int(per.sum())) - first_cut.repeat(per)) * chunk_size
+    region = merged.searchsorted(nc, "right") - 1
+    inside = (nc > merged[region]) & merged_few[region]
+    return np.union1d(merged, nc[inside])
 
 
 def _snap_to_nodes(bounds: np.ndarray, n_off: np.ndarray, n_end: np.ndarray, tol: float) -> np.ndarray:
