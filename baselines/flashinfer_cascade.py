@@ -132,7 +132,7 @@ class FlashInferCascade(AttentionMethod):
     def __init__(self, cta_q: int = 128) -> None:
         self.cta_q = cta_q
         self._workspace: dict[torch.device, torch.Tensor] = {}
-        self._wrappers = WrapperRing(self._new_wrapper)
+        self._wrappers = WrapperRing(self._new_wrapper, reuse=False)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -142,10 +142,9 @@ class FlashInferCascade(AttentionMethod):
         return {"page_size": 1, "levels": "depth+own"}
 
     def _new_wrapper(self, key: tuple[torch.device, int]):
-        """A wrapper for (device, level count), sharing one float workspace. Wrappers are reused through a
-        ``WrapperRing``: re-planning one wrapper while the GPU had not yet copied its previous schedule was the
-        illegal memory access FlashInfer 0.5.3 hit in the engine (sorting128ToT 4k step 1545, docmergeToT 4k);
-        see ``baselines/flashinfer_ring.py``."""
+        """A new wrapper for (device, level count), sharing one float workspace; a ``WrapperRing`` without reuse
+        hands out a new one per plan and keeps the last few alive until the GPU has taken their plans (see
+        ``baselines/flashinfer_ring.py`` for the two crashes this avoids)."""
         import flashinfer
 
         device, n_levels = key

@@ -1,15 +1,17 @@
-"""FlashInfer wrappers reused round-robin, each re-planned only after the GPU has taken its previous plan.
+"""FlashInfer wrappers kept alive (and, for one kind, reused round-robin) until the GPU has taken their plans.
 
 FlashInfer 0.5.3's ``plan`` (decode and prefill wrappers alike) writes its schedule into the wrapper's
 page-locked host buffer and copies it to the wrapper's device buffer with an asynchronous copy issued from its
-C++ side, on the current stream. PyTorch's pinned-memory allocator never sees that copy. So when the host runs
-ahead of the GPU, which is the point of an overlapped engine, a second ``plan`` on the same wrapper rewrites the
-host buffer before the first copy has run, and the GPU reads a schedule that is half of each: wrong rows or an
-illegal memory access many steps later. A fresh wrapper per plan only moves the race: the dropped wrapper's
-pinned buffer goes back to PyTorch's host allocator, which hands it to the next wrapper at once.
+C++ side, on the current stream; PyTorch's allocators never see that copy. So when the host runs ahead of the
+GPU, as an overlapped engine does, re-planning a wrapper can rewrite the host buffer before the GPU has copied
+it, and dropping a wrapper can hand its buffers to the next one while the copy into them is still queued.
 
-``WrapperRing`` keeps ``size`` wrappers per key and records a CUDA event after each plan; a wrapper is
-re-planned only once its event has completed (in practice long before: ``size`` steps later).
+``WrapperRing`` records a CUDA event after each plan and keeps the last ``size`` wrappers per key. With
+``reuse=True`` it hands them out round-robin, re-planning one only after its event has completed (FlashInfer
+paged decode). With ``reuse=False`` every plan gets a new wrapper and the oldest is released only after its
+event has completed (FlashInfer cascade: re-planning one cascade wrapper crashed with an illegal memory access
+on the engine's sorting128ToT traces even with that guard, at 4k step 1545 and at 16k, which a fresh
+wrapper per plan avoids; a fresh wrapper per plan without the guard crashed on docmergeToT 4k).
 """
 
 from __future__ import annotations
@@ -21,29 +23,32 @@ import torch
 
 
 class WrapperRing:
-    """Round-robin FlashInfer wrappers per key; ``acquire`` waits for the chosen wrapper's last plan copy."""
+    """FlashInfer wrappers per key, each released or re-planned only after the GPU ran its last plan's copy."""
 
-    def __init__(self, make: Callable[[Hashable], Any], size: int = 4) -> None:
+    def __init__(self, make: Callable[[Hashable], Any], size: int = 4, reuse: bool = True) -> None:
         if size < 1:
             raise ValueError(f"a wrapper ring needs at least one wrapper, got {size}")
         self.make = make
         self.size = int(size)
-        self._rings: dict[Hashable, list[list[Any]]] = {}  # key -> [[wrapper, event or None], ...]
-        self._next: dict[Hashable, int] = {}
+        self.reuse = bool(reuse)
+        self._rings: dict[Hashable, list[list[Any]]] = {}  # key -> [[wrapper, event or None], ...], oldest first
 
     def acquire(self, key: Hashable) -> Any:
-        """The wrapper to plan next for ``key``: a new one until the ring is full, then the least recently
-        planned, once the GPU has run the copy of its previous plan."""
+        """The wrapper to plan next for ``key``: a new one until the ring is full; then (``reuse``) the least
+        recently planned, or (not ``reuse``) a new one after the oldest is released, either once the GPU has
+        run the copy of that wrapper's last plan."""
         ring = self._rings.setdefault(key, [])
         if len(ring) < self.size:
             ring.append([self.make(key), None])
             return ring[-1][0]
-        i = self._next.get(key, 0)
-        self._next[key] = (i + 1) % self.size
-        w, ev = ring[i]
-        if ev is not None:
-            ev.synchronize()
-        return w
+        entry = ring.pop(0)
+        if entry[1] is not None:
+            entry[1].synchronize()
+        if not self.reuse:
+            entry = [self.make(key), None]
+        entry[1] = None
+        ring.append(entry)
+        return entry[0]
 
     def planned(self, key: Hashable, wrapper: Any, device: torch.device | None = None) -> None:
         """Mark ``wrapper`` as just planned: its schedule copy is queued on ``device``'s current stream."""

@@ -175,9 +175,9 @@ def test_flex_attention_forced_kernel_matches_reference(force):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["flashinfer_paged", "flashinfer_cascade"])
-def test_flashinfer_plans_in_the_ring_stay_valid_and_older_ones_are_refused(name):
-    """Plans on a ring of wrappers: the last ``size`` plans all run correctly, in any order; one older than
-    that is refused (its wrapper holds a newer schedule)."""
+def test_flashinfer_plans_in_the_ring_stay_valid_and_reused_wrappers_refuse_older_ones(name):
+    """The last ``size`` plans all run correctly, newest first; a plan older than that is refused where the
+    ring reuses its wrapper (paged) and still correct where every plan has its own (cascade)."""
     _skip_unless_runs(name)
     rng = np.random.default_rng(2)
     method = METHODS[name]()
@@ -188,13 +188,16 @@ def test_flashinfer_plans_in_the_ring_stay_valid_and_older_ones_are_refused(name
         if name == "flashinfer_paged" or len(cascade_layout(t).levels) == n_levels:
             trees.append(t)
     plans = [method.plan(t, SHAPE, "cuda") for t in trees]
-    for t, p in reversed(list(zip(trees[1:], plans[1:], strict=True))):
+    checked = list(zip(trees, plans, strict=True))[::-1]
+    if method._wrappers.reuse:
+        q, k, v = _inputs(trees[0], SHAPE, "cuda")
+        with pytest.raises(RuntimeError, match="superseded"):
+            method.run(q, k, v, plans[0])
+        checked = checked[:-1]
+    for t, p in checked:
         q, k, v = _inputs(t, SHAPE, "cuda")
         err = relative_error(method.run(q, k, v, p), reference_attention(q, k, v, t))
         assert err < TOLERANCE[SHAPE.torch_dtype], f"{name}: rel err {err:.2e}"
-    q, k, v = _inputs(trees[0], SHAPE, "cuda")
-    with pytest.raises(RuntimeError, match="superseded"):
-        method.run(q, k, v, plans[0])
 
 
 # ---------------------------------------------------------------------------------------------- CPU
