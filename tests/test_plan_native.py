@@ -41,7 +41,7 @@ def assert_same_groups(a: KVGroups, b: KVGroups) -> None:
 
 
 def assert_native_matches_numpy(
-    tree, group, mode, chunk_size=0, block_m_max=128, snap=0.0, use_out=False, wide_budget=0
+    tree, group, mode, chunk_size=0, block_m_max=128, snap=0.0, use_out=False, wide_budget=0, few_split=0
 ):
     """Native plan (``use_out``: into a buffer given by out_alloc) equals the numpy plan of the same tree."""
     bufs = []
@@ -52,16 +52,19 @@ def assert_native_matches_numpy(
 
     if tree.n_queries:  # the C code itself, not build_groups' numpy fallback for inputs it declines
         out_alloc = alloc if use_out else None
-        nat = plan_native.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget)
+        nat = plan_native.build_groups_native(
+            tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split
+        )
         assert nat is not None
     else:
         nat = build_groups(
             tree, group, mode, chunk_size, block_m_max, alloc if use_out else None, snap, native=True,
-            wide_budget=wide_budget,
+            wide_budget=wide_budget, few_split=few_split,
         )  # fmt: skip
     ref = build_groups(
-        python_tree(tree), group, mode, chunk_size, block_m_max, None, snap, native=False, wide_budget=wide_budget
-    )
+        python_tree(tree), group, mode, chunk_size, block_m_max, None, snap, native=False, wide_budget=wide_budget,
+        few_split=few_split,
+    )  # fmt: skip
     assert_same_groups(nat, ref)
     if use_out:
         assert len(bufs) == 1 and np.shares_memory(nat.packed, bufs[0])
@@ -77,6 +80,7 @@ def random_params(rng, tree: DecodingTree) -> dict:
         block_m_max=int(rng.choice([16, 32, 48, 64, 128])),
         snap=float(rng.choice([0.0, 0.3, 0.49])),
         wide_budget=int(rng.choice([0, 0, 1, 3, 33])),
+        few_split=int(rng.choice([0, 0, 4, 16, 64])),
     )
 
 
@@ -141,6 +145,7 @@ def test_deep_chains_wide_fans_and_single_nodes_are_bit_identical(mode):
     fan = fan_tree(rng, 200)
     for cs, snap in ((1, 0.3), (16, 0.49), (300, 0.3), (5000, 0.0)):
         assert_native_matches_numpy(fan, 8, mode, cs, 128, snap)
+        assert_native_matches_numpy(fan, 4, mode, cs, 64, snap, wide_budget=33, few_split=16)
     one = DecodingTree.from_arrays([-1], [50], rng.permutation(50), [0] * 20, rng.integers(1, 51, 20))
     for cs in (1, 9, 50, 51):
         assert_native_matches_numpy(one, 8, mode, cs, 16, 0.3)

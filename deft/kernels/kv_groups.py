@@ -112,10 +112,11 @@ def build_groups(
     ``native``: build it with the C code of :mod:`deft.kernels.plan_native` (bit-identical, a few
     microseconds instead of a hundred numpy calls); ``None`` uses it when it is available, ``True``
     raises without it, ``False`` uses numpy (the reference; also taken for inputs the C code declines).
-    ``few_split`` (flatten only, experimental, numpy only): a chunk whose queries x ``group`` fit this many
-    rows and that spans several nodes is also cut at every node boundary inside it, so the few-query part
-    of a tree (e.g. a fan's branches) runs as shorter one-node programs, as Node-Chunk's does; 0 is off.
-    ``wide_budget`` (flatten and node_chunk, experimental): cut nodes that need two or more row
+    ``few_split`` (flatten only): a chunk whose queries x ``group`` fit this many rows and that spans
+    several nodes is *few*; runs of few chunks are re-cut as Node-Chunk cuts them (node starts, then every
+    ``chunk_size`` tokens inside a node), so a fan's branches run unmasked one-node programs instead of
+    masked tiles over two branches; 0 is off (see :func:`_split_few_query_chunks`).
+    ``wide_budget`` (flatten and node_chunk): cut nodes that need two or more row
     tiles into long chunks, at most this many (chunk x tile) programs per KV head (see
     :func:`_wide_node_bounds`); 0 is off.
     """
@@ -131,15 +132,11 @@ def build_groups(
         )
     few_split = int(few_split) if mode == "flatten" else 0
     wide_budget = int(wide_budget) if mode != "node" else 0
-    if few_split > 0:
-        if native:
-            raise RuntimeError("few_split has no native implementation; use native=None or False")
-        native = False
     if native is not False:
         pn = _plan_native()
         if native and not pn.native_available():
             raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
-        g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget)
+        g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split)
         if g is not None:
             return g
     return _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)

@@ -225,7 +225,7 @@ static i64 tile_rows(i64 max_q, i64 group, i64 block_m_max)
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
 i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
                    const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
-                   double snap, i64 wide_budget, i64 *ws, i64 ws_cap)
+                   double snap, i64 wide_budget, i64 few_rows, i64 *ws, i64 ws_cap)
 {
     if (ws_cap < H_SIZE)
         return -1;
@@ -355,13 +355,20 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
         if (n_c < 1)
             n_c = 1;
     }
-    i64 need = fixed + 6 * n_c + 1;
+    /* Flatten's few-query re-cut (few_rows > 0) adds at most Node-Chunk's cuts: room for both */
+    i64 cap = n_c;
+    if (mode == MODE_FLATTEN && few_rows > 0)
+        for (i64 i = 0; i < k; i++) {
+            i64 len = kend[i] - koff[i];
+            cap += len / chunk_size + (len % chunk_size != 0);
+        }
+    i64 need = fixed + 6 * cap + 1;
     if (ws_cap < need) {
         ws[H_NEED] = need;
         return 1;
     }
-    i64 *bounds = p, *cq_lo = p + n_c + 1, *cq_hi = p + 2 * n_c + 1, *thr = p + 3 * n_c + 1,
-        *cfirst = p + 4 * n_c + 1, *clast = p + 5 * n_c + 1;
+    i64 *bounds = p, *cq_lo = p + cap + 1, *cq_hi = p + 2 * cap + 1, *thr = p + 3 * cap + 1,
+        *cfirst = p + 4 * cap + 1, *clast = p + 5 * cap + 1;
     if (mode == MODE_NODE) {
         for (i64 i = 0; i < k; i++)
             bounds[i] = koff[i];
@@ -439,6 +446,70 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
     }
     bounds[n_c] = n_tok;
 
+    /* qpos[e]: the first sorted query at DFS entry index e or later, e = 0..n (reuses cnt) */
+    i64 *qpos = cnt;
+    for (i64 e = 0, s = 0; e <= n; e++) {
+        while (s < nq && q_tin[s] < e)
+            s++;
+        qpos[e] = s;
+    }
+
+    /* Flatten, few_rows > 0: a chunk over several nodes whose queries x group fit few_rows is few; runs of
+     * few chunks are merged and re-cut as Node-Chunk cuts (node starts, every chunk_size inside a node)
+     * (kv_groups._split_few_query_chunks) */
+    if (mode == MODE_FLATTEN && few_rows > 0) {
+        i64 any = 0;
+        for (i64 c = 0, f = 0, l = 0; c < n_c; c++) {
+            f = walk_upper(kend, k, f, bounds[c]);
+            l = walk_lower(kend, k, l, bounds[c + 1]);
+            if (f >= k || l >= k)
+                return -7;
+            cfirst[c] = f;
+            clast[c] = l;
+        }
+        for (i64 c = 0; c < n_c; c++) {
+            i64 f = cfirst[c], l = clast[c];
+            i64 stop = c + 1 < n_c ? (cfirst[c + 1] > f ? cfirst[c + 1] : f + 1) : k;
+            i64 m = knend[f];
+            for (i64 i = f + 1; i < stop; i++)
+                if (knend[i] > m)
+                    m = knend[i];
+            if (knend[l] > m)
+                m = knend[l];
+            thr[c] = f != l && (qpos[m] - qpos[ktin[f]]) * group <= few_rows;
+            any |= thr[c];
+        }
+        if (any) {
+            i64 *cut = cq_lo; /* scratch: cq_lo and cq_hi hold 2 * cap entries, the new cuts at most cap + 1 */
+            i64 w = 0, j = 0;
+            for (i64 c = 0; c < n_c; c++) {
+                if (!(c > 0 && thr[c - 1] && thr[c])) /* the start of a merged run, or of a kept chunk */
+                    cut[w++] = bounds[c];
+                if (!thr[c])
+                    continue;
+                i64 a = bounds[c], b = bounds[c + 1];
+                j = walk_upper(kend, k, j, a); /* the node holding token a */
+                for (; j < k && koff[j] < b; j++) {
+                    i64 t = koff[j];
+                    if (t < a)
+                        t += (a - t + chunk_size - 1) / chunk_size * chunk_size;
+                    for (; t < b && t < kend[j]; t += chunk_size) {
+                        if (t > cut[w - 1])
+                            cut[w++] = t;
+                        if (chunk_size > kend[j] - t)
+                            break;
+                    }
+                }
+                if (j > 0)
+                    j--; /* the next chunk may start inside the last node seen */
+            }
+            for (i64 c = 0; c < w; c++)
+                bounds[c] = cut[c];
+            n_c = w;
+            bounds[n_c] = n_tok;
+        }
+    }
+
     /* kept nodes of each chunk's first and last token (the cuts are sorted: walks, not searches) */
     for (i64 c = 0, f = 0, l = 0; c < n_c; c++) {
         f = walk_upper(kend, k, f, bounds[c]);
@@ -447,14 +518,6 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
             return -7;
         cfirst[c] = f;
         clast[c] = l;
-    }
-
-    /* qpos[e]: the first sorted query at DFS entry index e or later, e = 0..n (reuses cnt) */
-    i64 *qpos = cnt;
-    for (i64 e = 0, s = 0; e <= n; e++) {
-        while (s < nq && q_tin[s] < e)
-            s++;
-        qpos[e] = s;
     }
 
     /* a chunk's queries: those below its nodes, the contiguous range [cq_lo, cq_hi) of the sorted

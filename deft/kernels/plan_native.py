@@ -102,7 +102,7 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_tree_derive.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr]
             lib.deft_tree_derive.restype = i64
             lib.deft_plan_size.argtypes = [i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
-                                           ctypes.c_double, i64, ptr, i64]  # fmt: skip
+                                           ctypes.c_double, i64, i64, ptr, i64]  # fmt: skip
             lib.deft_plan_size.restype = i64
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
@@ -183,6 +183,7 @@ def build_groups_native(
     out_alloc: Callable[[int], np.ndarray] | None,
     snap: float,
     wide_budget: int = 0,
+    few_split: int = 0,
 ) -> KVGroups | None:
     """:func:`~deft.kernels.kv_groups.build_groups` in C, for a tree with queries (the caller checks the
     mode and chunk size); None when the native code is off or cannot take these inputs."""
@@ -197,10 +198,11 @@ def build_groups_native(
         n == 0 or nq == 0 or slot_ptr.size != n + 1 or qv.size != nq
         or not 1 <= group < 1 << 20 or not -(1 << 40) < block_m_max < 1 << 40 or not -1e18 < snap < 1e18
         or (mode != "node" and not 1 <= chunk_size < 1 << 62) or not 0 <= wide_budget < 1 << 30
+        or not 0 <= few_split < 1 << 30
     ):  # fmt: skip
         return None
     scalars = (int(group), _MODE_ID[mode], int(chunk_size) if mode != "node" else 0, int(block_m_max), float(snap),
-               int(wide_budget))  # fmt: skip
+               int(wide_budget), int(few_split) if mode == "flatten" else 0)  # fmt: skip
     try:  # the usual case, DecodingTree's own arrays: contiguous, writable int64
         if not (parent.dtype is _I64 and slot_ptr.dtype is _I64 and slots.dtype is _I64 and qn.dtype is _I64
                 and qv.dtype is _I64):  # fmt: skip
