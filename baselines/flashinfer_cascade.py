@@ -129,22 +129,25 @@ class FlashInferCascade(AttentionMethod):
 
     name = "flashinfer_cascade"
 
-    def __init__(self, cta_q: int = 128) -> None:
+    def __init__(self, cta_q: int = 128, reuse_wrappers: bool = True) -> None:
+        """``reuse_wrappers``: re-plan a ring of wrappers per level count (default) or make a new wrapper per
+        plan. FlashInfer 0.5.3 crashes in the engine on some traces either way (illegal memory access; not
+        isolated): reuse on sorting128ToT (4k step 1545, 16k), new wrappers on docmergeToT 4k; each policy
+        runs the traces the other crashes on (``notes/baselines.md``)."""
         self.cta_q = cta_q
+        self.reuse_wrappers = bool(reuse_wrappers)
         self._workspace: dict[torch.device, torch.Tensor] = {}
-        self._wrappers = WrapperRing(self._new_wrapper, reuse=False)
+        self._wrappers = WrapperRing(self._new_wrapper, reuse=self.reuse_wrappers)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return gpu_package_problem("flashinfer")
 
     def describe(self) -> dict[str, Any]:
-        return {"page_size": 1, "levels": "depth+own"}
+        return {"page_size": 1, "levels": "depth+own", "reuse_wrappers": self.reuse_wrappers}
 
     def _new_wrapper(self, key: tuple[torch.device, int]):
-        """A new wrapper for (device, level count), sharing one float workspace; a ``WrapperRing`` without reuse
-        hands out a new one per plan and keeps the last few alive until the GPU has taken their plans (see
-        ``baselines/flashinfer_ring.py`` for the two crashes this avoids)."""
+        """A wrapper for (device, level count), sharing one float workspace (runs are stream-ordered)."""
         import flashinfer
 
         device, n_levels = key

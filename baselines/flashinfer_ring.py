@@ -1,17 +1,17 @@
-"""FlashInfer wrappers kept alive (and, for one kind, reused round-robin) until the GPU has taken their plans.
+"""FlashInfer wrappers kept (and optionally reused round-robin) until the GPU has taken their plans.
 
 FlashInfer 0.5.3's ``plan`` (decode and prefill wrappers alike) writes its schedule into the wrapper's
 page-locked host buffer and copies it to the wrapper's device buffer with an asynchronous copy issued from its
-C++ side, on the current stream; PyTorch's allocators never see that copy. So when the host runs ahead of the
-GPU, as an overlapped engine does, re-planning a wrapper can rewrite the host buffer before the GPU has copied
-it, and dropping a wrapper can hand its buffers to the next one while the copy into them is still queued.
+C++ side, on the current stream; PyTorch's allocators never see that copy (read in its source). So when the
+host runs ahead of the GPU, as the overlapped engine does, re-planning a wrapper could rewrite the host buffer
+before the GPU has copied it, and a dropped wrapper's buffers could go to the next one while a copy into them
+is still queued.
 
-``WrapperRing`` records a CUDA event after each plan and keeps the last ``size`` wrappers per key. With
-``reuse=True`` it hands them out round-robin, re-planning one only after its event has completed (FlashInfer
-paged decode). With ``reuse=False`` every plan gets a new wrapper and the oldest is released only after its
-event has completed (FlashInfer cascade: re-planning one cascade wrapper crashed with an illegal memory access
-on the engine's sorting128ToT traces even with that guard, at 4k step 1545 and at 16k, which a fresh
-wrapper per plan avoids; a fresh wrapper per plan without the guard crashed on docmergeToT 4k).
+``WrapperRing`` guards against both: it records a CUDA event after each plan and keeps the last ``size``
+wrappers per key. With ``reuse=True`` it hands them out round-robin and re-plans one only after its event has
+completed; with ``reuse=False`` every plan gets a new wrapper and the oldest is dropped only after its event
+has completed. The guard did not cure FlashInfer cascade's crashes in the engine (``notes/baselines.md``), so
+they have another cause; it costs one event per plan.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def test_flex_attention_forced_kernel_matches_reference(force):
 @pytest.mark.parametrize("name", ["flashinfer_paged", "flashinfer_cascade"])
 def test_flashinfer_plans_in_the_ring_stay_valid_and_reused_wrappers_refuse_older_ones(name):
     """The last ``size`` plans all run correctly, newest first; a plan older than that is refused where the
-    ring reuses its wrapper (paged) and still correct where every plan has its own (cascade)."""
+    ring reuses its wrappers (both methods' default) and still correct where every plan has its own."""
     _skip_unless_runs(name)
     rng = np.random.default_rng(2)
     method = METHODS[name]()
