@@ -54,7 +54,7 @@ ALL_SWEEP = {
     "v6_snap45": {**V6, "snap": 0.45},
     "v6_nosnap": {**V6, "snap": 0.0},
     # session 5: the current defaults (= v6_n64) against few_split and 128-row tiles
-    "few16": {"few_split": 16},  # the default since session 6
+    "few16": {"few_split": 16},
     "few0": {"few_split": 0},
     "m128w8": {"block_m": 128, "num_warps": 8},
     "m128w4": {"block_m": 128, "num_warps": 4},
@@ -79,7 +79,7 @@ ALL_SWEEP = {
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-6 set)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,few0,wide0,wide2").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,few16,wide0,wide2").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

@@ -100,9 +100,10 @@ class DeftAttention(AttentionMethod):
     chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`). ``small_m``:
     tiles whose rows (queries x group) fit this many run a small tile in the same launch (a branch
     with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
-    ``few_split`` (Flatten; default 16, 0 = off): runs of chunks over several nodes whose queries x group
+    ``few_split`` (Flatten; 0 = off, the default): runs of chunks over several nodes whose queries x group
     fit this many rows (a fan's branches) are cut as Node-Chunk cuts them, so they need no visibility
-    mask (3-4 % at few-shot 4k step 399, notes/deft_kernels.md). ``contiguous``: unmasked tiles whose
+    mask. 16 gains 4 % at few-shot 4k step 399 but costs 1-14 % of end-to-end attention time, where short
+    branches become many short programs (notes/deft_kernels.md, session 6). ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
     ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
@@ -133,7 +134,7 @@ class DeftAttention(AttentionMethod):
         snap: float = 0.3,
         idx_inloop: bool = True,
         small_m: int = 16,
-        few_split: int = 16,
+        few_split: int = 0,
         contiguous: bool = True,
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
