@@ -102,7 +102,7 @@ class DeftAttention(AttentionMethod):
     with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
     ``few_split`` (Flatten; 0 = off, the default): runs of chunks over several nodes whose queries x group
     fit this many rows (a fan's branches) are cut as Node-Chunk cuts them, so they need no visibility
-    mask. 16 gains 4 % at few-shot 4k step 399 but costs 1-14 % of end-to-end attention time, where short
+    mask. 16 gains 4 % at few-shot 4k step 399 but costs 0.3-14 % of end-to-end attention time, where short
     branches become many short programs (notes/deft_kernels.md, session 6). ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
