@@ -42,7 +42,7 @@ DEFT_SIG = {
     "stride_vh": "i32", "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32",
     "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
     "HEAD_DIM": "constexpr", "PREFETCH": "constexpr", "DOT_F32": "constexpr", "IDX_INLOOP": "constexpr",
-    "CONTIG": "constexpr",
+    "CONTIG": "constexpr", "HEAD_FASTEST": "constexpr", "N_KV": "constexpr",
 }  # fmt: skip
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     for small, contig in ((16, True), (64, True), (16, False), (64, False)):
         k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
             GROUP=4, BLOCK_M=64, SMALL_M=small, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
-            IDX_INLOOP=True, CONTIG=contig))  # fmt: skip
+            IDX_INLOOP=True, CONTIG=contig, HEAD_FASTEST=False, N_KV=8))  # fmt: skip
         rows.append(report(f"deft_small{small}_contig{int(contig)}", k, out))
     print(f"{'kernel':26s} {'regs':>5s} {'smem':>7s} {'sass':>6s} {'async':>6s} {'wgmma':>6s}")
     for r in rows:

@@ -73,13 +73,16 @@ ALL_SWEEP = {
     "wide1": {"wide_waves": 1.0},
     "wide1.5": {"wide_waves": 1.5},
     "wide3": {"wide_waves": 3.0},
+    # session 6, not yet measured: tiles launched longest first across all KV heads
+    "lpt": {"lpt": True},
+    "lpt_wide2": {"lpt": True, "wide_waves": 2.0},
     "wide2": {"wide_waves": 2.0},
     "wide1_few16": {"wide_waves": 1.0, "few_split": 16},
 }
-#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the session-6 set)
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 7)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,few16,wide0,wide2").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,lpt,lpt_wide2,wide2").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

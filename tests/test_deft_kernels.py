@@ -546,3 +546,32 @@ def test_first_run_compiles_every_variant_so_later_plans_compile_nothing():
             before = n_compiled()
     assert len(set(plans)) > 1, plans  # the trees really pick different variants
     assert n_compiled() == before, plans
+
+
+# ---------------------------------------------------------------------- longest-first launch order (lpt)
+@pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("seed", range(2))
+def test_longest_first_launch_order_matches_reference(mode, seed):
+    rng = np.random.default_rng(90 + seed)
+    tree = random_tree(rng, n_nodes=14, max_len=40, extra_queries=3) if seed else fan_tree(120, 9, 25, rng)
+    kw = {} if mode == "node" else {"chunk_size": 24}
+    check(METHODS[mode](lpt=True, block_n=16, **kw), tree, dtype=torch.bfloat16, seed=seed)
+
+
+def test_longest_first_only_reorders_tiles_most_work_first():
+    from deft.kernels.kv_groups import LPT_BIG, LPT_PROGRAM, LPT_SMALL
+
+    rng = np.random.default_rng(3)
+    shape = AttentionShape(8, 2, 64, "float16")
+    for tree in [fan_tree(200, 12, 40, rng)] + [random_tree(rng, n_nodes=15, max_len=60, extra_queries=3) for _ in range(10)]:
+        base = DeftFlatten(chunk_size=50).groups(tree, shape)
+        lpt = DeftFlatten(chunk_size=50, lpt=True).groups(tree, shape)
+        t0 = base.section("tiles").reshape(-1, 6)
+        t1 = lpt.section("tiles").reshape(-1, 6)
+        assert sorted(map(tuple, t0.tolist())) == sorted(map(tuple, t1.tolist()))  # the same records
+        assert np.array_equal(base.packed[t0.size :], lpt.packed[t1.size :])  # nothing else moves
+        n_tok = t1[:, 1] - t1[:, 0]
+        masked = np.where(t1[:, 5] & 1, n_tok - (t1[:, 5] >> 2), 0)
+        big = (t1[:, 3] - t1[:, 2]) * 4 > small_tile_rows(4, lpt.rows, 16)
+        cost = (n_tok + masked) * np.where(big, LPT_BIG, LPT_SMALL) + LPT_PROGRAM
+        assert np.all(np.diff(cost) <= 0)

@@ -24,7 +24,15 @@ from deft.attention import (
     check_inputs,
 )
 from deft.kernels.global_reduce import launch_reduce
-from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, FLAG_SHIFT, KVGroups, build_groups, flatten_chunk_count
+from deft.kernels.kv_groups import (
+    FLAG_CONTIG,
+    FLAG_MASK,
+    FLAG_SHIFT,
+    KVGroups,
+    build_groups,
+    flatten_chunk_count,
+    order_tiles_longest_first,
+)
 from deft.kernels.tree_attention import launch_partials, small_tile_rows
 from deft.tree import DecodingTree
 
@@ -109,6 +117,9 @@ class DeftAttention(AttentionMethod):
     ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
     or more row tiles (a shared prompt) get long chunks, about ``wide_waves`` waves of programs at
     ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``.
+    ``lpt`` (experimental, off): launch the tiles longest first, across all KV heads (plan: tiles sorted by an
+    estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid with a
+    tile's KV heads next to each other), so long programs do not start last. Not yet measured on a GPU.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -138,6 +149,7 @@ class DeftAttention(AttentionMethod):
         contiguous: bool = True,
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
+        lpt: bool = False,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
@@ -168,6 +180,7 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"wide_waves must be >= 0 and wide_ctas_per_sm >= 1, got {wide_waves}, {wide_ctas_per_sm}")
         self.wide_waves = float(wide_waves)
         self.wide_ctas_per_sm = int(wide_ctas_per_sm)
+        self.lpt = bool(lpt)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, _PinnedStaging] = {}
@@ -206,11 +219,14 @@ class DeftAttention(AttentionMethod):
         """The KV-guided grouping of ``tree`` (host only)."""
         _check_shape(shape)
         snap = self.snap if self.mode == "flatten" else 0.0
-        return build_groups(
+        g = build_groups(
             tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc, snap,
             few_split=self.few_split if self.mode == "flatten" else 0,
             wide_budget=self.wide_budget(shape),
         )
+        if self.lpt:
+            order_tiles_longest_first(g, shape.group_size, small_tile_rows(shape.group_size, g.rows, self.small_m))
+        return g
 
     def wide_budget(self, shape: AttentionShape) -> int:
         """(chunk x tile) programs per KV head that ``wide_waves`` allows the wide nodes (0: off)."""
@@ -254,6 +270,7 @@ class DeftAttention(AttentionMethod):
             "contiguous": self.contiguous,
             "wide_waves": self.wide_waves,
             "wide_ctas_per_sm": self.wide_ctas_per_sm,
+            "lpt": self.lpt,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -335,7 +352,7 @@ class DeftAttention(AttentionMethod):
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
-            self.contiguous,
+            self.contiguous, head_fastest=self.lpt,
         )  # fmt: skip
         launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
         return out
@@ -351,7 +368,7 @@ class DeftAttention(AttentionMethod):
         key = (
             q.device, q.dtype, plan.part_o.dtype, tuple(q.shape[1:]), tuple(k_pool.shape[1:]),
             tuple(t.stride() for t in tensors), self.block_m, self.block_n, self.num_warps, self.num_stages,
-            self.prefetch, self.idx_inloop, self.small_m, self.contiguous,
+            self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -363,6 +380,7 @@ class DeftAttention(AttentionMethod):
             launch_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n,
                 warps, stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True,
+                head_fastest=self.lpt,
             )  # fmt: skip
             if rows >= self.block_m:
                 break

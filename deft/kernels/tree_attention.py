@@ -159,9 +159,15 @@ def deft_partial_kernel(
     DOT_F32: tl.constexpr,
     IDX_INLOOP: tl.constexpr,
     CONTIG: tl.constexpr,
+    HEAD_FASTEST: tl.constexpr,
+    N_KV: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEAD_FASTEST:  # one axis, the KV heads of a tile next to each other: tiles start in the plan's order
+        tile = tl.program_id(0) // N_KV
+        kvh = tl.program_id(0) % N_KV
+    else:  # the tiles of one KV head next to each other, head after head
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
     rec = meta + tile * 6  # the tiles section starts the packed array
     t_lo = tl.load(rec)
     t_hi = tl.load(rec + 1)
@@ -288,10 +294,14 @@ def launch_partials(
     small_m: int = 0,
     contiguous: bool = True,
     warmup: bool = False,
+    head_fastest: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
     addresses. ``warmup``: compile (or load) the kernel for these arguments without running it.
+    ``head_fastest``: one grid axis in (tile, KV head) order, so the GPU starts the tiles in the plan's
+    order across all heads (with tiles sorted longest first: longest-processing-time-first scheduling);
+    otherwise a 2-D grid that starts every tile of KV head 0, then of head 1, and so on.
     Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
@@ -303,8 +313,9 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
-        return deft_partial_kernel.warmup(*args, grid=(max(n_tiles, 1), n_kv), **consts)
-    return deft_partial_kernel[(n_tiles, n_kv)](*args, **consts)
+        return deft_partial_kernel.warmup(*args, grid=tuple(max(x, 1) for x in grid), **consts)
+    return deft_partial_kernel[grid](*args, **consts)
