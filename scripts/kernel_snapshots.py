@@ -82,7 +82,7 @@ ALL_SWEEP = {
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 7)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,lpt,lpt_wide2,wide2").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,lpt,lpt_wide2,wide2,few16").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

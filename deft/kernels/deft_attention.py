@@ -110,8 +110,8 @@ class DeftAttention(AttentionMethod):
     with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
     ``few_split`` (Flatten; 0 = off, the default): runs of chunks over several nodes whose queries x group
     fit this many rows (a fan's branches) are cut as Node-Chunk cuts them, so they need no visibility
-    mask. 16 gains 4 % at few-shot 4k step 399 but costs 0.3-14 % of end-to-end attention time, where short
-    branches become many short programs (notes/deft_kernels.md, session 6). ``contiguous``: unmasked tiles whose
+    mask. 16: 4 % faster at few-shot 4k step 399, and end to end 3-5.5 % less attention time apart from
+    unexplained slow steps in those runs, so not yet the default (notes/deft_kernels.md, session 6). ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
     ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
