@@ -372,3 +372,16 @@ def test_overlapped_engine_gives_the_same_steps_logits_and_tokens(cuda_graphs):
         assert sa["greedy_digest"] == sb["greedy_digest"] and sb["engine"] == sa["engine"] + "+overlap"
         assert [r["step"] for r in rb.steps] == [r["step"] for r in ra.steps]
         assert all(r["step_ms"] > 0 for r in rb.steps)
+
+
+def test_aggregate_counts_steps_whose_attention_stalled():
+    from deft.engine.runner import SLOW_FACTOR, RunResult
+
+    res = RunResult("t", 10, 100, "graph_segments")
+    base = {"n_queries": 2, "step_ms": 5.0, "gpu_ms": 4.0, "plan_ms": 0.1, "replay_ms": 0.1, "host_ms": 0.2,
+            "launch_ms": 1.0, "launch_cpu_ms": 1.0, "overhead_ms": 1.0, "kv_live": 50}  # fmt: skip
+    for a in [1.0, 1.1, 0.9, 1.0, 1.0, 1.0, 0.99 * SLOW_FACTOR, 1.01 * SLOW_FACTOR, 40.0]:
+        res.steps.append({**base, "attn_ms": a})
+    agg = res.summary()
+    assert agg["attn_slow_steps"] == 2 and agg["attn_ms_max"] == 40.0
+    assert RunResult("t", 10, 100, "eager").summary()["attn_slow_steps"] == 0

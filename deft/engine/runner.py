@@ -67,6 +67,11 @@ class _Timer:
         return (self.marks[b] - self.marks[a]) * 1e3
 
 
+#: a step whose attention time exceeds this many times the run's median is counted as slow (a stall: a kernel
+#: compiled or loaded mid-run, a garbage-collector pass, a synchronising allocation)
+SLOW_FACTOR = 3.0
+
+
 @dataclass
 class RunResult:
     """Per-step metrics and run totals of one decode run."""
@@ -112,6 +117,8 @@ class RunResult:
             "gpu_ms_total": gpu,
             "attn_ms_total": tot("attn_ms"),
             "attn_share": tot("attn_ms") / gpu if gpu else float("nan"),
+            "attn_ms_max": float(col["attn_ms"].max()) if col else float("nan"),
+            "attn_slow_steps": int((col["attn_ms"] > SLOW_FACTOR * np.median(col["attn_ms"])).sum()) if col else 0,
             "plan_ms_total": tot("plan_ms"),
             "plan_ms_median": q("plan_ms", 50),
             "replay_ms_median": q("replay_ms", 50),
