@@ -153,7 +153,9 @@ class FlashInferCascade(AttentionMethod):
         device, n_levels = key
         if device not in self._workspace:
             self._workspace[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        return flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, self._workspace[device], "NHD")
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, self._workspace[device], "NHD")
+        w._deft_epoch = 0
+        return w
 
     def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> FlashInferCascadePlan:
         self.check_available()
@@ -181,7 +183,7 @@ class FlashInferCascade(AttentionMethod):
             kv_data_type=shape.torch_dtype,
         )
         self._wrappers.planned((device, n_levels), w, device)
-        w._deft_epoch = getattr(w, "_deft_epoch", 0) + 1
+        w._deft_epoch += 1
         order = inverse = None
         if not layout.is_identity:
             order = to_device(layout.order, device)

@@ -21,7 +21,7 @@ import numpy as np
 
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNodeChunk
-from deft.kernels.kv_groups import FLAG_MASK, FLAG_SHIFT, TILE_FIELDS, KVGroups
+from deft.kernels.kv_groups import TILE_FIELDS, KVGroups, tile_tokens
 
 #: model costs: per program, per 64 tokens for a big / small tile, and the factor for masked tokens
 PROGRAM, BIG, SMALL, MASKED = 2.0, 1.5, 1.0, 1.8
@@ -29,9 +29,8 @@ PROGRAM, BIG, SMALL, MASKED = 2.0, 1.5, 1.0, 1.8
 
 def program_cost(g: KVGroups, group: int, small_rows: int = 16) -> np.ndarray:
     """Model cost of each tile's program (the same for every KV head), in tile order."""
-    t = g.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
-    n_tok = t[:, 1] - t[:, 0]
-    masked = np.where(t[:, 5] & FLAG_MASK, n_tok - (t[:, 5] >> FLAG_SHIFT), 0)
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
+    n_tok, masked = tile_tokens(t)
     per = np.where((t[:, 3] - t[:, 2]) * group > small_rows, BIG, SMALL)
     return PROGRAM + per * (n_tok - masked + MASKED * masked) / 64
 

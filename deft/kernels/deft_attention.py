@@ -43,7 +43,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 TILE_FIELDS = 6
 #: widths the reduction kernel is compiled for (a plan picks the one that holds its most partials per query)
 REDUCE_BLOCKS = (2, 4, 8, 16, 32, 64)
-#: (configuration, tensor layout) keys whose kernel variants are all compiled in this process
+#: (device, shape, configuration) keys whose kernel variants are all compiled in this process
 _PRECOMPILED: set[tuple] = set()
 
 
@@ -308,11 +308,13 @@ class DeftAttention(AttentionMethod):
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         warps, stages = self._launch_config(g.rows, shape.head_dim)
         block_p = min(REDUCE_BLOCKS[-1], max(REDUCE_BLOCKS[0], 1 << max(0, (g.max_parts - 1).bit_length())))
-        return DeftPlan(
+        plan = DeftPlan(
             n_queries=tree.n_queries, shape=shape, device=str(device), groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=warps, num_stages=stages, block_p=block_p,
         )  # fmt: skip
+        self._precompile(plan, device)
+        return plan
 
     def run(
         self,
@@ -348,7 +350,6 @@ class DeftAttention(AttentionMethod):
         if plan.n_queries == 0:
             return out
         g = plan.groups
-        self._precompile(q, k_pool, v_pool, out, plan)
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
@@ -357,36 +358,38 @@ class DeftAttention(AttentionMethod):
         launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
         return out
 
-    def _precompile(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, out: torch.Tensor, plan: DeftPlan) -> None:
-        """Compile, once per process and layout, every kernel variant a plan for this shape can pick: the
+    def _precompile(self, plan: DeftPlan, device: torch.device) -> None:
+        """Compile, once per process, shape and configuration, every kernel variant a plan can pick: the
         partial kernel for each tile height (16 up to ``block_m``) and the reduction for each width. A plan
-        picks them from its tree, so without this a run compiles one the first time a tree needs it: a few
-        hundred milliseconds inside a timed engine step (seen on the H100). Not under the interpreter."""
-        if q.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        picks them from its tree, so without this a run compiled one the first time a tree needed it: a few
+        hundred milliseconds inside a timed engine step (seen on the H100). Done here, once per plan (a set
+        lookup after the first), not in ``run``, which is called once per layer. The kernels are specialised
+        for the layouts of contiguous q/out ``[n, heads, d]`` and pools ``[slots, kv_heads, d]`` (the engine's
+        and the benchmarks'); other layouts compile on first use. Not under the interpreter."""
+        if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
             return
-        tensors = (q, k_pool, v_pool, out, plan.part_o, plan.part_lse)
+        s = plan.shape
         key = (
-            q.device, q.dtype, plan.part_o.dtype, tuple(q.shape[1:]), tuple(k_pool.shape[1:]),
-            tuple(t.stride() for t in tensors), self.block_m, self.block_n, self.num_warps, self.num_stages,
-            self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
+            device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
+            self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
-        g, d = plan.groups, q.shape[2]
-        group = q.shape[1] // k_pool.shape[1]
-        rows = max(16, 1 << max(0, group - 1).bit_length())  # tile_rows' smallest answer
+        q = torch.empty(1, s.n_heads, s.head_dim, dtype=s.torch_dtype, device=device)  # layouts only: not run
+        kv = torch.empty(1, s.n_kv_heads, s.head_dim, dtype=s.torch_dtype, device=device)
+        g = plan.groups
+        rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
         while True:
-            warps, stages = self._launch_config(rows, d)
+            warps, stages = self._launch_config(rows, s.head_dim)
             launch_partials(
-                q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n,
-                warps, stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True,
-                head_fastest=self.lpt,
+                q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
+                self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
             )  # fmt: skip
             if rows >= self.block_m:
                 break
             rows *= 2
         for block_p in REDUCE_BLOCKS:
-            launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, warmup=True)
+            launch_reduce(q, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, warmup=True)
         _PRECOMPILED.add(key)
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:

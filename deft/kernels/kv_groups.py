@@ -74,6 +74,13 @@ class KVGroups:
         return {f: rec[:, i] for i, f in enumerate(fields)}
 
 
+def tile_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and masked-phase tokens of each tile, from tile records (rows of ``TILE_FIELDS``); an unmasked
+    tile's flags hold its whole length as the unmasked phase, so the difference is 0 there."""
+    n_tok = t[:, 1].astype(np.int64) - t[:, 0]
+    return n_tok, n_tok - (t[:, 5] >> FLAG_SHIFT)
+
+
 #: longest-first tile order: estimated cost = (tokens + masked tokens) x (3 for a big tile, 2 for a small one)
 #: + a fixed per-program cost; masked tokens count twice (the visibility test), big tiles 1.5x (4x the rows)
 LPT_BIG, LPT_SMALL, LPT_PROGRAM = 3, 2, 128
@@ -88,9 +95,7 @@ def order_tiles_longest_first(g: KVGroups, group: int, small_rows: int) -> None:
     t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
     if t.shape[0] < 2:
         return
-    n_tok = (t[:, 1] - t[:, 0]).astype(np.int64)
-    flags = t[:, 5]
-    masked = np.where(flags & FLAG_MASK, n_tok - (flags >> FLAG_SHIFT), 0)
+    n_tok, masked = tile_tokens(t)
     big = (t[:, 3] - t[:, 2]) * group > small_rows
     cost = (n_tok + masked) * np.where(big, LPT_BIG, LPT_SMALL) + LPT_PROGRAM
     t[...] = t[np.argsort(-cost, kind="stable")]

@@ -220,6 +220,34 @@ static i64 tile_rows(i64 max_q, i64 group, i64 block_m_max)
     return rows < 16 ? 16 : rows;
 }
 
+/* kept nodes of each chunk's first and last token, cfirst / clast (the cuts are sorted: walks, not
+ * searches); -7 when a cut lies outside the kept nodes */
+static int chunk_nodes(i64 n_c, const i64 *bounds, const i64 *kend, i64 k, i64 *cfirst, i64 *clast)
+{
+    for (i64 c = 0, f = 0, l = 0; c < n_c; c++) {
+        f = walk_upper(kend, k, f, bounds[c]);
+        l = walk_lower(kend, k, l, bounds[c + 1]);
+        if (f >= k || l >= k)
+            return -7;
+        cfirst[c] = f;
+        clast[c] = l;
+    }
+    return 0;
+}
+
+/* the DFS entry index past the subtrees of chunk c's nodes: numpy's maximum.reduceat of the subtree ends over
+ * the chunks' first nodes, then the last node's */
+static i64 chunk_subtree_end(i64 c, i64 n_c, const i64 *cfirst, const i64 *clast, const i64 *knend, i64 k)
+{
+    i64 f = cfirst[c], l = clast[c];
+    i64 stop = c + 1 < n_c ? (cfirst[c + 1] > f ? cfirst[c + 1] : f + 1) : k;
+    i64 m = knend[f];
+    for (i64 i = f + 1; i < stop; i++)
+        if (knend[i] > m)
+            m = knend[i];
+    return knend[l] > m ? knend[l] : m;
+}
+
 /* Derive the plan into ws (ws_cap int64) and its sizes into the header. Returns 0, 1 when ws is too small
  * (ws[H_NEED] says how many int64 it needs; ws_cap >= H_SIZE always), or < 0 on invalid input. The
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
@@ -459,24 +487,11 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
      * (kv_groups._split_few_query_chunks) */
     if (mode == MODE_FLATTEN && few_rows > 0) {
         i64 any = 0;
-        for (i64 c = 0, f = 0, l = 0; c < n_c; c++) {
-            f = walk_upper(kend, k, f, bounds[c]);
-            l = walk_lower(kend, k, l, bounds[c + 1]);
-            if (f >= k || l >= k)
-                return -7;
-            cfirst[c] = f;
-            clast[c] = l;
-        }
+        if (chunk_nodes(n_c, bounds, kend, k, cfirst, clast) != 0)
+            return -7;
         for (i64 c = 0; c < n_c; c++) {
-            i64 f = cfirst[c], l = clast[c];
-            i64 stop = c + 1 < n_c ? (cfirst[c + 1] > f ? cfirst[c + 1] : f + 1) : k;
-            i64 m = knend[f];
-            for (i64 i = f + 1; i < stop; i++)
-                if (knend[i] > m)
-                    m = knend[i];
-            if (knend[l] > m)
-                m = knend[l];
-            thr[c] = f != l && (qpos[m] - qpos[ktin[f]]) * group <= few_rows;
+            i64 f = cfirst[c], m = chunk_subtree_end(c, n_c, cfirst, clast, knend, k);
+            thr[c] = f != clast[c] && (qpos[m] - qpos[ktin[f]]) * group <= few_rows;
             any |= thr[c];
         }
         if (any) {
@@ -510,31 +525,16 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
         }
     }
 
-    /* kept nodes of each chunk's first and last token (the cuts are sorted: walks, not searches) */
-    for (i64 c = 0, f = 0, l = 0; c < n_c; c++) {
-        f = walk_upper(kend, k, f, bounds[c]);
-        l = walk_lower(kend, k, l, bounds[c + 1]);
-        if (f >= k || l >= k)
-            return -7;
-        cfirst[c] = f;
-        clast[c] = l;
-    }
+    if (chunk_nodes(n_c, bounds, kend, k, cfirst, clast) != 0)
+        return -7;
 
-    /* a chunk's queries: those below its nodes, the contiguous range [cq_lo, cq_hi) of the sorted
-     * order; the subtree end is numpy's maximum.reduceat over the chunks' first nodes, then the last */
+    /* a chunk's queries: those below its nodes, the contiguous range [cq_lo, cq_hi) of the sorted order */
     i64 max_q = 0, n_part = 0;
     for (i64 e = 0; e <= nq; e++)
         count[e] = 0;
     for (i64 c = 0; c < n_c; c++) {
         i64 f = cfirst[c], l = clast[c];
-        i64 stop = c + 1 < n_c ? (cfirst[c + 1] > f ? cfirst[c + 1] : f + 1) : k;
-        i64 m = knend[f];
-        for (i64 i = f + 1; i < stop; i++)
-            if (knend[i] > m)
-                m = knend[i];
-        if (knend[l] > m)
-            m = knend[l];
-        i64 a = qpos[ktin[f]], b = qpos[m];
+        i64 a = qpos[ktin[f]], b = qpos[chunk_subtree_end(c, n_c, cfirst, clast, knend, k)];
         cq_lo[c] = a;
         cq_hi[c] = b;
         if (b - a > max_q)
