@@ -78,11 +78,15 @@ ALL_SWEEP = {
     "lpt_wide2": {"lpt": True, "wide_waves": 2.0},
     "wide2": {"wide_waves": 2.0},
     "wide1_few16": {"wide_waves": 1.0, "few_split": 16},
+    # session 7: lpt is the default (so "default" = "lpt" from then on); few_split on top of it
+    "nolpt": {"lpt": False},
+    "few8": {"few_split": 8},
+    "few32": {"few_split": 32},
 }
-#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 7)
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 7's second call)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,lpt,lpt_wide2,wide2,few16").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nolpt,few16,few8,few32").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

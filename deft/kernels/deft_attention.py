@@ -117,9 +117,10 @@ class DeftAttention(AttentionMethod):
     ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
     or more row tiles (a shared prompt) get long chunks, about ``wide_waves`` waves of programs at
     ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``.
-    ``lpt`` (experimental, off): launch the tiles longest first, across all KV heads (plan: tiles sorted by an
-    estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid with a
-    tile's KV heads next to each other), so long programs do not start last. Not yet measured on a GPU.
+    ``lpt`` (on by default since session 7): launch the tiles longest first, across all KV heads (plan: tiles
+    sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
+    with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
+    geomean 58.8 -> 56.1 µs; few-shot 16k step 200 121 -> 95 µs (notes/deft_kernels.md, session 7).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -149,7 +150,7 @@ class DeftAttention(AttentionMethod):
         contiguous: bool = True,
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
-        lpt: bool = False,
+        lpt: bool = True,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
