@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deft.kernels import plan_native
-from deft.kernels.kv_groups import MODES, SECTIONS, KVGroups, build_groups
+from deft.kernels.kv_groups import MODES, SECTIONS, KVGroups, build_groups, order_tiles_longest_first
 from deft.tree import DecodingTree
 from tests.conftest import speculative_tree as _speculative
 
@@ -294,3 +294,36 @@ def test_compiles_into_an_empty_cache(monkeypatch, tmp_path):
     assert lib.parent == tmp_path / "cache" / "deft" / "native" and lib.exists()
     assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temporary file left behind
     assert plan_native._compile() == lib  # cached
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_longest_first_order_in_c_is_bit_identical_to_numpy(seed, make_random_tree):
+    """The C merge sort reorders tile records exactly as numpy's stable argsort: random plans, and random
+    records with many ties, masked and unmasked, big and small, up to thousands of tiles."""
+    rng = np.random.default_rng(300 + seed)
+    for _ in range(60):
+        tree = make_random_tree(rng, max_nodes=int(rng.integers(1, 60)), max_len=int(rng.integers(1, 80)),
+                                max_queries=int(rng.integers(1, 40)))  # fmt: skip
+        group, small = int(rng.choice([1, 4, 8])), int(rng.choice([0, 16, 32]))
+        mode = str(rng.choice(MODES))
+        base = build_groups(tree, group, mode, int(rng.integers(1, 64)) if mode != "node" else 0, 64)
+        a = KVGroups(**{**base.__dict__, "packed": base.packed.copy()})
+        b = KVGroups(**{**base.__dict__, "packed": base.packed.copy()})
+        order_tiles_longest_first(a, group, small, native=True)
+        order_tiles_longest_first(b, group, small, native=False)
+        assert np.array_equal(a.packed, b.packed)
+    for n in (2, 3, 7, 64, 1000, 4097):
+        t = np.zeros((n, 6), dtype=np.int32)
+        t[:, 0] = rng.integers(0, 50, n)
+        t[:, 1] = t[:, 0] + rng.integers(0, 6, n)  # few distinct lengths: many ties
+        t[:, 2] = rng.integers(0, 10, n)
+        t[:, 3] = t[:, 2] + rng.integers(1, 20, n)
+        t[:, 4] = np.arange(n)  # a tile's identity: shows whether ties kept their order
+        t[:, 5] = ((t[:, 1] - t[:, 0]) * rng.integers(0, 2, n)) << 2 | rng.integers(0, 4, n)
+        g = KVGroups(packed=t.ravel().copy(), offsets={"tiles": (0, t.size)}, n_tiles=n, n_chunks=n, n_tokens=0,
+                     n_partials=0, max_parts=0, rows=64, chunk_size=0)  # fmt: skip
+        h = KVGroups(**{**g.__dict__, "packed": g.packed.copy()})
+        order_tiles_longest_first(g, 4, 16, native=True)
+        order_tiles_longest_first(h, 4, 16, native=False)
+        assert np.array_equal(g.packed, h.packed)
+        assert not np.array_equal(g.packed, t.ravel()) or n < 3  # it did reorder something

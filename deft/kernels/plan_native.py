@@ -106,6 +106,8 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_plan_size.restype = i64
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
+            lib.deft_order_tiles.argtypes = [_P32, i64, i64, i64, i64, i64, i64, ptr]
+            lib.deft_order_tiles.restype = None
             _lib = lib
         except Exception as e:  # no compiler, no write access, a loader error: numpy does the work
             _load_error = f"{type(e).__name__}: {e}"
@@ -244,3 +246,24 @@ def build_groups_native(
         rows=h[7],
         chunk_size=int(chunk_size) if mode != "node" else 0,
     )
+
+
+def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int, big: int, small: int, program: int) -> bool:
+    """:func:`~deft.kernels.kv_groups.order_tiles_longest_first`'s reorder in C, in place on ``tiles``
+    (``[n, 6]`` int32, C-contiguous, writable); False (nothing done) when the native code is off or cannot
+    take the array."""
+    if not ENABLED or tiles.ndim != 2 or tiles.shape[1] != 6 or tiles.dtype is not _I32:
+        return False
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        return False
+    n = tiles.shape[0]
+    if not (0 <= group < 1 << 30 and -(1 << 40) < small_rows < 1 << 40):
+        return False
+    try:
+        buf = _VIEW[_I32](tiles)
+    except (TypeError, ValueError, BufferError):  # not contiguous, or read-only
+        return False
+    scratch, scratch_buf = _workspace(9 * n)
+    lib.deft_order_tiles(buf, n, int(group), int(small_rows), big, small, program, scratch_buf)
+    return True
