@@ -69,6 +69,9 @@ def spin_up(device: torch.device, seconds: float = 0.3) -> None:
 #: GPU clock cycles of ``torch.cuda._sleep`` queued before each repetition's start event (~150 us at the
 #: H100's 1.98 GHz): see :func:`time_device`.
 BACKLOG_CYCLES = 300_000
+#: GPU clock cycles of ``torch.cuda._sleep`` queued once before the first repetition (~10 ms on the H100): a
+#: lead the host keeps, since each repetition's sleep outlasts its enqueueing; see :func:`time_device`.
+LEAD_CYCLES = 20_000_000
 
 
 def time_device(
@@ -78,13 +81,17 @@ def time_device(
     cold_l2: bool = True,
     device: torch.device | str | None = None,
     backlog_cycles: int = BACKLOG_CYCLES,
+    lead_cycles: int = LEAD_CYCLES,
 ) -> TimingStats:
     """Median CUDA-event time of ``fn`` (device work only), flushing L2 before every repetition.
 
     Before each start event the stream gets ``backlog_cycles`` of ``torch.cuda._sleep``, so the GPU is still
     busy when the host has finished enqueueing the repetition: without it a kernel shorter than its own
     Python launch path is timed as host latency (seen on the H100: a 24 us DeFT kernel measured at 55 us, p90
-    72 us, on a slower host). ``backlog_cycles=0`` times the launch path too.
+    72 us, on a slower host). ``backlog_cycles=0`` times the launch path too. ``lead_cycles`` of sleep before
+    the first repetition let the host enqueue that far ahead, so a host stall shorter than the lead (session 7's
+    GPU host had 5-40 ms ones, and stretches of 2x slower launches) delays no repetition; the per-repetition
+    backlog, longer than the enqueueing of one repetition, keeps the lead growing. Not yet measured with the lead.
     """
     device = torch.device(device or "cuda")
     spin_up(device)
@@ -94,6 +101,8 @@ def time_device(
     flush = l2_flush_buffer(device) if cold_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    if lead_cycles > 0 and backlog_cycles > 0:
+        torch.cuda._sleep(int(lead_cycles))
     for i in range(reps):
         if flush is not None:
             flush.zero_()
