@@ -82,11 +82,14 @@ ALL_SWEEP = {
     "nolpt": {"lpt": False},
     "few8": {"few_split": 8},
     "few32": {"few_split": 32},
+    # from session 7's last commit, few_split=16 is Flatten's default too ("default" = lpt + few16)
+    "nofew": {"few_split": 0},
+    "nofew_nolpt": {"few_split": 0, "lpt": False},
 }
-#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 7's second call)
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 8)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nolpt,few16,few8,few32").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nofew,nolpt").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

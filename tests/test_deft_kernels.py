@@ -422,7 +422,8 @@ def test_few_split_cuts_few_query_chunks_as_node_chunk_does():
             spans = np.searchsorted(end, lo, "right") != np.searchsorted(end, hi - 1, "right")
             assert not (spans and n_q * 4 <= 16), (lo, hi, n_q)
     fan = fan_tree(100, 9, 30, rng)
-    assert DeftFlatten(chunk_size=70, few_split=16).groups(fan, shape).n_chunks > DeftFlatten(chunk_size=70).groups(fan, shape).n_chunks
+    assert DeftFlatten(chunk_size=70, few_split=16).groups(fan, shape).n_chunks > DeftFlatten(chunk_size=70, few_split=0).groups(fan, shape).n_chunks
+    assert DeftFlatten().few_split == 16 and DeftNodeChunk().few_split == 0  # Flatten's default only
 
 
 # ---------------------------------------------------------------------- consecutive slots (affine addresses)

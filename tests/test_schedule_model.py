@@ -30,7 +30,7 @@ def test_program_cost_grows_with_tokens_and_masking():
     shape = AttentionShape(8, 2, 64, "float16")
     lens = [300, 40, 40, 40]  # a prompt and three branches, one query each
     tree = DecodingTree.from_arrays([-1, 0, 0, 0], lens, np.arange(sum(lens)), [1, 2, 3], [40, 40, 40])
-    g = DeftFlatten(chunk_size=60, wide_waves=0).groups(tree, shape)
+    g = DeftFlatten(chunk_size=60, wide_waves=0, few_split=0).groups(tree, shape)  # masked chunks, as the paper cuts
     c = program_cost(g, shape.group_size)
     t = g.section("tiles").reshape(-1, 6)
     n_tok = t[:, 1] - t[:, 0]

@@ -108,10 +108,11 @@ class DeftAttention(AttentionMethod):
     chunk size of the balanced cut (see :func:`~deft.kernels.kv_groups.build_groups`). ``small_m``:
     tiles whose rows (queries x group) fit this many run a small tile in the same launch (a branch
     with one query does a quarter of a 64-row tile's tensor-core work per token); 0 disables it.
-    ``few_split`` (Flatten; 0 = off, the default): runs of chunks over several nodes whose queries x group
-    fit this many rows (a fan's branches) are cut as Node-Chunk cuts them, so they need no visibility
-    mask. 16: 4 % faster at few-shot 4k step 399, and end to end 3-5.5 % less attention time apart from
-    unexplained slow steps in those runs, so not yet the default (notes/deft_kernels.md, session 6). ``contiguous``: unmasked tiles whose
+    ``few_split`` (Flatten only; 0 = off; :class:`~deft.kernels.deft_flatten.DeftFlatten` defaults to 16):
+    runs of chunks over several nodes whose queries x group fit this many rows (a fan's branches) are cut as
+    Node-Chunk cuts them, so they need no visibility mask. H100, session 7, side by side: few-shot 4k step 399
+    78.8 -> 73.6 µs, geomean of 7 snapshots 55.3 -> 55.1 µs. Session 6's end-to-end slow steps with it turned
+    out to be the GPU host's, not its own (notes/deft_kernels.md, session 7). ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
     ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
