@@ -237,4 +237,25 @@ def test_a_tree_too_large_for_the_flags_field_is_refused_before_planning(monkeyp
     tree = DecodingTree.from_arrays([-1], [8], np.arange(8), [0], [8])
     monkeypatch.setattr(DecodingTree, "unique_kv_tokens", property(lambda self: 1 << 29))
     with pytest.raises(ValueError, match="at most 536870911"):
-        build_groups(tree, 1, "flatten", 4)
+        build_groups(tree, 1, "flatten", 4, native=False)
+
+
+def test_the_c_plan_declines_a_tree_too_large_for_the_flags_field():
+    """The C sizing pass counts the seen tokens itself and declines (-7) at 2**29, so build_groups falls back
+    to numpy, which raises; a node of 2**29 tokens is described without its slots (the pass reads none)."""
+    import ctypes
+
+    from deft.kernels import plan_native
+
+    lib = plan_native._load()
+    if lib is None:
+        pytest.skip(f"native plan unavailable: {plan_native._load_error}")
+    i64 = lambda a: ctypes.c_int64.from_buffer(a)  # noqa: E731
+    parent, qn = np.array([-1], np.int64), np.array([0], np.int64)
+    slots = np.zeros(1, np.int64)
+    ws = np.zeros(4096, np.int64)
+    for n_tok, want in ((1 << 29, -7), ((1 << 29) - 1, 0)):
+        slot_ptr, qv = np.array([0, n_tok], np.int64), np.array([n_tok], np.int64)
+        rc = lib.deft_plan_size(1, i64(parent), i64(slot_ptr), 1 << 30, i64(slots), 1, i64(qn), i64(qv), 1, 0,
+                                1 << 20, 64, 0.0, 0, 0, None, i64(ws), ws.size)  # fmt: skip
+        assert rc == want

@@ -327,3 +327,28 @@ def test_longest_first_order_in_c_is_bit_identical_to_numpy(seed, make_random_tr
         order_tiles_longest_first(h, 4, 16, native=False)
         assert np.array_equal(g.packed, h.packed)
         assert not np.array_equal(g.packed, t.ravel()) or n < 3  # it did reorder something
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunk_size_chosen_in_c_and_tiles_ordered_in_the_same_pass_match_numpy(seed, make_random_tree):
+    """``chunk_policy`` (chunk size from the seen tokens, in C) and ``lpt_small_m`` (longest-first order after
+    the fill) give the plan numpy gives with the chunk size from ``auto_chunk_size`` and the order applied after."""
+    from deft.kernels.kv_groups import auto_chunk_size
+
+    rng = np.random.default_rng(400 + seed)
+    for _ in range(80):
+        tree = make_random_tree(rng, max_nodes=int(rng.integers(1, 40)), max_len=int(rng.integers(1, 60)),
+                                max_queries=int(rng.integers(1, 20)))  # fmt: skip
+        p = random_params(rng, tree)
+        policy = (int(rng.choice([1, 2, 8])), int(rng.choice([1, 8, 128])), int(rng.choice([4, 64, 4096])),
+                  int(rng.choice([0, 1, 100, 528])))  # fmt: skip
+        small_m = None if rng.random() < 0.3 else int(rng.choice([0, 16, 32]))
+        chunk = 0 if p["mode"] != "node" else p["chunk_size"]
+        nat = build_groups(tree, p["group"], p["mode"], chunk, p["block_m_max"], snap=p["snap"], native=True,
+                           few_split=p["few_split"], wide_budget=p["wide_budget"], chunk_policy=policy,
+                           lpt_small_m=small_m)  # fmt: skip
+        want = auto_chunk_size(tree.unique_kv_tokens, *policy) if p["mode"] != "node" else p["chunk_size"]
+        ref = build_groups(tree, p["group"], p["mode"], want, p["block_m_max"], snap=p["snap"], native=False,
+                           few_split=p["few_split"], wide_budget=p["wide_budget"], lpt_small_m=small_m)  # fmt: skip
+        assert_same_groups(nat, ref)
+        assert nat.chunk_size == (want if p["mode"] != "node" else 0)

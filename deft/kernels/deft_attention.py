@@ -29,11 +29,11 @@ from deft.kernels.kv_groups import (
     FLAG_MASK,
     FLAG_SHIFT,
     KVGroups,
+    auto_chunk_size,
     build_groups,
-    flatten_chunk_count,
-    order_tiles_longest_first,
+    small_tile_rows,
 )
-from deft.kernels.tree_attention import launch_partials, small_tile_rows
+from deft.kernels.tree_attention import launch_partials
 from deft.tree import DecodingTree
 
 #: head dims the kernels take; 64 and 128 are the models', 16 and 32 keep interpreter tests small
@@ -211,24 +211,23 @@ class DeftAttention(AttentionMethod):
             return 0
         if self.chunk_size:
             return int(self.chunk_size)
-        n_tok = max(1, tree.unique_kv_tokens)
-        n = flatten_chunk_count(
-            n_tok, shape.n_kv_heads, self.chunk_min, self.chunk_max, int(self.ctas_per_sm * self.n_sms)
-        )
-        return -(-n_tok // n)
+        return auto_chunk_size(tree.unique_kv_tokens, *self.chunk_policy(shape))
 
     def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
         """The KV-guided grouping of ``tree`` (host only)."""
         _check_shape(shape)
         snap = self.snap if self.mode == "flatten" else 0.0
-        g = build_groups(
-            tree, shape.group_size, self.mode, self.chunk_for(tree, shape), self.block_m, out_alloc, snap,
-            few_split=self.few_split if self.mode == "flatten" else 0,
-            wide_budget=self.wide_budget(shape),
-        )
-        if self.lpt:
-            order_tiles_longest_first(g, shape.group_size, small_tile_rows(shape.group_size, g.rows, self.small_m))
-        return g
+        auto = self.mode != "node" and not self.chunk_size
+        return build_groups(
+            tree, shape.group_size, self.mode, 0 if auto else self.chunk_for(tree, shape), self.block_m, out_alloc,
+            snap, few_split=self.few_split if self.mode == "flatten" else 0, wide_budget=self.wide_budget(shape),
+            chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
+        )  # fmt: skip
+
+    def chunk_policy(self, shape: AttentionShape) -> tuple[int, int, int, int]:
+        """``(kv_heads, chunk_min, chunk_max, target programs)``: how :meth:`chunk_for` picks a chunk size from a
+        tree's seen tokens (:func:`~deft.kernels.kv_groups.auto_chunk_size`); the C plan applies it itself."""
+        return (shape.n_kv_heads, self.chunk_min, self.chunk_max, int(self.ctas_per_sm * self.n_sms))
 
     def wide_budget(self, shape: AttentionShape) -> int:
         """(chunk x tile) programs per KV head that ``wide_waves`` allows the wide nodes (0: off)."""

@@ -129,6 +129,8 @@ def build_groups(
     native: bool | None = None,
     few_split: int = 0,
     wide_budget: int = 0,
+    chunk_policy: tuple[int, int, int, int] | None = None,
+    lpt_small_m: int | None = None,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -151,27 +153,44 @@ def build_groups(
     ``wide_budget`` (flatten and node_chunk): cut nodes that need two or more row
     tiles into long chunks, at most this many (chunk x tile) programs per KV head (see
     :func:`_wide_node_bounds`); 0 is off.
+    ``chunk_policy`` ``(kv_heads, chunk_min, chunk_max, target_programs)``: with ``chunk_size`` 0 (chunked
+    modes), the chunk size comes from the tree's seen tokens (:func:`auto_chunk_size`). ``lpt_small_m``: the
+    tiles in longest-first order (:func:`order_tiles_longest_first`, small tiles as :func:`small_tile_rows` gives
+    them for this ``small_m``), else in DFS order.
     """
     if mode not in MODES:
         raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
-    if mode != "node" and chunk_size <= 0:
-        raise ValueError(f"mode {mode} needs a positive chunk_size, got {chunk_size}")
+    auto = mode != "node" and chunk_size == 0 and chunk_policy is not None
+    if mode != "node" and chunk_size <= 0 and not auto:
+        raise ValueError(f"mode {mode} needs a positive chunk_size (or 0 with a chunk_policy), got {chunk_size}")
     if tree.n_queries == 0:
         return _empty_groups(tree, out_alloc)
+    few_split = int(few_split) if mode == "flatten" else 0
+    wide_budget = int(wide_budget) if mode != "node" else 0
+    if native is not False:  # the C code checks the token limit below itself and declines (None) past it
+        pn = _plan_native()
+        if native and not pn.native_available():
+            raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
+        g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split,
+                                   chunk_policy if auto else None, lpt_small_m)  # fmt: skip
+        if g is not None:
+            return g
     if tree.unique_kv_tokens >= 1 << (31 - FLAG_SHIFT):  # a tile's flags hold its unmasked length above 2 bits
         raise ValueError(
             f"the tree has {tree.unique_kv_tokens} KV tokens; a DeFT plan holds at most {(1 << (31 - FLAG_SHIFT)) - 1}"
         )
-    few_split = int(few_split) if mode == "flatten" else 0
-    wide_budget = int(wide_budget) if mode != "node" else 0
-    if native is not False:
-        pn = _plan_native()
-        if native and not pn.native_available():
-            raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
-        g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split)
-        if g is not None:
-            return g
-    return _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)
+    if auto:
+        chunk_size = auto_chunk_size(tree.unique_kv_tokens, *chunk_policy)
+    g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)
+    if lpt_small_m is not None:
+        order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m), native=False)
+    return g
+
+
+def auto_chunk_size(n_tokens: int, kv_heads: int, chunk_min: int, chunk_max: int, target_programs: int) -> int:
+    """Chunk size for ``n_tokens`` seen tokens: :func:`flatten_chunk_count` chunks of near-equal size."""
+    n_tok = max(1, int(n_tokens))
+    return -(-n_tok // flatten_chunk_count(n_tok, kv_heads, chunk_min, chunk_max, target_programs))
 
 
 _native_module = None
@@ -512,6 +531,16 @@ def _empty_groups(tree: DecodingTree, out_alloc) -> KVGroups:
     packed[:] = 0
     offsets = {name: (int(e - s), int(e)) for name, s, e in zip(SECTIONS, sizes, ends, strict=True)}
     return KVGroups(packed, offsets, 0, 0, 0, 0, 0, 16, 0)
+
+
+def small_tile_rows(group: int, block_m: int, small_m: int) -> int:
+    """Rows of the kernel's small tile (``small_m`` rounded up to hold one query's heads; 16 at least), or
+    ``block_m`` when there is none (``small_m`` 0, or not smaller than ``block_m``)."""
+    if small_m <= 0:
+        return block_m
+    need = max(16, int(small_m), group)
+    rows = 1 << (need - 1).bit_length()
+    return rows if rows < block_m else block_m
 
 
 def tile_rows(max_queries_per_chunk: int, group: int, block_m_max: int) -> int:

@@ -23,6 +23,7 @@ enum {
     H_QT = 18, H_SLOT_PTR, H_SLOTS, H_MODE,
     /* workspace offsets of the arrays deft_plan_fill reads */
     H_KV, H_KOFF, H_KEND, H_KTIN, H_KNEND, H_QIDX, H_QTIN, H_QVIS, H_COUNT, H_BOUNDS, H_CQLO, H_CQHI, H_THR,
+    H_CHUNK, /* the chunk size used (chosen here when the caller passed 0 with a chunk policy) */
     H_SIZE = 40
 };
 #define N_SECTIONS 7
@@ -253,11 +254,17 @@ static i64 chunk_subtree_end(i64 c, i64 n_c, const i64 *cfirst, const i64 *clast
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
 i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
                    const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
-                   double snap, i64 wide_budget, i64 few_rows, i64 *ws, i64 ws_cap)
+                   double snap, i64 wide_budget, i64 few_rows, const i64 *chunk_policy, i64 *ws, i64 ws_cap)
 {
     if (ws_cap < H_SIZE)
         return -1;
-    if (n < 1 || nq < 1 || group < 1 || mode < 0 || mode > 2 || (mode != MODE_NODE && chunk_size < 1))
+    /* chunk_size 0 with chunk_policy = {kv_heads, chunk_min, chunk_max, target programs}: the chunk size is
+     * chosen from the tree's seen tokens, as DeftAttention.chunk_for and kv_groups.flatten_chunk_count do */
+    if (mode != MODE_NODE && chunk_size == 0 && chunk_policy != 0
+        && (chunk_policy[0] < 1 || chunk_policy[1] < 1 || chunk_policy[2] < 1 || chunk_policy[3] < 0))
+        return -2;
+    if (n < 1 || nq < 1 || group < 1 || mode < 0 || mode > 2
+        || (mode != MODE_NODE && chunk_size < 1 && !(chunk_size == 0 && chunk_policy != 0)))
         return -2;
     i64 fixed = H_SIZE + 12 * n + 1 + 5 * nq + 1;
     if (ws_cap < fixed) {
@@ -298,6 +305,21 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
     }
     if (k == 0)
         return -6;
+    if (n_tok >= ((i64)1 << 29)) /* a tile's flags hold its unmasked length above 2 bits of an int32 */
+        return -7;
+    if (mode == MODE_NODE) {
+        chunk_size = 0;
+    } else if (chunk_size == 0) {
+        i64 heads = chunk_policy[0], want = (chunk_policy[3] + heads - 1) / heads;
+        i64 lo = (n_tok + chunk_policy[2] - 1) / chunk_policy[2], hi = (n_tok + chunk_policy[1] - 1) / chunk_policy[1];
+        i64 n_c = hi < want ? hi : want;
+        if (n_c < lo)
+            n_c = lo;
+        if (n_c < 1)
+            n_c = 1;
+        chunk_size = (n_tok + n_c - 1) / n_c;
+    }
+    ws[H_CHUNK] = chunk_size;
 
     /* queries sorted by (entry index of their node, visible), ties in index order: a counting sort by
      * entry index (stable), then a stable sort by visible inside each entry index */

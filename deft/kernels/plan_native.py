@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deft.kernels.kv_groups import SECTIONS, KVGroups
+from deft.kernels.kv_groups import LPT_BIG, LPT_PROGRAM, LPT_SMALL, SECTIONS, KVGroups, small_tile_rows
 from deft.tree import DecodingTree
 
 SOURCE = Path(__file__).with_name("plan_native.c")
@@ -36,6 +36,7 @@ CFLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 ENABLED = os.environ.get("DEFT_NATIVE_PLAN", "1") != "0"
 
 _H_SIZE = 40  # int64 slots of the workspace header (plan_native.c); 0..17 are read back here
+_H_CHUNK = 35  # header slot of the chunk size used (H_CHUNK)
 _DFS_FAILED = -(1 << 63)  # deft_tree_derive's code for a walk that left its bounds (never, for any parent array)
 _MODE_ID = {"flatten": 0, "node": 1, "node_chunk": 2}  # as in the C source
 _I64 = np.dtype(np.int64)
@@ -102,7 +103,7 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_tree_derive.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr]
             lib.deft_tree_derive.restype = i64
             lib.deft_plan_size.argtypes = [i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
-                                           ctypes.c_double, i64, i64, ptr, i64]  # fmt: skip
+                                           ctypes.c_double, i64, i64, ptr, ptr, i64]  # fmt: skip
             lib.deft_plan_size.restype = i64
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
@@ -176,6 +177,19 @@ def tree_derive(tree: DecodingTree) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return out[:reached], out[n : 2 * n], out[2 * n : 3 * n], out[3 * n : 4 * n], int(out[7 * n])
 
 
+_policies: dict[tuple[int, ...], tuple[np.ndarray, ctypes.c_int64]] = {}
+
+
+def _policy_view(policy: tuple[int, int, int, int]) -> ctypes.c_int64:
+    """A chunk policy as the int64[4] the C code reads, made once per distinct policy (a method has one)."""
+    key = tuple(int(x) for x in policy)
+    got = _policies.get(key)
+    if got is None:
+        arr = np.array(key, dtype=np.int64)
+        got = _policies[key] = (arr, _view64(arr))
+    return got[1]
+
+
 def build_groups_native(
     tree: DecodingTree,
     group: int,
@@ -186,9 +200,15 @@ def build_groups_native(
     snap: float,
     wide_budget: int = 0,
     few_split: int = 0,
+    chunk_policy: tuple[int, int, int, int] | None = None,
+    lpt_small_m: int | None = None,
 ) -> KVGroups | None:
     """:func:`~deft.kernels.kv_groups.build_groups` in C, for a tree with queries (the caller checks the
-    mode and chunk size); None when the native code is off or cannot take these inputs."""
+    mode and chunk size); None when the native code is off or cannot take these inputs. ``chunk_policy``
+    ``(kv_heads, chunk_min, chunk_max, target_programs)`` with ``chunk_size`` 0: the C code picks the chunk size
+    from the tree's seen tokens (:func:`~deft.kernels.kv_groups.auto_chunk_size`), saving the caller a tree
+    derivation. ``lpt_small_m``: order the tiles longest first in the same pass
+    (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``)."""
     if not ENABLED:
         return None
     lib = _lib if _lib is not None else _load()
@@ -196,15 +216,19 @@ def build_groups_native(
         return None
     parent, slot_ptr, slots, qn, qv = tree.parent, tree.slot_ptr, tree.slots, tree.query_node, tree.query_visible
     n, nq = parent.size, qn.size
+    auto = mode != "node" and chunk_size == 0 and chunk_policy is not None
     if (
         n == 0 or nq == 0 or slot_ptr.size != n + 1 or qv.size != nq
         or not 1 <= group < 1 << 20 or not -(1 << 40) < block_m_max < 1 << 40 or not -1e18 < snap < 1e18
-        or (mode != "node" and not 1 <= chunk_size < 1 << 62) or not 0 <= wide_budget < 1 << 30
+        or (mode != "node" and not auto and not 1 <= chunk_size < 1 << 62) or not 0 <= wide_budget < 1 << 30
         or not 0 <= few_split < 1 << 30
+        or (auto and not (len(chunk_policy) == 4 and min(chunk_policy) >= 0 and max(chunk_policy) < 1 << 40))
+        or (lpt_small_m is not None and not -(1 << 40) < lpt_small_m < 1 << 40)
     ):  # fmt: skip
         return None
+    policy = _policy_view(chunk_policy) if auto else None
     scalars = (int(group), _MODE_ID[mode], int(chunk_size) if mode != "node" else 0, int(block_m_max), float(snap),
-               int(wide_budget), int(few_split) if mode == "flatten" else 0)  # fmt: skip
+               int(wide_budget), int(few_split) if mode == "flatten" else 0, policy)  # fmt: skip
     try:  # the usual case, DecodingTree's own arrays: contiguous, writable int64
         if not (parent.dtype is _I64 and slot_ptr.dtype is _I64 and slots.dtype is _I64 and qn.dtype is _I64
                 and qv.dtype is _I64):  # fmt: skip
@@ -222,31 +246,36 @@ def build_groups_native(
     if rc != 0:
         return None
     h = ws[:18].tolist()
-    total = h[1]
+    used_chunk = int(ws[_H_CHUNK])
+    total, n_tiles = h[1], h[2]
     packed = np.empty(total, dtype=_I32) if out_alloc is None else out_alloc(total)
     try:
         dst = _VIEW[_I32](packed) if packed.dtype is _I32 and packed.size == total and total else None
     except (TypeError, ValueError, BufferError):
         dst = None
-    if dst is not None:
-        lib.deft_plan_fill(ws_buf, dst)
-    else:  # an out_alloc array C cannot write into directly: fill a fresh one and copy
+    tmp = None
+    if dst is None:  # an out_alloc array C cannot write into directly: fill a fresh one and copy
         tmp = np.empty(total, dtype=_I32)
-        lib.deft_plan_fill(ws_buf, _VIEW[_I32](tmp))
+        dst = _VIEW[_I32](tmp)
+    lib.deft_plan_fill(ws_buf, dst)
+    if lpt_small_m is not None and n_tiles > 1:  # the tiles section starts the packed array
+        scratch, scratch_buf = _workspace(9 * n_tiles)  # the plan's workspace is free again
+        small = small_tile_rows(int(group), h[7], int(lpt_small_m))
+        lib.deft_order_tiles(dst, n_tiles, int(group), small, LPT_BIG, LPT_SMALL, LPT_PROGRAM, scratch_buf)
+    if tmp is not None:
         packed[...] = tmp
     sec = h[10:18]
     return KVGroups(
         packed=packed,
-        offsets={name: (sec[i], sec[i + 1]) for i, name in enumerate(SECTIONS)},
-        n_tiles=h[2],
+        offsets=dict(zip(SECTIONS, zip(sec[:-1], sec[1:], strict=True), strict=True)),
+        n_tiles=n_tiles,
         n_chunks=h[3],
         n_tokens=h[4],
         n_partials=h[5],
         max_parts=h[6],
         rows=h[7],
-        chunk_size=int(chunk_size) if mode != "node" else 0,
+        chunk_size=used_chunk,
     )
-
 
 def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int, big: int, small: int, program: int) -> bool:
     """:func:`~deft.kernels.kv_groups.order_tiles_longest_first`'s reorder in C, in place on ``tiles``

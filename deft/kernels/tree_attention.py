@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deft.kernels.kv_groups import small_tile_rows  # noqa: F401 (the kernel's small tile; re-exported)
+
 LOG2E = 1.4426950408889634
 
 
@@ -264,16 +266,6 @@ def _tile(
         mask=row_ok[:, None],
     )
     tl.store(part_lse + prow * stride_ln + head, lse, mask=row_ok)
-
-
-def small_tile_rows(group: int, block_m: int, small_m: int) -> int:
-    """Rows of the small tile (``small_m`` rounded up to hold one query's heads; 16 at least), or
-    ``block_m`` when there is none (``small_m`` 0, or not smaller than ``block_m``)."""
-    if small_m <= 0:
-        return block_m
-    need = max(16, int(small_m), group)
-    rows = 1 << (need - 1).bit_length()
-    return rows if rows < block_m else block_m
 
 
 def launch_partials(
