@@ -309,8 +309,8 @@ def test_longest_first_order_in_c_is_bit_identical_to_numpy(seed, make_random_tr
         base = build_groups(tree, group, mode, int(rng.integers(1, 64)) if mode != "node" else 0, 64)
         a = KVGroups(**{**base.__dict__, "packed": base.packed.copy()})
         b = KVGroups(**{**base.__dict__, "packed": base.packed.copy()})
-        order_tiles_longest_first(a, group, small, native=True)
-        order_tiles_longest_first(b, group, small, native=False)
+        assert plan_native.order_tiles_native(a.section("tiles").reshape(-1, 6), group, small)
+        order_tiles_longest_first(b, group, small)
         assert np.array_equal(a.packed, b.packed)
     for n in (2, 3, 7, 64, 1000, 4097):
         t = np.zeros((n, 6), dtype=np.int32)
@@ -323,8 +323,8 @@ def test_longest_first_order_in_c_is_bit_identical_to_numpy(seed, make_random_tr
         g = KVGroups(packed=t.ravel().copy(), offsets={"tiles": (0, t.size)}, n_tiles=n, n_chunks=n, n_tokens=0,
                      n_partials=0, max_parts=0, rows=64, chunk_size=0)  # fmt: skip
         h = KVGroups(**{**g.__dict__, "packed": g.packed.copy()})
-        order_tiles_longest_first(g, 4, 16, native=True)
-        order_tiles_longest_first(h, 4, 16, native=False)
+        assert plan_native.order_tiles_native(g.section("tiles").reshape(-1, 6), 4, 16)
+        order_tiles_longest_first(h, 4, 16)
         assert np.array_equal(g.packed, h.packed)
         assert not np.array_equal(g.packed, t.ravel()) or n < 3  # it did reorder something
 

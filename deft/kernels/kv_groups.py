@@ -86,19 +86,15 @@ def tile_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 LPT_BIG, LPT_SMALL, LPT_PROGRAM = 3, 2, 128
 
 
-def order_tiles_longest_first(g: KVGroups, group: int, small_rows: int, native: bool = True) -> None:
+def order_tiles_longest_first(g: KVGroups, group: int, small_rows: int) -> None:
     """Reorder ``g``'s tile records in place, the most estimated work first (stable: ties keep DFS order).
 
     Only the launch order changes: every record carries its own token range, query range and partial rows,
     so the reduction and the IO are the same. A tile's rows are its queries x ``group``; it is small (runs
-    the small tile) when they fit ``small_rows``. The cost model is a heuristic (see ``LPT_*``). ``native``:
-    sort in C when it is available (bit-identical, about 25 µs less per plan), else numpy."""
+    the small tile) when they fit ``small_rows``. The cost model is a heuristic (see ``LPT_*``). This is the
+    numpy reference; the C plan orders its tiles itself (``build_groups(..., lpt_small_m=...)``, bit-identical)."""
     t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
     if t.shape[0] < 2:
-        return
-    from deft.kernels.plan_native import order_tiles_native  # noqa: PLC0415 (plan_native imports this module)
-
-    if native and order_tiles_native(t, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM):
         return
     n_tok, masked = tile_tokens(t)
     big = (t[:, 3] - t[:, 2]) * group > small_rows
@@ -183,7 +179,7 @@ def build_groups(
         chunk_size = auto_chunk_size(tree.unique_kv_tokens, *chunk_policy)
     g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)
     if lpt_small_m is not None:
-        order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m), native=False)
+        order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m))
     return g
 
 

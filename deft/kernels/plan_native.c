@@ -735,37 +735,23 @@ void deft_plan_fill(i64 *ws, i32 *out)
 /* Longest-first launch order (kv_groups.order_tiles_longest_first, bit-identical): reorder the n 6-field
  * tile records in place by estimated cost, highest first, ties in their current order. cost = (tokens +
  * masked tokens) x (big ? lpt_big : lpt_small) + lpt_program, a tile being big when its queries x group
- * exceed small_rows. Scratch: 9 x n int64 from the caller (cost, index, merge buffer, records copy).
- * A bottom-up merge sort, so stable and O(n log n). */
+ * exceed small_rows. Scratch: 6 x n int64 from the caller (negated costs, index, sort buffer, records copy);
+ * the stable sort is the queries' (sort_by_vis), ascending on the negated cost. */
 void deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, i64 lpt_small,
                       i64 lpt_program, i64 *scratch)
 {
     if (n < 2)
         return;
-    i64 *cost = scratch, *idx = scratch + n, *tmp = scratch + 2 * n;
+    i64 *neg_cost = scratch, *idx = scratch + n, *tmp = scratch + 2 * n;
     i32 *copy = (i32 *)(scratch + 3 * n); /* 6 x n int32 = 3 x n int64 */
     for (i64 i = 0; i < n; i++) {
         const i32 *t = tiles + 6 * i;
         i64 n_tok = (i64)t[1] - t[0], masked = n_tok - ((i64)t[5] >> 2);
         i64 big = ((i64)t[3] - t[2]) * group > small_rows;
-        cost[i] = (n_tok + masked) * (big ? lpt_big : lpt_small) + lpt_program;
+        neg_cost[i] = -((n_tok + masked) * (big ? lpt_big : lpt_small) + lpt_program);
         idx[i] = i;
     }
-    for (i64 w = 1; w < n; w *= 2) {
-        for (i64 lo = 0; lo < n; lo += 2 * w) {
-            i64 mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
-            i64 a = lo, b = mid, o = lo;
-            while (a < mid && b < hi) /* left first on ties: stable */
-                tmp[o++] = cost[idx[b]] > cost[idx[a]] ? idx[b++] : idx[a++];
-            while (a < mid)
-                tmp[o++] = idx[a++];
-            while (b < hi)
-                tmp[o++] = idx[b++];
-        }
-        i64 *sw = idx;
-        idx = tmp;
-        tmp = sw;
-    }
+    sort_by_vis(idx, n, neg_cost, tmp);
     memcpy(copy, tiles, (size_t)(6 * n) * sizeof(i32));
     for (i64 i = 0; i < n; i++)
         memcpy(tiles + 6 * i, copy + 6 * idx[i], 6 * sizeof(i32));

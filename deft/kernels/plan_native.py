@@ -258,10 +258,8 @@ def build_groups_native(
         tmp = np.empty(total, dtype=_I32)
         dst = _VIEW[_I32](tmp)
     lib.deft_plan_fill(ws_buf, dst)
-    if lpt_small_m is not None and n_tiles > 1:  # the tiles section starts the packed array
-        scratch, scratch_buf = _workspace(9 * n_tiles)  # the plan's workspace is free again
-        small = small_tile_rows(int(group), h[7], int(lpt_small_m))
-        lib.deft_order_tiles(dst, n_tiles, int(group), small, LPT_BIG, LPT_SMALL, LPT_PROGRAM, scratch_buf)
+    if lpt_small_m is not None:  # the tiles section starts the packed array; the plan's workspace is free again
+        _order_tiles(lib, dst, n_tiles, int(group), small_tile_rows(int(group), h[7], int(lpt_small_m)))
     if tmp is not None:
         packed[...] = tmp
     sec = h[10:18]
@@ -277,22 +275,26 @@ def build_groups_native(
         chunk_size=used_chunk,
     )
 
-def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int, big: int, small: int, program: int) -> bool:
+def _order_tiles(lib: ctypes.CDLL, tiles, n: int, group: int, small_rows: int) -> None:
+    """``deft_order_tiles`` on ``n`` tile records at ``tiles`` (a ctypes int32 at the first), scratch from this
+    thread's workspace."""
+    if n > 1:
+        _, scratch = _workspace(6 * n)
+        lib.deft_order_tiles(tiles, n, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM, scratch)
+
+
+def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int) -> bool:
     """:func:`~deft.kernels.kv_groups.order_tiles_longest_first`'s reorder in C, in place on ``tiles``
     (``[n, 6]`` int32, C-contiguous, writable); False (nothing done) when the native code is off or cannot
-    take the array."""
+    take the array. Plans order their tiles in :func:`build_groups_native`; this is the same sort on its own."""
     if not ENABLED or tiles.ndim != 2 or tiles.shape[1] != 6 or tiles.dtype is not _I32:
         return False
     lib = _lib if _lib is not None else _load()
-    if lib is None:
-        return False
-    n = tiles.shape[0]
-    if not (0 <= group < 1 << 30 and -(1 << 40) < small_rows < 1 << 40):
+    if lib is None or not (0 <= group < 1 << 30 and -(1 << 40) < small_rows < 1 << 40):
         return False
     try:
         buf = _VIEW[_I32](tiles)
     except (TypeError, ValueError, BufferError):  # not contiguous, or read-only
         return False
-    scratch, scratch_buf = _workspace(9 * n)
-    lib.deft_order_tiles(buf, n, int(group), int(small_rows), big, small, program, scratch_buf)
+    _order_tiles(lib, buf, tiles.shape[0], int(group), int(small_rows))
     return True
