@@ -40,9 +40,9 @@ DEFT_SIG = {
     "off_tok_slot": "i32", "off_tok_node": "i32", "off_nodes": "i32", "off_queries": "i32",
     "stride_qn": "i32", "stride_qh": "i32", "stride_ks": "i32", "stride_kh": "i32", "stride_vs": "i32",
     "stride_vh": "i32", "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32",
-    "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
+    "timeline": "*i64", "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
     "HEAD_DIM": "constexpr", "PREFETCH": "constexpr", "DOT_F32": "constexpr", "IDX_INLOOP": "constexpr",
-    "CONTIG": "constexpr", "HEAD_FASTEST": "constexpr", "N_KV": "constexpr",
+    "CONTIG": "constexpr", "HEAD_FASTEST": "constexpr", "N_KV": "constexpr", "TIMELINE": "constexpr",
 }  # fmt: skip
 
 
@@ -84,11 +84,12 @@ def main() -> None:
         k = compile_for_hopper(probe_kernel, PROBE_SIG, dict(GROUP=4, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128,
                                                               LOAD=load, WS=False))  # fmt: skip
         rows.append(report(f"probe_{['gather', 'affine'][load]}", k, out))
-    for small, contig in ((16, True), (64, True), (16, False), (64, False)):
+    for small, contig, timeline in ((16, True, False), (64, True, False), (16, False, False), (64, False, False),
+                                    (16, True, True)):  # fmt: skip
         k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
             GROUP=4, BLOCK_M=64, SMALL_M=small, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
-            IDX_INLOOP=True, CONTIG=contig, HEAD_FASTEST=False, N_KV=8))  # fmt: skip
-        rows.append(report(f"deft_small{small}_contig{int(contig)}", k, out))
+            IDX_INLOOP=True, CONTIG=contig, HEAD_FASTEST=True, N_KV=8, TIMELINE=timeline))  # fmt: skip
+        rows.append(report(f"deft_small{small}_contig{int(contig)}" + ("_timeline" if timeline else ""), k, out))
     print(f"{'kernel':26s} {'regs':>5s} {'smem':>7s} {'sass':>6s} {'async':>6s} {'wgmma':>6s}")
     for r in rows:
         print(f"{r['kernel']:26s} {r['regs']:5d} {r['smem']:7d} {r['sass_instr']:6d} {r['async_copies']:6d} {r['wgmma']:6d}")

@@ -85,11 +85,13 @@ ALL_SWEEP = {
     # from session 7's last commit, few_split=16 is Flatten's default too ("default" = lpt + few16)
     "nofew": {"few_split": 0},
     "nofew_nolpt": {"few_split": 0, "lpt": False},
+    # session 8: few_split at 64 rows also re-cuts sorting128ToT's runs of ten one-token leaves
+    "few64": {"few_split": 64},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 8)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nofew,nolpt").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,few64").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

@@ -597,3 +597,34 @@ def test_plans_through_pinned_staging_in_both_launch_orders_match_reference_on_t
                 out = torch.full_like(q, float("nan"))
                 m.run(q, k, v, plan, out)
                 assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], (mode, lpt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="reads GPU timers")
+@pytest.mark.parametrize("lpt", [True, False])
+def test_timeline_records_every_program_and_leaves_the_output_unchanged_on_the_gpu(lpt):
+    """The diagnostic timeline (scripts/timeline_probe.py): every program writes a start no later than its end and
+    a real SM id, and the partials it computes are the ones the plain kernel computes."""
+    from deft.kernels.global_reduce import launch_reduce
+    from deft.kernels.tree_attention import launch_partials
+
+    shape = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
+    tree = random_tree(np.random.default_rng(5), 30, 300, 40)
+    q, k, v = tensors(tree, 32, 8, 128, torch.bfloat16)
+    m = DeftFlatten(lpt=lpt)
+    plan = m.plan(tree, shape, DEVICE)
+    g = plan.groups
+    n_prog = g.n_tiles * 8
+    timeline = torch.full((n_prog * 4,), -1, dtype=torch.int64, device=DEVICE)
+    launch_partials(
+        q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
+        plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous, head_fastest=lpt,
+        timeline=timeline,
+    )  # fmt: skip
+    out = torch.full_like(q, float("nan"))
+    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
+    assert relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[torch.bfloat16]
+    t = timeline.view(-1, 4).cpu()
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert (t[:, 0] > 0).all() and (t[:, 1] >= t[:, 0]).all()
+    assert ((t[:, 2] >= 0) & (t[:, 2] < n_sms)).all() and t[:, 2].unique().numel() > 1

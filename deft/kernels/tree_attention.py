@@ -130,6 +130,18 @@ def _attend_chunk(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _globaltimer(anchor):
+    """The GPU's global nanosecond timer (comparable across SMs, unlike ``clock64``); ``anchor`` is unused."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [anchor], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid(anchor):
+    """The SM this program runs on; ``anchor`` is unused."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [anchor], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries"])
 def deft_partial_kernel(
     q_ptr,
@@ -152,6 +164,7 @@ def deft_partial_kernel(
     stride_ph,
     stride_ln,
     qk_scale,
+    timeline,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SMALL_M: tl.constexpr,
@@ -163,7 +176,10 @@ def deft_partial_kernel(
     CONTIG: tl.constexpr,
     HEAD_FASTEST: tl.constexpr,
     N_KV: tl.constexpr,
+    TIMELINE: tl.constexpr,
 ):
+    if TIMELINE:  # diagnostics only: this program's start (global ns), end and SM, at 4 int64 per program
+        t_start = _globaltimer(q_ptr)
     if HEAD_FASTEST:  # one axis, the KV heads of a tile next to each other: tiles start in the plan's order
         tile = tl.program_id(0) // N_KV
         kvh = tl.program_id(0) % N_KV
@@ -198,6 +214,11 @@ def deft_partial_kernel(
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
         )  # fmt: skip
+    if TIMELINE:
+        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
+        tl.store(timeline + pid, t_start)
+        tl.store(timeline + pid + 1, _globaltimer(q_ptr))
+        tl.store(timeline + pid + 2, _smid(q_ptr).to(tl.int64))
 
 
 @triton.jit
@@ -287,6 +308,7 @@ def launch_partials(
     contiguous: bool = True,
     warmup: bool = False,
     head_fastest: bool = False,
+    timeline: torch.Tensor | None = None,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -294,18 +316,20 @@ def launch_partials(
     ``head_fastest``: one grid axis in (tile, KV head) order, so the GPU starts the tiles in the plan's
     order across all heads (with tiles sorted longest first: longest-processing-time-first scheduling);
     otherwise a 2-D grid that starts every tile of KV head 0, then of head 1, and so on.
-    Returns the compiled kernel (registers, spills, shared memory are on it)."""
+    ``timeline`` (diagnostics, GPU only): an int64 tensor of at least 4 x programs entries; each program writes
+    its start and end (``%globaltimer`` ns) and its SM id at ``4 x`` its linear program id (see
+    ``scripts/timeline_probe.py``). Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
         offsets["tok_slot"][0], offsets["tok_node"][0], offsets["nodes"][0], offsets["queries"][0],
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
-        LOG2E / math.sqrt(d),
+        LOG2E / math.sqrt(d), part_lse if timeline is None else timeline,
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
