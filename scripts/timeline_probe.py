@@ -5,7 +5,8 @@ run, when the branch programs start, how ragged the tail is, how much of the SMs
 reduction adds after the partial kernel.
 
 Each repetition flushes L2 and queues a GPU sleep first (as ``deft.bench.timing.time_device`` does), then
-runs the partial kernel with the timeline on and the reduction, with CUDA events around each; of
+runs the partial kernel with the timeline on and (unless the method fuses it) the reduction, with CUDA events
+around each; of
 ``DEFT_TL_REPS`` repetitions (default 9) the one with the median makespan is kept. The timeline adds two
 timer reads and three stores per program, a few hundred ns at most.
 
@@ -68,10 +69,11 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
     launch_partials(
         q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
-        head_fastest=m.lpt, timeline=timeline,
+        head_fastest=m.lpt, timeline=timeline, out=out if plan.counters is not None else None, counters=plan.counters,
     )  # fmt: skip
     ev[1].record()
-    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
+    if plan.counters is None:  # the separate reduction (with the fused one, its time is 0)
+        launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
     ev[2].record()
     torch.cuda.synchronize()
     return timeline.view(-1, 4).cpu().numpy(), ev[0].elapsed_time(ev[1]) * 1e3, ev[1].elapsed_time(ev[2]) * 1e3
@@ -95,6 +97,7 @@ def program_rows(m, plan, tl_np: np.ndarray, small_rows: int) -> pd.DataFrame:
             "start_us": (start - start.min()) / 1e3, "end_us": (tl_np[:, 1] - start.min()) / 1e3,
             "tokens": ntok, "unmasked_tokens": unmasked, "masked_tokens": ntok - unmasked,
             "queries": nq, "rows": rows, "tile_rows": np.where(rows <= small_rows, small_rows, plan.block_m),
+            "small": rows <= small_rows,
             "masked": (t["flags"][tile] & FLAG_MASK) != 0, "affine": (t["flags"][tile] & FLAG_CONTIG) != 0,
         }
     )  # fmt: skip
@@ -108,7 +111,7 @@ def summarise(df: pd.DataFrame, partial_us: float, reduce_us: float) -> dict:
     ev = np.concatenate([np.stack([df.start_us, np.ones(len(df))], 1), np.stack([df.end_us, -np.ones(len(df))], 1)])
     ev = ev[np.lexsort((ev[:, 1], ev[:, 0]))]
     slots = int(np.cumsum(ev[:, 1]).max())
-    big = df.tile_rows > df.tile_rows.min()
+    big = ~df.small
     return {
         "programs": len(df), "partial_us": partial_us, "reduce_us": reduce_us, "makespan_us": span,
         "launch_gap_us": partial_us - span,  # event-to-event time not covered by any program
@@ -132,7 +135,7 @@ def plot(df: pd.DataFrame, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 6))
-    colour = np.where(df.masked, "tab:red", np.where(df.tile_rows > df.tile_rows.min(), "tab:blue", "tab:green"))
+    colour = np.where(df.masked, "tab:red", np.where(df.small, "tab:green", "tab:blue"))
     # two lanes per SM (programs resident together), assigned greedily by start time
     lane = np.zeros(len(df), dtype=int)
     free: dict[int, list[float]] = {}
@@ -190,7 +193,7 @@ def main() -> None:
             assert all((r[0][:, :2] >= 0).all() for r in runs), "a program did not write its timeline"
             spans = [int(r[0][:, 1].max() - r[0][:, 0].min()) for r in runs]
             tl_np, p_us, r_us = runs[int(np.argsort(spans)[len(spans) // 2])]
-            small = m.small_m if m.small_m and m.small_m < plan.block_m else plan.block_m
+            small = m.small_m if m.small_m and m.small_m < plan.block_m else 0  # 0: every tile is big
             df = program_rows(m, plan, tl_np, small)
             s = {**prov, "snapshot": sname, "variant": vname, "kwargs": json.dumps(kw), "rel_err": err,
                  "partial_us_med": float(np.median([r[1] for r in runs])), "reduce_us_med": float(np.median([r[2] for r in runs])),

@@ -323,6 +323,12 @@ def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0):
         assert vis[np.ix_(qs, first.nonzero()[0])].all()
     assert len(rows_seen) == g.n_partials
     counts["partial_rows"] = g.n_partials
+    # partials per (sorted) query, and per tile its queries that have more than one
+    parts = np.zeros(tree.n_queries, dtype=np.int64)
+    for t in range(g.n_tiles):
+        parts[tiles["q_lo"][t] : tiles["q_hi"][t]] += 1
+    counts["parts"] = parts
+    counts["multi_in_tiles"] = sum(int((parts[tiles["q_lo"][t] : tiles["q_hi"][t]] > 1).sum()) for t in range(g.n_tiles))
     # every visible (query, token) pair is computed exactly once
     want = np.zeros_like(covered)
     want[:, flat_of_col[flat_of_col >= 0]] = vis[:, flat_of_col >= 0]
@@ -338,9 +344,10 @@ def _seen_mask(tree: DecodingTree) -> np.ndarray:
     return pos < tree.node_seen_len[node]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", list(METHODS))
 @pytest.mark.parametrize("seed", range(6))
-def test_io_matches_counts_taken_from_the_plan(mode, seed):
+def test_io_matches_counts_taken_from_the_plan(mode, seed, fused):
     rng = np.random.default_rng(100 + seed)
     if seed < 3:
         tree = random_tree(rng, n_nodes=int(rng.integers(1, 25)), max_len=30, extra_queries=int(rng.integers(0, 6)))
@@ -349,7 +356,7 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     else:
         tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])))
+    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fused_reduce=fused)
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
     c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0)
@@ -358,10 +365,19 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     assert io.q == c["q_rows"] * shape.q_row_bytes
     assert io.o == tree.n_queries * shape.q_row_bytes
     p_bytes = 4 if m.partial_dtype == "float32" else shape.elem_bytes
-    assert io.partial == 2 * c["partial_rows"] * shape.n_heads * (shape.head_dim * p_bytes + 4)
+    row = shape.n_heads * (shape.head_dim * p_bytes + 4)
     assert io.mask >= shape.n_kv_heads * c["masked_tokens"] * 4
     tile_meta = g.n_tiles * 6 * 4 + c["slot_reads"] * 4 + c["q_rows"] * 12
-    assert io.meta == shape.n_kv_heads * tile_meta + shape.n_heads * (tree.n_queries * 12 + g.n_partials * 4)
+    parts = c["parts"]
+    assert np.array_equal(np.diff(g.section("red_ptr")), parts)  # the reduction's lists agree with the tiles
+    if fused:  # multi-partial queries: all partials written, all but the last program's own read back
+        many = parts[parts > 1]
+        assert io.partial == (2 * int(many.sum()) - many.size) * row
+        extra = c["q_rows"] * 8 + c["multi_in_tiles"] * 8 + (int(many.sum()) + many.size) * 4
+        assert io.meta == shape.n_kv_heads * (tile_meta + extra)
+    else:
+        assert io.partial == 2 * c["partial_rows"] * row
+        assert io.meta == shape.n_kv_heads * tile_meta + shape.n_heads * (tree.n_queries * 12 + g.n_partials * 4)
     assert io.kv >= tree.unique_kv_tokens * shape.kv_token_bytes  # never below the floor
     if g.n_tiles == g.n_chunks:
         assert io.kv == tree.unique_kv_tokens * shape.kv_token_bytes
@@ -423,7 +439,7 @@ def test_few_split_cuts_few_query_chunks_as_node_chunk_does():
             assert not (spans and n_q * 4 <= 16), (lo, hi, n_q)
     fan = fan_tree(100, 9, 30, rng)
     assert DeftFlatten(chunk_size=70, few_split=16).groups(fan, shape).n_chunks > DeftFlatten(chunk_size=70, few_split=0).groups(fan, shape).n_chunks
-    assert DeftFlatten().few_split == 16 and DeftNodeChunk().few_split == 0  # Flatten's default only
+    assert DeftFlatten().few_split == 64 and DeftNodeChunk().few_split == 0  # Flatten's default only
 
 
 # ---------------------------------------------------------------------- consecutive slots (affine addresses)
@@ -547,6 +563,37 @@ def test_first_run_compiles_every_variant_so_later_plans_compile_nothing():
             before = n_compiled()
     assert len(set(plans)) > 1, plans  # the trees really pick different variants
     assert n_compiled() == before, plans
+
+
+# ---------------------------------------------------------------------- fused global reduction
+@pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_and_separate_reduction_match_reference_and_leave_the_counters_zero(mode, fused):
+    """Each query's last program merges its partials (fused) or a second kernel does (separate); three runs of
+    one plan (layers) agree, and the fused path leaves every arrival counter at zero for the next launch."""
+    rng = np.random.default_rng(40)
+    kw = {} if mode == "node" else {"chunk_size": 23}
+    trees = [random_tree(rng, n_nodes=16, max_len=40, extra_queries=4), speculative_tree(60, 30, rng), fan_tree(90, 12, 9, rng)]
+    for tree in trees:
+        m = METHODS[mode](fused_reduce=fused, block_n=16, lpt=bool(tree.n_queries % 2), **kw)
+        plan = check(m, tree, dtype=torch.bfloat16)
+        assert (plan.counters is not None) == fused
+        q, k, v = tensors(tree, 8, 2, 16, torch.bfloat16)
+        outs = [m.run(q, k, v, plan) for _ in range(3)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        if fused:
+            assert int(plan.counters.abs().sum()) == 0
+    assert m.describe()["fused_reduce"] == fused
+
+
+def test_single_chunk_queries_write_their_output_without_partials():
+    """A tree that fits one chunk: every query has one partial, so the fused kernel writes the output directly
+    (the partial workspace stays poisoned) and counts no partial IO."""
+    tree = random_tree(np.random.default_rng(2), n_nodes=6, max_len=10, extra_queries=2)
+    m = DeftFlatten(chunk_size=4096, block_m=64, wide_waves=0)
+    plan = check(m, tree, dtype=torch.bfloat16)
+    assert plan.groups.n_tiles == 1 and bool(torch.isnan(plan.part_o[: plan.groups.n_partials]).all())
+    assert m.io(tree, AttentionShape(8, 2, 16, "bfloat16")).partial == 0
 
 
 # ---------------------------------------------------------------------- longest-first launch order (lpt)
