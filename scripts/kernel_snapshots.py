@@ -86,14 +86,16 @@ ALL_SWEEP = {
     "nofew": {"few_split": 0},
     "nofew_nolpt": {"few_split": 0, "lpt": False},
     # session 8: few_split at 64 rows also re-cuts sorting128ToT's runs of ten one-token leaves (the default
-    # from then on, with the reduction fused into the attention kernel: "default" = few64 + fused)
+    # from then on); the reduction over head groups, launched as a programmatic dependent (both on by default)
     "few64": {"few_split": 64},
-    "unfused": {"fused_reduce": False},
+    "red_h1": {"reduce_heads": 1},
+    "nopdl_h1": {"reduce_heads": 1, "pdl": False},
+    "nopdl": {"pdl": False},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 8)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,unfused").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,red_h1,nopdl_h1").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",
@@ -226,9 +228,10 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
     graph = time_device(graph_of(run).replay, reps=50, device=dev)
     host_run = time_host(run, reps=20)
     out = torch.empty_like(q)
-    red = lambda: launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, plan.block_p)
-    # the separate reduction alone (cold L2); nan when the method fuses it into the attention kernel
-    reduce_us = float("nan") if plan.counters is not None else time_device(graph_of(red).replay, reps=30, device=dev).median_ms * 1e3
+    red = lambda: launch_reduce(
+        out, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, plan.block_p, heads=plan.reduce_heads
+    )  # alone, so without the programmatic dependent launch
+    reduce_us = time_device(graph_of(red).replay, reps=30, device=dev).median_ms * 1e3  # alone, cold L2
     kern = getattr(m, "last_kernel", None)
     torch.cuda.synchronize(dev)
     plan_t = time_host(lambda: m.plan(fresh(tree), SHAPE, dev), reps=30)
@@ -283,7 +286,7 @@ def main() -> None:
     # correctness on random trees with the real shape
     rng = np.random.default_rng(0)
     worst: dict[str, float] = {}
-    checks = {"flatten_" + n: (DeftFlatten, ALL_SWEEP[n]) for n in ("default", "v6", "v6_m128", "few16", "m128w4", "unfused")}
+    checks = {"flatten_" + n: (DeftFlatten, ALL_SWEEP[n]) for n in ("default", "v6", "v6_m128", "few16", "m128w4", "nopdl_h1")}
     checks |= {"node": (DeftNode, {}), "node_chunk": (DeftNodeChunk, {"chunk_min": 64})}
     for _ in range(6):
         tree = random_tree(rng, int(rng.integers(2, 40)), int(rng.integers(8, 700)))

@@ -5,8 +5,7 @@ run, when the branch programs start, how ragged the tail is, how much of the SMs
 reduction adds after the partial kernel.
 
 Each repetition flushes L2 and queues a GPU sleep first (as ``deft.bench.timing.time_device`` does), then
-runs the partial kernel with the timeline on and (unless the method fuses it) the reduction, with CUDA events
-around each; of
+runs the partial kernel with the timeline on and the reduction, with CUDA events around each; of
 ``DEFT_TL_REPS`` repetitions (default 9) the one with the median makespan is kept. The timeline adds two
 timer reads and three stores per program, a few hundred ns at most.
 
@@ -69,11 +68,10 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
     launch_partials(
         q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
-        head_fastest=m.lpt, timeline=timeline, out=out if plan.counters is not None else None, counters=plan.counters,
+        head_fastest=m.lpt, timeline=timeline, pdl_trigger=plan.pdl,
     )  # fmt: skip
     ev[1].record()
-    if plan.counters is None:  # the separate reduction (with the fused one, its time is 0)
-        launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
+    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl)
     ev[2].record()
     torch.cuda.synchronize()
     return timeline.view(-1, 4).cpu().numpy(), ev[0].elapsed_time(ev[1]) * 1e3, ev[1].elapsed_time(ev[2]) * 1e3

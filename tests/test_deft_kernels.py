@@ -328,7 +328,6 @@ def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0):
     for t in range(g.n_tiles):
         parts[tiles["q_lo"][t] : tiles["q_hi"][t]] += 1
     counts["parts"] = parts
-    counts["multi_in_tiles"] = sum(int((parts[tiles["q_lo"][t] : tiles["q_hi"][t]] > 1).sum()) for t in range(g.n_tiles))
     # every visible (query, token) pair is computed exactly once
     want = np.zeros_like(covered)
     want[:, flat_of_col[flat_of_col >= 0]] = vis[:, flat_of_col >= 0]
@@ -344,10 +343,9 @@ def _seen_mask(tree: DecodingTree) -> np.ndarray:
     return pos < tree.node_seen_len[node]
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", list(METHODS))
 @pytest.mark.parametrize("seed", range(6))
-def test_io_matches_counts_taken_from_the_plan(mode, seed, fused):
+def test_io_matches_counts_taken_from_the_plan(mode, seed):
     rng = np.random.default_rng(100 + seed)
     if seed < 3:
         tree = random_tree(rng, n_nodes=int(rng.integers(1, 25)), max_len=30, extra_queries=int(rng.integers(0, 6)))
@@ -356,7 +354,7 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed, fused):
     else:
         tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fused_reduce=fused)
+    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])))
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
     c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0)
@@ -370,14 +368,11 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed, fused):
     tile_meta = g.n_tiles * 6 * 4 + c["slot_reads"] * 4 + c["q_rows"] * 12
     parts = c["parts"]
     assert np.array_equal(np.diff(g.section("red_ptr")), parts)  # the reduction's lists agree with the tiles
-    if fused:  # multi-partial queries: all partials written, all but the last program's own read back
-        many = parts[parts > 1]
-        assert io.partial == (2 * int(many.sum()) - many.size) * row
-        extra = c["q_rows"] * 8 + c["multi_in_tiles"] * 8 + (int(many.sum()) + many.size) * 4
-        assert io.meta == shape.n_kv_heads * (tile_meta + extra)
-    else:
-        assert io.partial == 2 * c["partial_rows"] * row
-        assert io.meta == shape.n_kv_heads * tile_meta + shape.n_heads * (tree.n_queries * 12 + g.n_partials * 4)
+    assert io.partial == 2 * c["partial_rows"] * row
+    # one reduction program per query and group of query heads (as many as fit its tile; 32 heads, d 128)
+    width = max(2, 1 << max(0, int(parts.max()) - 1).bit_length())
+    programs = shape.n_heads // max(1, min(32, 4096 // (min(width, 64) * shape.head_dim)))
+    assert io.meta == shape.n_kv_heads * tile_meta + programs * (tree.n_queries * 12 + g.n_partials * 4)
     assert io.kv >= tree.unique_kv_tokens * shape.kv_token_bytes  # never below the floor
     if g.n_tiles == g.n_chunks:
         assert io.kv == tree.unique_kv_tokens * shape.kv_token_bytes
@@ -497,7 +492,7 @@ def test_prompt_tiles_of_a_prefilled_fan_are_flagged_consecutive():
 def test_masked_tiles_run_their_shared_prefix_without_the_mask_and_match_reference(mode):
     # a chunk that holds the prompt's tail and the first branches: the tail is seen by every query
     tree = fan_tree(300, 6, 5)
-    m = METHODS[mode](chunk_size=70, snap=0.0, block_n=16) if mode == "flatten" else METHODS[mode](chunk_size=70)
+    m = METHODS[mode](chunk_size=70, snap=0.0, block_n=16, few_split=0) if mode == "flatten" else METHODS[mode](chunk_size=70)
     plan = check(m, tree)
     t = plan.groups.records("tiles")
     prefix = t["flags"] >> 2
@@ -565,35 +560,26 @@ def test_first_run_compiles_every_variant_so_later_plans_compile_nothing():
     assert n_compiled() == before, plans
 
 
-# ---------------------------------------------------------------------- fused global reduction
-@pytest.mark.parametrize("mode", list(METHODS))
-@pytest.mark.parametrize("fused", [True, False])
-def test_fused_and_separate_reduction_match_reference_and_leave_the_counters_zero(mode, fused):
-    """Each query's last program merges its partials (fused) or a second kernel does (separate); three runs of
-    one plan (layers) agree, and the fused path leaves every arrival counter at zero for the next launch."""
-    rng = np.random.default_rng(40)
-    kw = {} if mode == "node" else {"chunk_size": 23}
-    trees = [random_tree(rng, n_nodes=16, max_len=40, extra_queries=4), speculative_tree(60, 30, rng), fan_tree(90, 12, 9, rng)]
-    for tree in trees:
-        m = METHODS[mode](fused_reduce=fused, block_n=16, lpt=bool(tree.n_queries % 2), **kw)
-        plan = check(m, tree, dtype=torch.bfloat16)
-        assert (plan.counters is not None) == fused
-        q, k, v = tensors(tree, 8, 2, 16, torch.bfloat16)
-        outs = [m.run(q, k, v, plan) for _ in range(3)]
-        assert all(torch.equal(outs[0], o) for o in outs[1:])
-        if fused:
-            assert int(plan.counters.abs().sum()) == 0
-    assert m.describe()["fused_reduce"] == fused
+# ---------------------------------------------------------------------- the reduction's head groups
+@pytest.mark.parametrize("heads", [0, 1, 2, 8])
+def test_reduction_programs_over_head_groups_match_reference(heads):
+    """One reduction program per query and ``reduce_heads`` query heads (0: as many as fit its tile)."""
+    from deft.kernels.global_reduce import reduce_heads
+
+    rng = np.random.default_rng(60 + heads)
+    tree = random_tree(rng, n_nodes=14, max_len=40, extra_queries=3)
+    plan = check(DeftFlatten(chunk_size=17, block_n=16, reduce_heads=heads), tree, dtype=torch.bfloat16)
+    assert plan.reduce_heads == (heads or reduce_heads(8, 16, plan.block_p))
 
 
-def test_single_chunk_queries_write_their_output_without_partials():
-    """A tree that fits one chunk: every query has one partial, so the fused kernel writes the output directly
-    (the partial workspace stays poisoned) and counts no partial IO."""
-    tree = random_tree(np.random.default_rng(2), n_nodes=6, max_len=10, extra_queries=2)
-    m = DeftFlatten(chunk_size=4096, block_m=64, wide_waves=0)
-    plan = check(m, tree, dtype=torch.bfloat16)
-    assert plan.groups.n_tiles == 1 and bool(torch.isnan(plan.part_o[: plan.groups.n_partials]).all())
-    assert m.io(tree, AttentionShape(8, 2, 16, "bfloat16")).partial == 0
+def test_reduce_heads_must_divide_the_query_heads():
+    from deft.kernels.global_reduce import reduce_heads
+
+    assert reduce_heads(32, 128, 16, 0) == 2 and reduce_heads(32, 128, 2, 0) == 16 and reduce_heads(32, 128, 64, 0) == 1
+    assert reduce_heads(12, 64, 2, 0) == 4  # a power of two that divides the heads
+    assert reduce_heads(32, 128, 16, 8) == 8
+    with pytest.raises(ValueError, match="divide"):
+        DeftFlatten(reduce_heads=3).plan(random_tree(np.random.default_rng(0), 3, 5), AttentionShape(8, 2, 16, "float16"), DEVICE)
 
 
 # ---------------------------------------------------------------------- longest-first launch order (lpt)

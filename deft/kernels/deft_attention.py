@@ -23,7 +23,7 @@ from deft.attention import (
     UnsupportedInput,
     check_inputs,
 )
-from deft.kernels.global_reduce import launch_reduce
+from deft.kernels.global_reduce import launch_reduce, pdl_supported, reduce_heads
 from deft.kernels.kv_groups import (
     FLAG_CONTIG,
     FLAG_MASK,
@@ -55,12 +55,13 @@ class DeftPlan(Plan):
     meta: torch.Tensor
     part_o: torch.Tensor  # the method's workspace; rows [0, groups.n_partials) are this plan's
     part_lse: torch.Tensor
-    counters: torch.Tensor | None  # fused reduction: one int32 per query and KV head, zero between launches
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     block_p: int
+    reduce_heads: int  # query heads per reduction program
+    pdl: bool  # the reduction is a programmatic dependent launch of the partial kernel
 
 
 class _PinnedStaging:
@@ -153,7 +154,8 @@ class DeftAttention(AttentionMethod):
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
-        fused_reduce: bool = True,
+        reduce_heads: int = 0,
+        pdl: bool = True,
     ) -> None:
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
@@ -185,7 +187,10 @@ class DeftAttention(AttentionMethod):
         self.wide_waves = float(wide_waves)
         self.wide_ctas_per_sm = int(wide_ctas_per_sm)
         self.lpt = bool(lpt)
-        self.fused_reduce = bool(fused_reduce)
+        if int(reduce_heads) < 0:
+            raise ValueError(f"reduce_heads must be >= 0 (0: auto), got {reduce_heads}")
+        self.reduce_heads = int(reduce_heads)
+        self.pdl = bool(pdl)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, _PinnedStaging] = {}
@@ -275,22 +280,12 @@ class DeftAttention(AttentionMethod):
             "wide_waves": self.wide_waves,
             "wide_ctas_per_sm": self.wide_ctas_per_sm,
             "lpt": self.lpt,
-            "fused_reduce": self.fused_reduce,
+            "reduce_heads": self.reduce_heads or "auto",
+            "pdl": self.pdl,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
         }
-
-    def _counters(self, n_queries: int, shape: AttentionShape, device: torch.device) -> torch.Tensor:
-        """The fused reduction's arrival counters, one int32 per (query, KV head): zeroed once when allocated
-        (grown geometrically), and left zero by every launch (each query's last program resets its own)."""
-        key = (device, "counters", shape.n_kv_heads)
-        ws = self._ws.get(key)
-        if ws is None or ws[0].shape[0] < n_queries:
-            n = max(n_queries, 2 * ws[0].shape[0] if ws is not None else 0, 64)
-            ws = (torch.zeros(n, shape.n_kv_heads, dtype=torch.int32, device=device),)
-            self._ws[key] = ws
-        return ws[0]
 
     def _workspace(self, n_part: int, shape: AttentionShape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial outputs and LSE, owned by the method and grown geometrically: plans on one stream
@@ -322,13 +317,14 @@ class DeftAttention(AttentionMethod):
         g = self.groups(tree, shape, staging.alloc if staging else None)
         meta = staging.upload(g.packed.size, device) if staging else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
-        counters = self._counters(tree.n_queries, shape, device) if self.fused_reduce else None
         warps, stages = self._launch_config(g.rows, shape.head_dim)
-        block_p = min(REDUCE_BLOCKS[-1], max(REDUCE_BLOCKS[0], 1 << max(0, (g.max_parts - 1).bit_length())))
+        block_p = reduce_block(g.max_parts)
         plan = DeftPlan(
             n_queries=tree.n_queries, shape=shape, device=str(device), groups=g, meta=meta,
-            part_o=part_o, part_lse=part_lse, counters=counters, block_m=g.rows, block_n=self.block_n,
+            part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=warps, num_stages=stages, block_p=block_p,
+            reduce_heads=reduce_heads(shape.n_heads, shape.head_dim, block_p, self.reduce_heads),
+            pdl=self.pdl and pdl_supported(device),
         )  # fmt: skip
         self._precompile(plan, device)
         return plan
@@ -370,11 +366,11 @@ class DeftAttention(AttentionMethod):
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
-            self.contiguous, head_fastest=self.lpt, out=out if plan.counters is not None else None,
-            counters=plan.counters,
+            self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl,
         )  # fmt: skip
-        if plan.counters is None:
-            launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
+        launch_reduce(
+            out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
+        )
         return out
 
     def _precompile(self, plan: DeftPlan, device: torch.device) -> None:
@@ -391,7 +387,7 @@ class DeftAttention(AttentionMethod):
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
-            self.fused_reduce,
+            self.reduce_heads, plan.pdl,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -404,19 +400,27 @@ class DeftAttention(AttentionMethod):
             launch_partials(
                 q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
                 self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
-                out=q if plan.counters is not None else None, counters=plan.counters,
+                pdl_trigger=plan.pdl,
             )  # fmt: skip
             if rows >= self.block_m:
                 break
             rows *= 2
-        for block_p in REDUCE_BLOCKS if plan.counters is None else ():
-            launch_reduce(q, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, warmup=True)
+        for block_p in REDUCE_BLOCKS:
+            heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
+            launch_reduce(q, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, True, heads, plan.pdl)
         _PRECOMPILED.add(key)
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
         g = self.groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
-        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, self.fused_reduce)
+        heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
+        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads)
+
+
+def reduce_block(max_parts: int) -> int:
+    """The reduction's width for a plan: the smallest of :data:`REDUCE_BLOCKS` holding its most partials per query
+    (the largest when none does: the kernel then loops)."""
+    return min(REDUCE_BLOCKS[-1], max(REDUCE_BLOCKS[0], 1 << max(0, (max_parts - 1).bit_length())))
 
 
 def _check_shape(shape: AttentionShape) -> None:
@@ -433,7 +437,7 @@ def groups_io(
     partial_dtype: str = "input",
     contiguous: bool = True,
     small_rows: int = 0,
-    fused: bool = False,
+    reduce_heads: int = 1,
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores.
 
@@ -442,17 +446,13 @@ def groups_io(
     - q: each tile's queries, all heads (the KV-head programs of a tile split the row between them).
     - o: the reduction writes every query row once.
     - partial: each (chunk, query) partial row, all heads, output plus fp32 log-sum-exp, written by the
-      attention kernel and read back by the reduction. ``fused`` (the reduction in the attention kernel's
-      last program per query): a query with one partial writes none; with several, every partial but the
-      last program's own is written and read back (the last one stays in registers).
+      attention kernel and read back by the reduction.
     - mask: per program, the node index of each token of its masked phase (int32); the per-node table
       it indexes (offset, DFS entry, subtree end) is a few KB, counted once.
     - meta: per program the tile record, one slot index per token (one in all for an affine first
       phase: a big tile over consecutive slots) and its queries' records (index,
-      entry, visible); per (query, head) of the reduction its list pointers, query index and
-      partial-row indices. ``fused``: per program and query its list pointers (two int32) and, for a query with
-      several partials, its arrival counter (read and written); per (query, KV head) with several partials the
-      last program's partial-row indices and the counter's reset.
+      entry, visible); per reduction program (a query and ``reduce_heads`` of its heads) its list pointers,
+      query index and partial-row indices.
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -467,25 +467,11 @@ def groups_io(
     kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim
     p_bytes = shape.elem_bytes if partial_dtype == "input" else 4
     per_program_meta = g.n_tiles * TILE_FIELDS * 4 + slot_reads * 4 + int(nq_t.sum()) * 12
-    partial_row = heads * (d * p_bytes + 4)
-    mask = kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0)
-    common = dict(
-        kv=int(ntok.sum()) * shape.kv_token_bytes, q=int(nq_t.sum()) * shape.q_row_bytes,
-        o=n_queries * shape.q_row_bytes, mask=mask,
-    )  # fmt: skip
-    if not fused:
-        return IOCounts(
-            **common,
-            partial=2 * g.n_partials * partial_row,
-            meta=kvh * per_program_meta + heads * (n_queries * 3 * 4 + g.n_partials * 4),
-        )
-    parts = np.diff(g.section("red_ptr").astype(np.int64))  # partials per (sorted) query
-    multi = parts > 1
-    cum = np.concatenate([[0], np.cumsum(multi)])
-    multi_in_tiles = int((cum[t["q_hi"]] - cum[t["q_lo"]]).sum())  # (tile, query) pairs that count an arrival
-    written = int(parts[multi].sum())
     return IOCounts(
-        **common,
-        partial=(2 * written - int(multi.sum())) * partial_row,
-        meta=kvh * (per_program_meta + int(nq_t.sum()) * 8 + multi_in_tiles * 8 + (written + int(multi.sum())) * 4),
+        kv=int(ntok.sum()) * shape.kv_token_bytes,
+        q=int(nq_t.sum()) * shape.q_row_bytes,
+        o=n_queries * shape.q_row_bytes,
+        partial=2 * g.n_partials * heads * (d * p_bytes + 4),
+        mask=kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
+        meta=kvh * per_program_meta + heads // reduce_heads * (n_queries * 3 * 4 + g.n_partials * 4),
     )

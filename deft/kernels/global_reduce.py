@@ -1,8 +1,15 @@
 """Tree-topology-aware global reduction: merge each query's partials from every chunk on its path.
 
-The plan lists, per query, the partial rows its chunks wrote (CSR ``red_ptr``/``red_idx``); one program
-per (query, head) loads up to ``BLOCK_P`` of them at once (no serial dependency between loads), weights
-them by ``exp2(lse - max)`` and writes the final row in the output dtype.
+The plan lists, per query, the partial rows its chunks wrote (CSR ``red_ptr``/``red_idx``); one program per
+(query, group of ``HEADS`` query heads) loads up to ``BLOCK_P`` of them at once (no serial dependency between
+loads), weights them by ``exp2(lse - max)`` and writes the final rows in the output dtype. A group's heads are
+adjacent in the partial rows, so one program reads a contiguous ``HEADS x head_dim`` span per partial row.
+
+With ``PDL`` (Hopper and later) the kernel is launched as a programmatic dependent of the partial kernel,
+which lets it go as soon as every partial program has started: its programs load their lists and query
+index (plan data, not written by the partial kernel) while the last partial programs still run, then wait
+(``griddepcontrol.wait``: the partial kernel has finished and its stores are visible) before reading a
+partial row. That hides the second launch's latency and the list loads behind the partial kernel's tail.
 """
 
 from __future__ import annotations
@@ -10,6 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+#: most elements of partial output one program loads at once (BLOCK_P x HEADS x head_dim): 32 per thread with 4
+#: warps. At 8192 the kernel took 196-255 registers (sm_90, ptxas), two or three programs per SM.
+MAX_TILE = 4096
 
 
 @triton.jit(do_not_specialize=["off_red_ptr", "off_red_idx", "off_queries"])
@@ -27,32 +38,68 @@ def global_reduce_kernel(
     stride_ph,
     stride_ln,
     BLOCK_P: tl.constexpr,
+    HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     s = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HEADS
     red_idx = meta + off_red_idx
     lo = tl.load(meta + off_red_ptr + s)
     hi = tl.load(meta + off_red_ptr + s + 1)
+    qid = tl.load(meta + off_queries + s * 3).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
+    offs_h = h0 + tl.arange(0, HEADS)
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.full([1], -1.0e30, dtype=tl.float32)
-    l_sum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    j = lo + offs_p
+    prow = tl.load(red_idx + j, mask=j < hi, other=0).to(tl.int64)  # the first block's rows, before the wait
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the partial kernel is done and its stores are visible
+    m = tl.full([HEADS], -1.0e30, dtype=tl.float32)
+    l_sum = tl.zeros([HEADS], dtype=tl.float32)
+    acc = tl.zeros([HEADS, HEAD_DIM], dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_P):
-        j = j0 + offs_p
-        ok = j < hi
-        prow = tl.load(red_idx + j, mask=ok, other=0).to(tl.int64)
-        lse = tl.load(part_lse + prow * stride_ln + h, mask=ok, other=float("-inf"))
-        o = tl.load(part_o + prow[:, None] * stride_pn + h * stride_ph + offs_d[None, :], mask=ok[:, None], other=0.0)
+        ok = j0 + offs_p < hi
+        lse = tl.load(part_lse + prow[:, None] * stride_ln + offs_h[None, :], mask=ok[:, None], other=float("-inf"))
+        o = tl.load(
+            part_o + prow[:, None, None] * stride_pn + offs_h[None, :, None] * stride_ph + offs_d[None, None, :],
+            mask=ok[:, None, None],
+            other=0.0,
+        )
+        j = j0 + BLOCK_P + offs_p  # the next block's rows (most queries have one block)
+        prow = tl.load(red_idx + j, mask=j < hi, other=0).to(tl.int64)
         m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new)
+        w = tl.exp2(lse - m_new[None, :])
         alpha = tl.exp2(m - m_new)
         l_sum = l_sum * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(o.to(tl.float32) * w[:, None], 0)
+        acc = acc * alpha[:, None] + tl.sum(o.to(tl.float32) * w[:, :, None], 0)
         m = m_new
-    qid = tl.load(meta + off_queries + s * 3).to(tl.int64)
-    tl.store(out_ptr + qid * stride_on + h * stride_oh + offs_d, (acc / l_sum).to(out_ptr.dtype.element_ty))
+    out = out_ptr + qid * stride_on + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty))
+
+
+def reduce_heads(n_heads: int, head_dim: int, block_p: int, heads: int = 0) -> int:
+    """Query heads per reduction program: ``heads`` if given (it must divide ``n_heads``), else the most (a power
+    of two dividing ``n_heads``) whose ``block_p x heads x head_dim`` tile stays within :data:`MAX_TILE`."""
+    if heads:
+        if n_heads % heads:
+            raise ValueError(f"reduce_heads {heads} must divide the {n_heads} query heads")
+        return heads
+    h = 1
+    while n_heads % (2 * h) == 0 and block_p * 2 * h * head_dim <= MAX_TILE:
+        h *= 2
+    return h
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a Hopper-or-later GPU (not the interpreter)."""
+    import os
+
+    return (
+        device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def launch_reduce(
@@ -63,15 +110,25 @@ def launch_reduce(
     offsets: dict[str, tuple[int, int]],
     block_p: int,
     warmup: bool = False,
+    heads: int = 1,
+    pdl: bool = False,
 ) -> None:
-    """One program per (query, query head) merges the query's partial rows. ``warmup``: compile only."""
+    """One program per (query, ``heads`` query heads) merges the query's partial rows. ``pdl``: launch as a
+    programmatic dependent of the kernel before it on the stream (Hopper; the partial kernel triggers it early,
+    see the module docstring). ``warmup``: compile only."""
     n_q, n_heads, d = out.shape
+    if n_heads % heads:
+        raise ValueError(f"heads {heads} must divide the {n_heads} query heads")
     args = (
         out, part_o, part_lse, meta, offsets["red_ptr"][0], offsets["red_idx"][0], offsets["queries"][0],
         out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
     )  # fmt: skip
-    consts = dict(BLOCK_P=block_p, HEAD_DIM=d, num_warps=4 if d >= 128 else 2)
+    warps = max(2, min(8, block_p * heads * d // 512))  # 8 values of the tile per thread; 78-196 registers at d 128
+    consts = dict(BLOCK_P=block_p, HEADS=heads, HEAD_DIM=d, PDL=bool(pdl), num_warps=warps)
+    if pdl:
+        consts["launch_pdl"] = True
+    grid = (max(n_q, 1), n_heads // heads)
     if warmup:
-        global_reduce_kernel.warmup(*args, grid=(max(n_q, 1), n_heads), **consts)
+        global_reduce_kernel.warmup(*args, grid=grid, **consts)
     else:
-        global_reduce_kernel[(n_q, n_heads)](*args, **consts)
+        global_reduce_kernel[(n_q, n_heads // heads)](*args, **consts)

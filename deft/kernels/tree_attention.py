@@ -142,7 +142,7 @@ def _smid(anchor):
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [anchor], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries", "off_red_ptr", "off_red_idx"])
+@triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries"])
 def deft_partial_kernel(
     q_ptr,
     k_ptr,
@@ -165,12 +165,6 @@ def deft_partial_kernel(
     stride_ln,
     qk_scale,
     timeline,
-    out_ptr,
-    counters,
-    off_red_ptr,
-    off_red_idx,
-    stride_on,
-    stride_oh,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SMALL_M: tl.constexpr,
@@ -183,8 +177,10 @@ def deft_partial_kernel(
     HEAD_FASTEST: tl.constexpr,
     N_KV: tl.constexpr,
     TIMELINE: tl.constexpr,
-    FUSED: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr,
 ):
+    if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
+        tl.extra.cuda.gdc_launch_dependents()
     if TIMELINE:  # diagnostics only: this program's start (global ns), end and SM, at 4 int64 per program
         t_start = _globaltimer(q_ptr)
     if HEAD_FASTEST:  # one axis, the KV heads of a tile next to each other: tiles start in the plan's order
@@ -214,14 +210,12 @@ def deft_partial_kernel(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False,
-            out_ptr, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, N_KV, FUSED,
         )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
-            out_ptr, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, N_KV, FUSED,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -237,7 +231,6 @@ def _tile(
     kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
-    out_ptr, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, N_KV: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
@@ -291,88 +284,12 @@ def _tile(
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     prow = (pbase + lq).to(tl.int64)
-    if FUSED:
-        _store_and_merge(
-            o, lse, prow, qid, head, lq, row_ok, q_lo, n_q, kvh, part_o, part_lse, meta, stride_pn, stride_ph,
-            stride_ln, out_ptr, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, GROUP, BLOCK_M, HEAD_DIM, N_KV,
-        )  # fmt: skip
-    else:
-        tl.store(
-            part_o + prow[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
-            o.to(part_o.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
-        tl.store(part_lse + prow * stride_ln + head, lse, mask=row_ok)
-
-
-@triton.jit
-def _store_and_merge(
-    o, lse, prow, qid, head, lq, row_ok, q_lo, n_q, kvh, part_o, part_lse, meta, stride_pn, stride_ph, stride_ln,
-    out_ptr, counters, off_red_ptr, off_red_idx, stride_on, stride_oh,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, N_KV: tl.constexpr,
-):  # fmt: skip
-    """The global reduction, fused: the program that finishes a query's last partial (for this KV head's query
-    heads) merges them all into the output, so no second launch waits for the whole grid.
-
-    A query seen by one tile only writes its output directly. Otherwise the program stores its partial, and
-    after a CTA barrier one thread per query adds 1 to the query's counter (``acq_rel``, GPU scope: the
-    partial stores of every thread are released with it). The program that draws ``parts - 1`` holds the
-    last partial: it resets the counter to 0 for the next launch, reads the other partials (``.cg``: from L2,
-    never a stale L1 line) and writes the merged row in the output dtype. Its own partial stays in registers.
-    The counters (one int32 per query and KV head) must be zero before the first launch."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    red_ptr = meta + off_red_ptr
-    s_q = q_lo + lq  # the row's query in the plan's sorted order
-    r_lo = tl.load(red_ptr + s_q, mask=row_ok, other=0)
-    parts = tl.load(red_ptr + s_q + 1, mask=row_ok, other=0) - r_lo
-    multi = row_ok & (parts > 1)
-    out_rows = out_ptr + qid[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=(row_ok & (parts == 1))[:, None])
-    if tl.max(multi.to(tl.int32), 0) > 0:
-        tl.store(
-            part_o + prow[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
-            o.to(part_o.dtype.element_ty),
-            mask=multi[:, None],
-        )
-        tl.store(part_lse + prow * stride_ln + head, lse, mask=multi)
-        tl.debug_barrier()  # every thread's partial stores come before the counter's release
-        lq_t = tl.arange(0, BLOCK_M)  # the tile's queries (at most its rows; any group size)
-        q_ok = lq_t < n_q
-        c_lo = tl.load(red_ptr + q_lo + lq_t, mask=q_ok, other=0)
-        c_parts = tl.load(red_ptr + q_lo + lq_t + 1, mask=q_ok, other=0) - c_lo
-        lead = q_ok & (c_parts > 1)
-        cnt = counters + (q_lo + lq_t).to(tl.int64) * N_KV + kvh
-        drawn = tl.atomic_add(cnt, 1, mask=lead, sem="acq_rel", scope="gpu")
-        last_q = lead & (drawn == c_parts - 1)
-        if tl.max(last_q.to(tl.int32), 0) > 0:
-            tl.atomic_xchg(cnt, 0, mask=last_q, sem="relaxed", scope="gpu")
-            # each row takes its query's verdict
-            last = (tl.max(tl.where(lq[:, None] == lq_t[None, :], last_q.to(tl.int32)[None, :], 0), 1) > 0) & row_ok
-            tl.debug_barrier()  # the other partials are read after the acquiring atomic
-            red_idx = meta + off_red_idx
-            m = tl.maximum(lse, -1.0e30)  # own partial first (a row that saw nothing has lse -inf, o 0)
-            w_own = tl.exp2(lse - m)
-            l_sum = w_own
-            acc = o * w_own[:, None]
-            k_hi = tl.max(tl.where(last, parts, 0), 0)
-            for k in range(0, k_hi):
-                ok = last & (k < parts)
-                pr = tl.load(red_idx + r_lo + k, mask=ok, other=0).to(tl.int64)
-                ok = ok & (pr != prow)
-                lse_k = tl.load(part_lse + pr * stride_ln + head, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                o_k = tl.load(
-                    part_o + pr[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
-                    mask=ok[:, None],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                m_new = tl.maximum(m, lse_k)
-                alpha = tl.exp2(m - m_new)
-                w = tl.exp2(lse_k - m_new)
-                l_sum = l_sum * alpha + w
-                acc = acc * alpha[:, None] + o_k.to(tl.float32) * w[:, None]
-                m = m_new
-            tl.store(out_rows, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=last[:, None])
+    tl.store(
+        part_o + prow[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
+        o.to(part_o.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(part_lse + prow * stride_ln + head, lse, mask=row_ok)
 
 
 def launch_partials(
@@ -395,8 +312,7 @@ def launch_partials(
     warmup: bool = False,
     head_fastest: bool = False,
     timeline: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
+    pdl_trigger: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -406,9 +322,8 @@ def launch_partials(
     otherwise a 2-D grid that starts every tile of KV head 0, then of head 1, and so on.
     ``timeline`` (diagnostics, GPU only): an int64 tensor of at least 4 x programs entries; each program writes
     its start and end (``%globaltimer`` ns) and its SM id at ``4 x`` its linear program id (see
-    ``scripts/timeline_probe.py``). ``out`` and ``counters`` (int32, one per query and KV head, zero before the
-    first launch; the kernel leaves them zero): fuse the global reduction, each query's last program merges its
-    partials into ``out`` (no :func:`~deft.kernels.global_reduce.launch_reduce` needed). Returns the compiled kernel (registers, spills, shared memory are on it)."""
+    ``scripts/timeline_probe.py``). ``pdl_trigger`` (Hopper): each program lets a programmatic dependent launch
+    (the reduction with ``pdl``) proceed as soon as it starts. Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
@@ -416,13 +331,10 @@ def launch_partials(
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         LOG2E / math.sqrt(d), part_lse if timeline is None else timeline,
-        q if out is None else out, meta if counters is None else counters,
-        offsets["red_ptr"][0], offsets["red_idx"][0],
-        q.stride(0) if out is None else out.stride(0), q.stride(1) if out is None else out.stride(1),
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, FUSED=counters is not None, num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
