@@ -369,9 +369,9 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     parts = c["parts"]
     assert np.array_equal(np.diff(g.section("red_ptr")), parts)  # the reduction's lists agree with the tiles
     assert io.partial == 2 * c["partial_rows"] * row
-    # one reduction program per query and group of query heads (as many as fit its tile; 32 heads, d 128)
+    # one reduction program per query and group of query heads (1 by default; 0: as many as fit its tile)
     width = max(2, 1 << max(0, int(parts.max()) - 1).bit_length())
-    programs = shape.n_heads // max(1, min(32, 4096 // (min(width, 64) * shape.head_dim)))
+    programs = shape.n_heads // (m.reduce_heads or max(1, min(32, 4096 // (min(width, 64) * shape.head_dim))))
     assert io.meta == shape.n_kv_heads * tile_meta + programs * (tree.n_queries * 12 + g.n_partials * 4)
     assert io.kv >= tree.unique_kv_tokens * shape.kv_token_bytes  # never below the floor
     if g.n_tiles == g.n_chunks:

@@ -154,7 +154,7 @@ class DeftAttention(AttentionMethod):
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
-        reduce_heads: int = 0,
+        reduce_heads: int = 1,
         pdl: bool = True,
     ) -> None:
         if partial_dtype not in ("input", "float32"):

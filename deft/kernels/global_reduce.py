@@ -112,10 +112,11 @@ def launch_reduce(
     warmup: bool = False,
     heads: int = 1,
     pdl: bool = False,
+    num_warps: int = 0,
 ) -> None:
     """One program per (query, ``heads`` query heads) merges the query's partial rows. ``pdl``: launch as a
     programmatic dependent of the kernel before it on the stream (Hopper; the partial kernel triggers it early,
-    see the module docstring). ``warmup``: compile only."""
+    see the module docstring). ``num_warps``: 0 picks by tile size. ``warmup``: compile only."""
     n_q, n_heads, d = out.shape
     if n_heads % heads:
         raise ValueError(f"heads {heads} must divide the {n_heads} query heads")
@@ -123,7 +124,7 @@ def launch_reduce(
         out, part_o, part_lse, meta, offsets["red_ptr"][0], offsets["red_idx"][0], offsets["queries"][0],
         out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
     )  # fmt: skip
-    warps = max(2, min(8, block_p * heads * d // 512))  # 8 values of the tile per thread; 78-196 registers at d 128
+    warps = num_warps or max(2, min(8, block_p * heads * d // 512))  # 8 values per thread; 56-196 registers at d 128
     consts = dict(BLOCK_P=block_p, HEADS=heads, HEAD_DIM=d, PDL=bool(pdl), num_warps=warps)
     if pdl:
         consts["launch_pdl"] = True
