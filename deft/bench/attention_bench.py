@@ -1,7 +1,8 @@
 """``bench=attention``: replay a trace without a model and time one layer of attention per sampled step.
 
 Per sampled step: plan time (host, synchronised), run latency of one layer (CUDA events, cold L2, median
-of at least 50 repetitions) over K/V pools of random normal data sized to the trees' pool (``n_slots``; else
+of at least 50 repetitions; measured again, up to twice, when the median is over 1.3x the fastest repetition,
+keeping the lowest median: ``deft.bench.timing.steadiest``, ``latency_passes``) over K/V pools of random normal data sized to the trees' pool (``n_slots``; else
 the largest slot the sampled steps use: methods may read past a tree's last slot, e.g. FlexAttention's
 padded key length), the method's analytic IO, achieved bandwidth (unique K/V bytes / time) and its fraction of
 the measured copy bandwidth, and on selected steps the relative error against the fp64 reference.
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from deft.attention import AttentionMethod, AttentionShape, floor_io
 from deft.bench.steps import step_weights
-from deft.bench.timing import copy_bandwidth, time_device, time_host
+from deft.bench.timing import copy_bandwidth, steadiest, time_device, time_host
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
 
@@ -80,7 +81,8 @@ def attention_rows(
             q = torch.randn(tree.n_queries, shape.n_heads, shape.head_dim, generator=gen, device=dev, dtype=dtype)
             plan_t = time_host(lambda tree=tree: method.plan(tree, shape, dev), reps=plan_reps, warmup=1, sync=sync)
             plan = method.plan(tree, shape, dev)
-            run_t = time_device(lambda q=q, plan=plan: method.run(q, k_pool, v_pool, plan), reps=reps, warmup=warmup, device=dev)
+            run = functools.partial(method.run, q, k_pool, v_pool, plan)
+            run_t = steadiest(lambda run=run: time_device(run, reps=reps, warmup=warmup, device=dev))
             io = method.io(tree, shape)
             fl = floor_io(tree, shape)
             sec = run_t.median_ms * 1e-3
@@ -89,7 +91,7 @@ def attention_rows(
                 "n_nodes": tree.n_nodes, "n_queries": tree.n_queries,
                 "unique_kv_tokens": tree.unique_kv_tokens, "path_kv_tokens": tree.path_kv_tokens,
                 "latency_ms": run_t.median_ms, "latency_p10_ms": run_t.p10_ms, "latency_p90_ms": run_t.p90_ms,
-                "latency_reps": run_t.reps,
+                "latency_reps": run_t.reps, "latency_passes": run_t.passes,
                 "plan_ms": plan_t.median_ms, "plan_p10_ms": plan_t.p10_ms, "plan_p90_ms": plan_t.p90_ms,
                 "kv_floor_bytes": fl.kv,
                 "achieved_bw_gbps": fl.kv / sec / 1e9, "io_bw_gbps": io.total / sec / 1e9,

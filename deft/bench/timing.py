@@ -20,6 +20,7 @@ class TimingStats:
     min_ms: float
     mean_ms: float
     reps: int
+    passes: int = 1  # measurement passes taken (see :func:`steadiest`)
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
@@ -113,6 +114,23 @@ def time_device(
         ends[i].record()
     torch.cuda.synchronize(device)
     return _stats([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+
+
+def steadiest(measure: Callable[[], TimingStats], retries: int = 2, spread: float = 1.3) -> TimingStats:
+    """Run ``measure`` (one pass of repetitions) again, up to ``retries`` more times, while its median is more than
+    ``spread`` x its fastest repetition, and keep the pass with the lowest median (its ``passes`` says how many ran).
+
+    A pass whose median sits far above its own minimum saw a stall that outlasted the host's lead for many
+    repetitions (session 8's H100 host: one sampled step of a DeFT sweep at 7.5x its neighbours, p90 17x), not the
+    kernel: the kernel's repetitions agree within a few percent (p90/p10 1.01-1.19 for DeFT's snapshots)."""
+    best = measure()
+    passes = 1
+    while passes <= retries and best.median_ms > spread * best.min_ms:
+        again = measure()
+        passes += 1
+        if again.median_ms < best.median_ms:
+            best = again
+    return TimingStats(**{**best.__dict__, "passes": passes})
 
 
 def time_host(fn: Callable[[], object], reps: int = 20, warmup: int = 2, sync: Callable[[], None] | None = None) -> TimingStats:
