@@ -91,6 +91,9 @@ ALL_SWEEP = {
     "red_h1": {"reduce_heads": 1},
     "nopdl_h1": {"reduce_heads": 1, "pdl": False},
     "nopdl": {"pdl": False},
+    # with the reduction cheaper (one warp per program), the chunk policy again: more programs, more partials
+    "c3": {"ctas_per_sm": 3.0},
+    "c6": {"ctas_per_sm": 6.0},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 8)
 SWEEP = {
