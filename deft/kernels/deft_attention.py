@@ -124,6 +124,13 @@ class DeftAttention(AttentionMethod):
     sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
     with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
     geomean 58.8 -> 56.1 µs; few-shot 16k step 200 121 -> 95 µs (notes/deft_kernels.md, session 7).
+    ``reduce_heads``: query heads per program of the global reduction (1 by default; 0: as many as fit a
+    4096-element tile, :func:`~deft.kernels.global_reduce.reduce_heads`); the reduction runs one warp per program
+    up to 4096-element tiles. H100, session 8, the reduction alone at few-shot 16k step 200: 6.4 µs with one warp,
+    13.9 µs with four (the earlier default), 25 µs with four heads per program on eight warps.
+    ``pdl`` (on by default; Hopper and later, else ignored): the reduction is a programmatic dependent launch that
+    the partial kernel's programs trigger as they start, so its launch and list loads overlap the partial kernel's
+    tail (H100: 0.4-1.3 µs less per layer in CUDA graphs, 1-3.6 µs eager).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
