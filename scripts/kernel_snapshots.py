@@ -259,6 +259,14 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
     }  # fmt: skip
 
 
+def provenance(dev: torch.device) -> dict[str, str]:
+    """GPU name, versions, commit and UTC time: the columns every row of these scripts carries."""
+    return {
+        "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
+        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
 def inputs(tree: DecodingTree, dev):
     n_slots = tree.n_slots or int(tree.slots.max()) + 1
     q = torch.randn(tree.n_queries, SHAPE.n_heads, SHAPE.head_dim, device=dev).bfloat16()
@@ -271,13 +279,7 @@ def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t_start = time.time()
-    prov = {
-        "gpu": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    prov = provenance(dev)
     bw = copy_bandwidth(dev)
     print(f"{prov}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     date = datetime.date.today().isoformat()

@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import triton
 
 from deft.bench.timing import time_device
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.kv_groups import TILE_FIELDS
 from deft.reference import TOLERANCE, relative_error
-from scripts.kernel_snapshots import SHAPE, git_commit, graph_of, inputs, snapshots
+from scripts.kernel_snapshots import SHAPE, graph_of, inputs, provenance, snapshots
 
 
 def interleave(big: np.ndarray, small: np.ndarray, nb: int, ns: int) -> np.ndarray:
@@ -85,10 +84,7 @@ def main() -> None:
                          "graph_p90_us": graph.p90_ms * 1e3, "eager_us": eager.median_ms * 1e3, "rel_err": err,
                          "tiles": g.n_tiles, "small_tiles": int(((t[:, 3] - t[:, 2]) * SHAPE.group_size <= small_rows).sum())})  # fmt: skip
             print(f"{sname[:26]:26s} {name:12s} graph {rows[-1]['graph_us']:7.1f} eager {rows[-1]['eager_us']:7.1f}", flush=True)
-    df = pd.DataFrame(rows).assign(
-        gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
-        git_commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
+    df = pd.DataFrame(rows).assign(**provenance(dev))
     out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / f"order_probe_{datetime.date.today().isoformat()}.csv", index=False)

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import triton
 
 from deft.bench.timing import time_device
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
-from scripts.kernel_snapshots import SHAPE, git_commit, graph_of, inputs, snapshots
+from scripts.kernel_snapshots import SHAPE, graph_of, inputs, provenance, snapshots
 
 SHAPES = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 8))  # (heads per program, warps)
 
@@ -48,29 +47,13 @@ def main() -> None:
             graph = graph_of(red)
             warm = time_device(graph.replay, reps=50, cold_l2=False, device=dev)
             cold = time_device(graph.replay, reps=50, device=dev)
-            kern = global_regs(heads, warps)
             rows.append({"snapshot": sname, "queries": tree.n_queries, "block_p": plan.block_p, "heads": heads,
-                         "warps": warps, "warm_us": warm.median_ms * 1e3, "cold_us": cold.median_ms * 1e3, "regs": kern})  # fmt: skip
-    df = pd.DataFrame(rows).assign(
-        gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
-        git_commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
+                         "warps": warps, "warm_us": warm.median_ms * 1e3, "cold_us": cold.median_ms * 1e3})  # fmt: skip
+    df = pd.DataFrame(rows).assign(**provenance(dev))
     out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / f"reduce_probe_{datetime.date.today().isoformat()}.csv", index=False)
-    print(df[["snapshot", "queries", "block_p", "heads", "warps", "regs", "warm_us", "cold_us"]].round(2).to_string(index=False))
-
-
-def global_regs(heads: int, warps: int) -> int:
-    """Registers of the most recently compiled reduction variant with these constants (-1 if unknown)."""
-    from deft.kernels.global_reduce import global_reduce_kernel
-
-    for cache in global_reduce_kernel.device_caches.values():
-        for kern in cache[0].values():
-            c = getattr(kern, "constants", {}) or {}
-            if kern.metadata.num_warps == warps and any(v == heads for kk, v in c.items() if "HEADS" in str(kk)):
-                return kern.n_regs
-    return -1
+    print(df[["snapshot", "queries", "block_p", "heads", "warps", "warm_us", "cold_us"]].round(2).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import triton
 
 from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up
 from deft.kernels.deft_flatten import DeftFlatten
@@ -38,7 +37,7 @@ from deft.kernels.global_reduce import launch_reduce
 from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, FLAG_SHIFT
 from deft.kernels.tree_attention import launch_partials
 from deft.reference import TOLERANCE, relative_error
-from scripts.kernel_snapshots import SHAPE, git_commit, inputs, snapshots
+from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
 
 CLASSES = {"deft_flatten": DeftFlatten, "deft_node_chunk": DeftNodeChunk, "deft_node": DeftNode}
 DEFAULT_VARIANTS = "flatten=deft_flatten;node_chunk=deft_node_chunk"
@@ -167,10 +166,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     suffix = f"{date}_{tag}" if tag else date
-    prov = {
-        "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
-        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    prov = provenance(dev)
     spin_up(dev)
     flush = l2_flush_buffer(dev)
     programs, summary = [], []

@@ -14,6 +14,9 @@ partial row. That hides the second launch's latency and the list loads behind th
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -91,10 +94,9 @@ def reduce_heads(n_heads: int, head_dim: int, block_p: int, heads: int = 0) -> i
     return h
 
 
+@functools.cache
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs a Hopper-or-later GPU (not the interpreter)."""
-    import os
-
+    """Programmatic dependent launch needs a Hopper-or-later GPU (not the interpreter). Cached: asked once per plan."""
     return (
         device.type == "cuda"
         and os.environ.get("TRITON_INTERPRET") != "1"
@@ -131,8 +133,8 @@ def launch_reduce(
     consts = dict(BLOCK_P=block_p, HEADS=heads, HEAD_DIM=d, PDL=bool(pdl), num_warps=warps)
     if pdl:
         consts["launch_pdl"] = True
-    grid = (max(n_q, 1), n_heads // heads)
+    grid = (n_q, n_heads // heads)
     if warmup:
-        global_reduce_kernel.warmup(*args, grid=grid, **consts)
+        global_reduce_kernel.warmup(*args, grid=(max(n_q, 1), grid[1]), **consts)
     else:
-        global_reduce_kernel[(n_q, n_heads // heads)](*args, **consts)
+        global_reduce_kernel[grid](*args, **consts)
