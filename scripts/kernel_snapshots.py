@@ -94,14 +94,20 @@ ALL_SWEEP = {
     # with the reduction cheaper (one warp per program), the chunk policy again: more programs, more partials
     "c3": {"ctas_per_sm": 3.0},
     "c6": {"ctas_per_sm": 6.0},
+    # session 9: big and small tiles alternated when the big ones are short (mix=1.5, the default from then on),
+    # against never (plain longest first) and always
+    "mix0": {"mix": 0.0},
+    "mixall": {"mix": 1e9},
 }
-#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 8)
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 9)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,red_h1,nopdl_h1").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,mix0,mixall").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",
+    "fewshot_16k_w50_step399",
+    "fewshot_4k_w50_step200",
     "fewshot_4k_w50_step399",
     "fewshot_4k_w50_step1",
     "fewshot_16k_w50_step1",

@@ -590,6 +590,42 @@ def test_longest_first_launch_order_matches_reference(mode, seed):
     tree = random_tree(rng, n_nodes=14, max_len=40, extra_queries=3) if seed else fan_tree(120, 9, 25, rng)
     kw = {} if mode == "node" else {"chunk_size": 24}
     check(METHODS[mode](lpt=True, block_n=16, **kw), tree, dtype=torch.bfloat16, seed=seed)
+    check(METHODS[mode](lpt=True, mix=1e9, block_n=16, **kw), tree, dtype=torch.bfloat16, seed=seed)  # alternated
+
+
+def test_mix_alternates_big_and_small_tiles_exactly_when_the_big_ones_are_short():
+    """``mix``: the longest-first order, then big and small tiles alternate (each kind in its own longest-first
+    order) when the costliest big tile x slots <= mix x the total cost; at the threshold's other side, or with
+    only one kind of tile, the plain longest-first order. Nothing but the tiles' order changes."""
+    from deft.kernels.kv_groups import LPT_BIG, LPT_PROGRAM, LPT_SMALL
+
+    rng = np.random.default_rng(5)
+    shape = AttentionShape(8, 2, 64, "float16")
+    for tree in [fan_tree(300, 12, 40, rng), fan_tree(40, 30, 60, rng), fan_tree(500, 6, 9, rng)]:
+        lpt = DeftFlatten(chunk_size=50, mix=0).groups(tree, shape)
+        t0 = lpt.section("tiles").reshape(-1, 6)
+        n_tok = t0[:, 1] - t0[:, 0]
+        masked = np.where(t0[:, 5] & 1, n_tok - (t0[:, 5] >> 2), 0)
+        big = (t0[:, 3] - t0[:, 2]) * 4 > small_tile_rows(4, lpt.rows, 16)
+        assert big.any() and not big.all()
+        cost = (n_tok + masked) * np.where(big, LPT_BIG, LPT_SMALL) + LPT_PROGRAM
+        m = DeftFlatten(chunk_size=50, n_sms=10)
+        slots = m.ctas_per_sm * m.n_sms / shape.n_kv_heads
+        ratio = cost[big].max() * slots / cost.sum()  # the rule's quantity
+        for mix, alternates in ((ratio * 1.001, True), (ratio * 0.999, False), (1e9, True), (0.0, False)):
+            g = DeftFlatten(chunk_size=50, n_sms=10, mix=mix).groups(tree, shape)
+            t1 = g.section("tiles").reshape(-1, 6)
+            assert np.array_equal(lpt.packed[t0.size :], g.packed[t1.size :])  # nothing else moves
+            if not alternates:
+                assert np.array_equal(t0, t1)
+                continue
+            k = min(big.sum(), (~big).sum())
+            kinds = (t1[:, 3] - t1[:, 2]) * 4 > small_tile_rows(4, g.rows, 16)
+            assert kinds[: 2 * k : 2].all() and not kinds[1 : 2 * k : 2].any()  # big, small, big, small, ...
+            assert len(set(kinds[2 * k :].tolist())) <= 1  # then the rest of one kind
+            assert np.array_equal(t1[kinds], t0[big]) and np.array_equal(t1[~kinds], t0[~big])  # each kind in order
+    with pytest.raises(ValueError, match="mix"):
+        DeftFlatten(mix=-1)
 
 
 def test_longest_first_only_reorders_tiles_most_work_first():
@@ -599,7 +635,7 @@ def test_longest_first_only_reorders_tiles_most_work_first():
     shape = AttentionShape(8, 2, 64, "float16")
     for tree in [fan_tree(200, 12, 40, rng)] + [random_tree(rng, n_nodes=15, max_len=60, extra_queries=3) for _ in range(10)]:
         base = DeftFlatten(chunk_size=50).groups(tree, shape)
-        lpt = DeftFlatten(chunk_size=50, lpt=True).groups(tree, shape)
+        lpt = DeftFlatten(chunk_size=50, lpt=True, mix=0).groups(tree, shape)
         t0 = base.section("tiles").reshape(-1, 6)
         t1 = lpt.section("tiles").reshape(-1, 6)
         assert sorted(map(tuple, t0.tolist())) == sorted(map(tuple, t1.tolist()))  # the same records

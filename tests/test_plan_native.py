@@ -309,8 +309,9 @@ def test_longest_first_order_in_c_is_bit_identical_to_numpy(seed, make_random_tr
         base = build_groups(tree, group, mode, int(rng.integers(1, 64)) if mode != "node" else 0, 64)
         a = KVGroups(**{**base.__dict__, "packed": base.packed.copy()})
         b = KVGroups(**{**base.__dict__, "packed": base.packed.copy()})
-        assert plan_native.order_tiles_native(a.section("tiles").reshape(-1, 6), group, small)
-        order_tiles_longest_first(b, group, small)
+        mix = (0.0, 0.0) if rng.random() < 0.3 else (float(rng.choice([0.5, 1.5, 1e9])), float(rng.uniform(0, 80)))
+        assert plan_native.order_tiles_native(a.section("tiles").reshape(-1, 6), group, small, *mix)
+        order_tiles_longest_first(b, group, small, *mix)
         assert np.array_equal(a.packed, b.packed)
     for n in (2, 3, 7, 64, 1000, 4097):
         t = np.zeros((n, 6), dtype=np.int32)
@@ -323,10 +324,11 @@ def test_longest_first_order_in_c_is_bit_identical_to_numpy(seed, make_random_tr
         g = KVGroups(packed=t.ravel().copy(), offsets={"tiles": (0, t.size)}, n_tiles=n, n_chunks=n, n_tokens=0,
                      n_partials=0, max_parts=0, rows=64, chunk_size=0)  # fmt: skip
         h = KVGroups(**{**g.__dict__, "packed": g.packed.copy()})
-        assert plan_native.order_tiles_native(g.section("tiles").reshape(-1, 6), 4, 16)
-        order_tiles_longest_first(h, 4, 16)
+        mix = (float(rng.choice([0.0, 1e9])), float(rng.uniform(0, 50)))
+        assert plan_native.order_tiles_native(g.section("tiles").reshape(-1, 6), 4, 16, *mix)
+        order_tiles_longest_first(h, 4, 16, *mix)
         assert np.array_equal(g.packed, h.packed)
-        assert not np.array_equal(g.packed, t.ravel()) or n < 3  # it did reorder something
+        assert not np.array_equal(g.packed, t.ravel()) or n < 8  # it did reorder something
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -343,12 +345,14 @@ def test_chunk_size_chosen_in_c_and_tiles_ordered_in_the_same_pass_match_numpy(s
         policy = (int(rng.choice([1, 2, 8])), int(rng.choice([1, 8, 128])), int(rng.choice([4, 64, 4096])),
                   int(rng.choice([0, 1, 100, 528])))  # fmt: skip
         small_m = None if rng.random() < 0.3 else int(rng.choice([0, 16, 32]))
+        mix = (float(rng.choice([0.0, 1.0, 1e9])), float(rng.choice([0.5, 8.0, 66.0])))
         chunk = 0 if p["mode"] != "node" else p["chunk_size"]
         nat = build_groups(tree, p["group"], p["mode"], chunk, p["block_m_max"], snap=p["snap"], native=True,
                            few_split=p["few_split"], wide_budget=p["wide_budget"], chunk_policy=policy,
-                           lpt_small_m=small_m)  # fmt: skip
+                           lpt_small_m=small_m, lpt_mix=mix)  # fmt: skip
         want = auto_chunk_size(tree.unique_kv_tokens, *policy) if p["mode"] != "node" else p["chunk_size"]
         ref = build_groups(tree, p["group"], p["mode"], want, p["block_m_max"], snap=p["snap"], native=False,
-                           few_split=p["few_split"], wide_budget=p["wide_budget"], lpt_small_m=small_m)  # fmt: skip
+                           few_split=p["few_split"], wide_budget=p["wide_budget"], lpt_small_m=small_m,
+                           lpt_mix=mix)  # fmt: skip
         assert_same_groups(nat, ref)
         assert nat.chunk_size == (want if p["mode"] != "node" else 0)

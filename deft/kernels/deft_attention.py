@@ -124,6 +124,10 @@ class DeftAttention(AttentionMethod):
     sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
     with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
     geomean 58.8 -> 56.1 µs; few-shot 16k step 200 121 -> 95 µs (notes/deft_kernels.md, session 7).
+    ``mix`` (with ``lpt``; 0 = off): then alternate big and small tiles when the costliest big tile is at most
+    ``mix`` x the average load of the ``ctas_per_sm`` x SMs programs that run at once
+    (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`): a tensor-bound and an HBM-bound program share an
+    SM better than two of a kind, unless the big tiles are the step's critical path.
     ``reduce_heads``: query heads per program of the global reduction (1 by default; 0: as many as fit a
     4096-element tile, :func:`~deft.kernels.global_reduce.reduce_heads`); the reduction runs one warp per program
     up to 4096-element tiles. H100, session 8, the reduction alone at few-shot 16k step 200: 6.4 µs with one warp,
@@ -161,6 +165,7 @@ class DeftAttention(AttentionMethod):
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
+        mix: float = 1.5,
         reduce_heads: int = 1,
         pdl: bool = True,
     ) -> None:
@@ -194,6 +199,9 @@ class DeftAttention(AttentionMethod):
         self.wide_waves = float(wide_waves)
         self.wide_ctas_per_sm = int(wide_ctas_per_sm)
         self.lpt = bool(lpt)
+        if not 0.0 <= float(mix) < 1e18:
+            raise ValueError(f"mix must be >= 0 (0: off), got {mix}")
+        self.mix = float(mix)
         if int(reduce_heads) < 0:
             raise ValueError(f"reduce_heads must be >= 0 (0: auto), got {reduce_heads}")
         self.reduce_heads = int(reduce_heads)
@@ -237,6 +245,7 @@ class DeftAttention(AttentionMethod):
             tree, shape.group_size, self.mode, 0 if auto else self.chunk_for(tree, shape), self.block_m, out_alloc,
             snap, few_split=self.few_split if self.mode == "flatten" else 0, wide_budget=self.wide_budget(shape),
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
+            lpt_mix=(self.mix, self.ctas_per_sm * self.n_sms / shape.n_kv_heads),
         )  # fmt: skip
 
     def chunk_policy(self, shape: AttentionShape) -> tuple[int, int, int, int]:
@@ -287,6 +296,7 @@ class DeftAttention(AttentionMethod):
             "wide_waves": self.wide_waves,
             "wide_ctas_per_sm": self.wide_ctas_per_sm,
             "lpt": self.lpt,
+            "mix": self.mix,
             "reduce_heads": self.reduce_heads or "auto",
             "pdl": self.pdl,
             "idx_inloop": self.idx_inloop,

@@ -86,20 +86,41 @@ def tile_tokens(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 LPT_BIG, LPT_SMALL, LPT_PROGRAM = 3, 2, 128
 
 
-def order_tiles_longest_first(g: KVGroups, group: int, small_rows: int) -> None:
+def order_tiles_longest_first(
+    g: KVGroups, group: int, small_rows: int, mix: float = 0.0, slots: float = 0.0
+) -> None:
     """Reorder ``g``'s tile records in place, the most estimated work first (stable: ties keep DFS order).
 
     Only the launch order changes: every record carries its own token range, query range and partial rows,
     so the reduction and the IO are the same. A tile's rows are its queries x ``group``; it is small (runs
-    the small tile) when they fit ``small_rows``. The cost model is a heuristic (see ``LPT_*``). This is the
-    numpy reference; the C plan orders its tiles itself (``build_groups(..., lpt_small_m=...)``, bit-identical)."""
+    the small tile) when they fit ``small_rows``. The cost model is a heuristic (see ``LPT_*``).
+
+    ``mix`` > 0: then alternate big and small tiles (each kind in its longest-first order, the longer kind's
+    rest at the end) when the costliest big tile is at most ``mix`` times the average load of the ``slots``
+    programs per KV head that run at once (total cost / ``slots``): the big tiles (tensor-bound) are then not
+    the step's critical path, and an SM that runs one of each kind finishes sooner than one running two big or
+    two small ones (H100, session 8: few-shot 4k 6-7 % faster; 16k, where the big tiles are the critical
+    path, up to 23 % slower). This is the numpy reference; the C plan orders its tiles itself
+    (``build_groups(..., lpt_small_m=..., lpt_mix=...)``, bit-identical)."""
     t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
     if t.shape[0] < 2:
         return
     n_tok, masked = tile_tokens(t)
     big = (t[:, 3] - t[:, 2]) * group > small_rows
     cost = (n_tok + masked) * np.where(big, LPT_BIG, LPT_SMALL) + LPT_PROGRAM
-    t[...] = t[np.argsort(-cost, kind="stable")]
+    order = np.argsort(-cost, kind="stable")
+    if mix > 0 and big.any() and not big.all() and float(cost[big].max()) * slots <= mix * float(cost.sum()):
+        order = alternate(order[big[order]], order[~big[order]])
+    t[...] = t[order]
+
+
+def alternate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a[0], b[0], a[1], b[1], ...``, then the rest of the longer one."""
+    k = min(a.size, b.size)
+    out = np.empty(a.size + b.size, dtype=a.dtype)
+    out[0 : 2 * k : 2], out[1 : 2 * k : 2] = a[:k], b[:k]
+    out[2 * k :] = a[k:] if a.size > k else b[k:]
+    return out
 
 
 def _next_pow2(x: int) -> int:
@@ -127,6 +148,7 @@ def build_groups(
     wide_budget: int = 0,
     chunk_policy: tuple[int, int, int, int] | None = None,
     lpt_small_m: int | None = None,
+    lpt_mix: tuple[float, float] = (0.0, 0.0),
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -152,7 +174,8 @@ def build_groups(
     ``chunk_policy`` ``(kv_heads, chunk_min, chunk_max, target_programs)``: with ``chunk_size`` 0 (chunked
     modes), the chunk size comes from the tree's seen tokens (:func:`auto_chunk_size`). ``lpt_small_m``: the
     tiles in longest-first order (:func:`order_tiles_longest_first`, small tiles as :func:`small_tile_rows` gives
-    them for this ``small_m``), else in DFS order.
+    them for this ``small_m``), else in DFS order; ``lpt_mix`` ``(mix, slots)``: then big and small tiles alternate
+    under :func:`order_tiles_longest_first`'s rule.
     """
     if mode not in MODES:
         raise ValueError(f"unknown grouping mode {mode!r}; use one of {MODES}")
@@ -168,7 +191,7 @@ def build_groups(
         if native and not pn.native_available():
             raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
         g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split,
-                                   chunk_policy if auto else None, lpt_small_m)  # fmt: skip
+                                   chunk_policy if auto else None, lpt_small_m, lpt_mix)  # fmt: skip
         if g is not None:
             return g
     if tree.unique_kv_tokens >= 1 << (31 - FLAG_SHIFT):  # a tile's flags hold its unmasked length above 2 bits
@@ -179,7 +202,7 @@ def build_groups(
         chunk_size = auto_chunk_size(tree.unique_kv_tokens, *chunk_policy)
     g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)
     if lpt_small_m is not None:
-        order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m))
+        order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m), *lpt_mix)
     return g
 
 

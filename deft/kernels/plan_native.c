@@ -736,22 +736,52 @@ void deft_plan_fill(i64 *ws, i32 *out)
  * tile records in place by estimated cost, highest first, ties in their current order. cost = (tokens +
  * masked tokens) x (big ? lpt_big : lpt_small) + lpt_program, a tile being big when its queries x group
  * exceed small_rows. Scratch: 6 x n int64 from the caller (negated costs, index, sort buffer, records copy);
- * the stable sort is the queries' (sort_by_vis), ascending on the negated cost. */
+ * the stable sort is the queries' (sort_by_vis), ascending on the negated cost. With mix > 0 and both kinds
+ * present, big and small tiles then alternate (each kind keeps its order, the longer list's rest at the end)
+ * when the costliest big tile x slots <= mix x the total cost: the big programs are then not the step's
+ * critical path, and an SM running one of each kind (tensor-bound and HBM-bound) finishes sooner. */
 void deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, i64 lpt_small,
-                      i64 lpt_program, i64 *scratch)
+                      i64 lpt_program, double mix, double slots, i64 *scratch)
 {
     if (n < 2)
         return;
     i64 *neg_cost = scratch, *idx = scratch + n, *tmp = scratch + 2 * n;
     i32 *copy = (i32 *)(scratch + 3 * n); /* 6 x n int32 = 3 x n int64 */
+    i64 total = 0, max_big = -1, n_big = 0;
     for (i64 i = 0; i < n; i++) {
         const i32 *t = tiles + 6 * i;
         i64 n_tok = (i64)t[1] - t[0], masked = n_tok - ((i64)t[5] >> 2);
         i64 big = ((i64)t[3] - t[2]) * group > small_rows;
-        neg_cost[i] = -((n_tok + masked) * (big ? lpt_big : lpt_small) + lpt_program);
+        i64 cost = (n_tok + masked) * (big ? lpt_big : lpt_small) + lpt_program;
+        neg_cost[i] = -cost;
         idx[i] = i;
+        total += cost;
+        if (big) {
+            n_big++;
+            if (cost > max_big)
+                max_big = cost;
+        }
     }
     sort_by_vis(idx, n, neg_cost, tmp);
+    if (mix > 0 && n_big > 0 && n_big < n && (double)max_big * slots <= mix * (double)total) {
+        /* split the sorted order into its big and small tiles (tmp), then alternate them back into idx */
+        i64 nb = 0, ns = 0;
+        i64 *bigs = tmp, *smalls = tmp + n_big;
+        for (i64 i = 0; i < n; i++) {
+            const i32 *t = tiles + 6 * idx[i];
+            if (((i64)t[3] - t[2]) * group > small_rows)
+                bigs[nb++] = idx[i];
+            else
+                smalls[ns++] = idx[i];
+        }
+        i64 o = 0, b = 0, s = 0;
+        while (b < nb || s < ns) {
+            if (b < nb)
+                idx[o++] = bigs[b++];
+            if (s < ns)
+                idx[o++] = smalls[s++];
+        }
+    }
     memcpy(copy, tiles, (size_t)(6 * n) * sizeof(i32));
     for (i64 i = 0; i < n; i++)
         memcpy(tiles + 6 * i, copy + 6 * idx[i], 6 * sizeof(i32));

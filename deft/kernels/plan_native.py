@@ -107,7 +107,7 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_plan_size.restype = i64
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
-            lib.deft_order_tiles.argtypes = [_P32, i64, i64, i64, i64, i64, i64, ptr]
+            lib.deft_order_tiles.argtypes = [_P32, i64, i64, i64, i64, i64, i64, ctypes.c_double, ctypes.c_double, ptr]
             lib.deft_order_tiles.restype = None
             _lib = lib
         except Exception as e:  # no compiler, no write access, a loader error: numpy does the work
@@ -202,13 +202,15 @@ def build_groups_native(
     few_split: int = 0,
     chunk_policy: tuple[int, int, int, int] | None = None,
     lpt_small_m: int | None = None,
+    lpt_mix: tuple[float, float] = (0.0, 0.0),
 ) -> KVGroups | None:
     """:func:`~deft.kernels.kv_groups.build_groups` in C, for a tree with queries (the caller checks the
     mode and chunk size); None when the native code is off or cannot take these inputs. ``chunk_policy``
     ``(kv_heads, chunk_min, chunk_max, target_programs)`` with ``chunk_size`` 0: the C code picks the chunk size
     from the tree's seen tokens (:func:`~deft.kernels.kv_groups.auto_chunk_size`), saving the caller a tree
     derivation. ``lpt_small_m``: order the tiles longest first in the same pass
-    (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``)."""
+    (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``; ``lpt_mix``: its
+    ``(mix, slots)``)."""
     if not ENABLED:
         return None
     lib = _lib if _lib is not None else _load()
@@ -224,6 +226,7 @@ def build_groups_native(
         or not 0 <= few_split < 1 << 30
         or (auto and not (len(chunk_policy) == 4 and min(chunk_policy) >= 0 and max(chunk_policy) < 1 << 40))
         or (lpt_small_m is not None and not -(1 << 40) < lpt_small_m < 1 << 40)
+        or not (0.0 <= lpt_mix[0] < 1e18 and 0.0 <= lpt_mix[1] < 1e18)
     ):  # fmt: skip
         return None
     policy = _policy_view(chunk_policy) if auto else None
@@ -259,7 +262,7 @@ def build_groups_native(
         dst = _VIEW[_I32](tmp)
     lib.deft_plan_fill(ws_buf, dst)
     if lpt_small_m is not None:  # the tiles section starts the packed array; the plan's workspace is free again
-        _order_tiles(lib, dst, n_tiles, int(group), small_tile_rows(int(group), h[7], int(lpt_small_m)))
+        _order_tiles(lib, dst, n_tiles, int(group), small_tile_rows(int(group), h[7], int(lpt_small_m)), *lpt_mix)
     if tmp is not None:
         packed[...] = tmp
     sec = h[10:18]
@@ -275,15 +278,18 @@ def build_groups_native(
         chunk_size=used_chunk,
     )
 
-def _order_tiles(lib: ctypes.CDLL, tiles, n: int, group: int, small_rows: int) -> None:
+def _order_tiles(
+    lib: ctypes.CDLL, tiles, n: int, group: int, small_rows: int, mix: float = 0.0, slots: float = 0.0
+) -> None:
     """``deft_order_tiles`` on ``n`` tile records at ``tiles`` (a ctypes int32 at the first), scratch from this
     thread's workspace."""
     if n > 1:
         _, scratch = _workspace(6 * n)
-        lib.deft_order_tiles(tiles, n, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM, scratch)
+        lib.deft_order_tiles(tiles, n, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM, float(mix), float(slots),
+                             scratch)  # fmt: skip
 
 
-def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int) -> bool:
+def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int, mix: float = 0.0, slots: float = 0.0) -> bool:
     """:func:`~deft.kernels.kv_groups.order_tiles_longest_first`'s reorder in C, in place on ``tiles``
     (``[n, 6]`` int32, C-contiguous, writable); False (nothing done) when the native code is off or cannot
     take the array. Plans order their tiles in :func:`build_groups_native`; this is the same sort on its own."""
@@ -296,5 +302,5 @@ def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int) -> bool:
         buf = _VIEW[_I32](tiles)
     except (TypeError, ValueError, BufferError):  # not contiguous, or read-only
         return False
-    _order_tiles(lib, buf, tiles.shape[0], int(group), int(small_rows))
+    _order_tiles(lib, buf, tiles.shape[0], int(group), int(small_rows), mix, slots)
     return True

@@ -1,0 +1,146 @@
+"""Plan-time probe: where a DeFT plan's host time goes on the GPU machine, and what cheaper uploads would save.
+
+``DeftAttention.plan`` is the C grouping (tree derivation, chunking, packing into a pinned staging buffer) plus a
+torch-side upload (a device ``empty``, a non-blocking ``copy_``, an event that guards the staging buffer's reuse)
+plus a little Python (workspace, launch configuration, the plan record). On the GPU machine's host the plan
+measured 126-186 µs where the same plan takes 27-30 µs on the development CPU without the upload. This times
+each piece on the snapshot trees, round-robin over the pieces so a noisy host affects them alike, and times
+the upload done other ways:
+
+- ``upload``: the plan's own (``empty`` + ``copy_`` + event record);
+- ``to``: ``pinned[:n].to(dev, non_blocking=True)`` + event record (one torch call fewer);
+- ``ring_copy``: ``copy_`` into a slice of a device buffer allocated once + event record;
+- ``cudart``: ``cudaMemcpyAsync`` + ``cudaEventRecord`` through ctypes into a buffer allocated once, with the
+  stream and event handles looked up once (the cheapest an upload can be from Python);
+- the parts alone: ``empty``, ``copy``, ``record``, ``current_stream``.
+
+Rows (median and p90 µs per piece and snapshot) to ``$OUT/plan_probe_<date>.csv``; a table last. Run on the GPU
+machine: ``python -m scripts.plan_probe``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import glob
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from deft.kernels.deft_flatten import DeftFlatten
+from scripts.kernel_snapshots import SHAPE, fresh, provenance, snapshots
+
+REPS = int(os.environ.get("DEFT_PP_REPS", "300"))
+
+
+def load_cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime torch uses (its wheel's, else the system's), or None."""
+    roots = [os.path.dirname(torch.__file__), *(p for p in __import__("sys").path if p.endswith("-packages"))]
+    cands = [f for r in roots for pat in ("lib/libcudart.so*", "nvidia/*/lib/libcudart.so*", "nvidia/cu*/lib/libcudart.so*")
+             for f in sorted(glob.glob(os.path.join(r, pat)))]  # fmt: skip
+    for name in [*cands, "libcudart.so"]:
+        try:
+            lib = ctypes.CDLL(name)
+            lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+            lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            print(f"cudart: {name}", flush=True)
+            return lib
+        except OSError:
+            continue
+    return None
+
+
+def round_robin(pieces: dict[str, Callable[[], object]], reps: int, sync_every: int = 25) -> dict[str, np.ndarray]:
+    """µs samples of each piece, the pieces taken in turn within every repetition."""
+    out: dict[str, list[float]] = {k: [] for k in pieces}
+    for fn in pieces.values():  # warm-up
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    for r in range(reps):
+        for k, fn in pieces.items():
+            t0 = time.perf_counter()
+            fn()
+            out[k].append((time.perf_counter() - t0) * 1e6)
+        if r % sync_every == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def probe_snapshot(tree, dev: torch.device, cudart: ctypes.CDLL | None) -> tuple[dict[str, np.ndarray], dict]:
+    """µs samples of every piece on one tree, and the plan's size."""
+    m = DeftFlatten()
+    plan = m.plan(tree, SHAPE, dev)
+    staging = m._staging[dev]
+    n = int(plan.groups.packed.size)
+    pinned = torch.empty(max(n, 1 << 16), dtype=torch.int32, pin_memory=True)
+    ring = torch.empty(max(n, 1 << 16), dtype=torch.int32, device=dev)
+    ev = torch.cuda.Event()
+    stream = torch.cuda.current_stream()
+    trees = [fresh(tree) for _ in range(64)]
+    it = iter(range(1 << 30))
+
+    def tr():
+        return trees[next(it) % len(trees)]
+
+    def up_to():
+        d = pinned[:n].to(dev, non_blocking=True)
+        ev.record()
+        return d
+
+    def up_ring():
+        ring[:n].copy_(pinned[:n], non_blocking=True)
+        ev.record()
+
+    pieces: dict[str, Callable[[], object]] = {
+        "plan": lambda: m.plan(tr(), SHAPE, dev),
+        "groups": lambda: m.groups(tr(), SHAPE, staging.alloc),
+        "upload": lambda: staging.upload(n, dev),
+        "to": up_to,
+        "ring_copy": up_ring,
+        "empty": lambda: torch.empty(n, dtype=torch.int32, device=dev),
+        "copy": lambda: ring[:n].copy_(pinned[:n], non_blocking=True),
+        "record": lambda: ev.record(),
+        "record_stream": lambda: ev.record(stream),
+        "current_stream": lambda: torch.cuda.current_stream(),
+        "workspace": lambda: m._workspace(max(plan.groups.n_partials, 1), SHAPE, dev),
+        "precompile_lookup": lambda: m._precompile(plan, dev),
+    }
+    if cudart is not None:
+        src, dst, nbytes = pinned.data_ptr(), ring.data_ptr(), 4 * n
+        s_handle, e_handle = stream.cuda_stream, ev.cuda_event
+
+        def up_cudart():
+            cudart.cudaMemcpyAsync(dst, src, nbytes, 1, s_handle)
+            cudart.cudaEventRecord(e_handle, s_handle)
+
+        pieces["cudart"] = up_cudart
+    return round_robin(pieces, REPS), {"packed_ints": n, "n_tiles": plan.groups.n_tiles, "reps": REPS}
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    prov = provenance(dev)
+    cudart = load_cudart()
+    rows = []
+    for sname, tree in snapshots():
+        samples, info = probe_snapshot(tree, dev, cudart)
+        for k, s in samples.items():
+            rows.append({"snapshot": sname, "piece": k, "median_us": float(np.median(s)),
+                         "p10_us": float(np.percentile(s, 10)), "p90_us": float(np.percentile(s, 90)), **info})  # fmt: skip
+        print(f"{sname[:26]:26s} " + " ".join(f"{k} {np.median(s):.1f}" for k, s in samples.items()), flush=True)
+    df = pd.DataFrame(rows).assign(**prov)
+    out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / f"plan_probe_{datetime.date.today().isoformat()}.csv", index=False)
+    print(df.pivot_table(index="snapshot", columns="piece", values="median_us").round(1).to_string())
+
+
+if __name__ == "__main__":
+    main()
