@@ -98,11 +98,14 @@ ALL_SWEEP = {
     # against never (plain longest first) and always
     "mix0": {"mix": 0.0},
     "mixall": {"mix": 1e9},
+    # a chunk's query slices filled to the tile's rows, the rest in a small tile (50 queries: 3 x 64 rows + 8)
+    "fill": {"fill_tiles": True},
+    "fill_mix0": {"fill_tiles": True, "mix": 0.0},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 9)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,mix0,mixall").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,mix0,mixall,fill,fill_mix0").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

@@ -120,11 +120,31 @@ def test_node_longer_than_many_chunks_matches_reference(mode):
 
 
 @pytest.mark.parametrize("mode", list(METHODS))
-def test_more_queries_than_a_tile_holds_split_and_match_reference(mode):
+@pytest.mark.parametrize("fill", [False, True])
+def test_more_queries_than_a_tile_holds_split_and_match_reference(mode, fill):
     rng = np.random.default_rng(2)
     tree = fan_tree(40, 12, 3, rng)  # 12 queries x 4 heads; tiles of 16 rows hold 4 queries
-    plan = check(METHODS[mode](chunk_size=32, block_m=16, block_n=16), tree)
+    plan = check(METHODS[mode](chunk_size=32, block_m=16, block_n=16, fill_tiles=fill), tree)
     assert plan.groups.n_tiles > plan.groups.n_chunks
+    # 14 queries (one more than 13, so the rest is not empty) in 32-row tiles of 8: slices of 7 + 7, or 8 + 6
+    tree = fan_tree(40, 14, 3, rng)
+    plan = check(METHODS[mode](chunk_size=64, block_m=32, block_n=16, small_m=0, fill_tiles=fill), tree)
+    t = plan.groups.section("tiles").reshape(-1, 6)
+    wide = t[t[:, 0] == 0]  # the prompt's first chunk: every query sees it
+    assert sorted((wide[:, 3] - wide[:, 2]).tolist()) == ([6, 8] if fill else [7, 7])
+
+
+def test_filled_tiles_leave_the_rest_to_a_small_tile_and_match_reference():
+    """``fill_tiles``: 13 queries x GQA 4 in 64-row tiles = 16 queries... here 18 queries: one full tile of 16
+    and a small tile of 2 (8 rows), instead of two big tiles of 9; the output is the same."""
+    rng = np.random.default_rng(4)
+    tree = fan_tree(96, 18, 5, rng)
+    for fill in (False, True):
+        plan = check(DeftFlatten(chunk_size=48, block_n=16, fill_tiles=fill), tree, dtype=torch.bfloat16)
+        t = plan.groups.section("tiles").reshape(-1, 6)
+        prompt = t[t[:, 1] <= 96]
+        n_q = np.sort(prompt[:, 3] - prompt[:, 2])
+        assert n_q.tolist() == ([2, 2, 16, 16] if fill else [9, 9, 9, 9])
 
 
 @pytest.mark.parametrize("mode", list(METHODS))
@@ -354,7 +374,7 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     else:
         tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])))
+    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fill_tiles=seed % 2 == 1)
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
     c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0)

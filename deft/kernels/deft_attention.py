@@ -128,6 +128,9 @@ class DeftAttention(AttentionMethod):
     ``mix`` x the average load of the ``ctas_per_sm`` x SMs programs that run at once
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`): a tensor-bound and an HBM-bound program share an
     SM better than two of a kind, unless the big tiles are the step's critical path.
+    ``fill_tiles``: a chunk with more queries than a tile holds is cut into full tiles and the rest (a small tile
+    when it fits one: 50 few-shot queries at GQA 4 are 3 x 64 rows + 8, instead of 4 x 52 rows padded to 64),
+    instead of near-equal slices.
     ``reduce_heads``: query heads per program of the global reduction (1 by default; 0: as many as fit a
     4096-element tile, :func:`~deft.kernels.global_reduce.reduce_heads`); the reduction runs one warp per program
     up to 4096-element tiles. H100, session 8, the reduction alone at few-shot 16k step 200: 6.4 µs with one warp,
@@ -166,6 +169,7 @@ class DeftAttention(AttentionMethod):
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
         mix: float = 1.5,
+        fill_tiles: bool = False,
         reduce_heads: int = 1,
         pdl: bool = True,
     ) -> None:
@@ -202,6 +206,7 @@ class DeftAttention(AttentionMethod):
         if not 0.0 <= float(mix) < 1e18:
             raise ValueError(f"mix must be >= 0 (0: off), got {mix}")
         self.mix = float(mix)
+        self.fill_tiles = bool(fill_tiles)
         if int(reduce_heads) < 0:
             raise ValueError(f"reduce_heads must be >= 0 (0: auto), got {reduce_heads}")
         self.reduce_heads = int(reduce_heads)
@@ -245,7 +250,7 @@ class DeftAttention(AttentionMethod):
             tree, shape.group_size, self.mode, 0 if auto else self.chunk_for(tree, shape), self.block_m, out_alloc,
             snap, few_split=self.few_split if self.mode == "flatten" else 0, wide_budget=self.wide_budget(shape),
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
-            lpt_mix=(self.mix, self.ctas_per_sm * self.n_sms / shape.n_kv_heads),
+            lpt_mix=(self.mix, self.ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
         )  # fmt: skip
 
     def chunk_policy(self, shape: AttentionShape) -> tuple[int, int, int, int]:
@@ -297,6 +302,7 @@ class DeftAttention(AttentionMethod):
             "wide_ctas_per_sm": self.wide_ctas_per_sm,
             "lpt": self.lpt,
             "mix": self.mix,
+            "fill_tiles": self.fill_tiles,
             "reduce_heads": self.reduce_heads or "auto",
             "pdl": self.pdl,
             "idx_inloop": self.idx_inloop,

@@ -149,6 +149,7 @@ def build_groups(
     chunk_policy: tuple[int, int, int, int] | None = None,
     lpt_small_m: int | None = None,
     lpt_mix: tuple[float, float] = (0.0, 0.0),
+    fill_tiles: bool = False,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -156,7 +157,8 @@ def build_groups(
     tokens into ``ceil(T / chunk_size)`` near-equal chunks; ``node`` makes one chunk per node;
     ``node_chunk`` cuts each node every ``chunk_size`` tokens. ``block_m_max``: the most tile rows; the
     plan takes the smallest power of two (>= 16) that holds a chunk's queries up to that, and a chunk
-    with more queries than ``rows // group`` is split into near-equal query slices. ``out_alloc(n)``
+    with more queries than ``rows // group`` is split into near-equal query slices (``fill_tiles``: slices of
+    ``rows // group`` queries, the rest in the last, which runs as a small tile when it fits one). ``out_alloc(n)``
     gives the int32 array to pack into (a pinned staging buffer), default a fresh one. ``snap``
     (flatten only): move each cut to the nearest node boundary when one lies within ``snap`` x
     ``chunk_size`` tokens of it, so fewer chunks straddle two nodes (fewer masked tiles and partial
@@ -191,7 +193,7 @@ def build_groups(
         if native and not pn.native_available():
             raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
         g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split,
-                                   chunk_policy if auto else None, lpt_small_m, lpt_mix)  # fmt: skip
+                                   chunk_policy if auto else None, lpt_small_m, lpt_mix, fill_tiles)  # fmt: skip
         if g is not None:
             return g
     if tree.unique_kv_tokens >= 1 << (31 - FLAG_SHIFT):  # a tile's flags hold its unmasked length above 2 bits
@@ -200,7 +202,8 @@ def build_groups(
         )
     if auto:
         chunk_size = auto_chunk_size(tree.unique_kv_tokens, *chunk_policy)
-    g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget)
+    g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget,
+                            fill_tiles)  # fmt: skip
     if lpt_small_m is not None:
         order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m), *lpt_mix)
     return g
@@ -235,6 +238,7 @@ def _build_groups_numpy(
     snap: float,
     few_split: int = 0,
     wide_budget: int = 0,
+    fill_tiles: bool = False,
 ) -> KVGroups:
     """:func:`build_groups` in numpy, for a tree with queries: the reference the C code matches."""
     nq = tree.n_queries
@@ -308,7 +312,7 @@ def _build_groups_numpy(
     if mode == "flatten":
         thr[first != last] = nq + 1  # a chunk across two nodes always needs it
 
-    # tiles: near-equal query slices of each chunk
+    # tiles: each chunk's queries in near-equal slices, or (fill_tiles) in slices of qt_max and the rest last
     block_m = tile_rows(int(cnq.max()), group, block_m_max)
     qt_max = block_m // group
     nt = np.maximum(cnq, 1)
@@ -338,10 +342,14 @@ def _build_groups_numpy(
         t_cnq = cnq[t_chunk]
         t_nt = nt[t_chunk]
         t_j = np.arange(n_tiles) - (t_end - nt)[t_chunk]  # tile number within its chunk
-        t_j *= t_cnq
-        tq_lo = t_j // t_nt
-        t_j += t_cnq
-        t_j //= t_nt  # now the tile's query end, relative to the chunk's
+        if fill_tiles:
+            tq_lo = t_j * qt_max
+            t_j = np.minimum(tq_lo + qt_max, t_cnq)  # now the tile's query end, relative to the chunk's
+        else:
+            t_j *= t_cnq
+            tq_lo = t_j // t_nt
+            t_j += t_cnq
+            t_j //= t_nt  # now the tile's query end, relative to the chunk's
         t_qlo = cq_lo[t_chunk]
         tq_lo += t_qlo
         t_j += t_qlo

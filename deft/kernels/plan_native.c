@@ -24,6 +24,7 @@ enum {
     /* workspace offsets of the arrays deft_plan_fill reads */
     H_KV, H_KOFF, H_KEND, H_KTIN, H_KNEND, H_QIDX, H_QTIN, H_QVIS, H_COUNT, H_BOUNDS, H_CQLO, H_CQHI, H_THR,
     H_CHUNK, /* the chunk size used (chosen here when the caller passed 0 with a chunk policy) */
+    H_FILL,  /* query slices: 1 = full tiles then the rest, 0 = near-equal */
     H_SIZE = 40
 };
 #define N_SECTIONS 7
@@ -254,7 +255,8 @@ static i64 chunk_subtree_end(i64 c, i64 n_c, const i64 *cfirst, const i64 *clast
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
 i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
                    const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
-                   double snap, i64 wide_budget, i64 few_rows, const i64 *chunk_policy, i64 *ws, i64 ws_cap)
+                   double snap, i64 wide_budget, i64 few_rows, const i64 *chunk_policy, i64 fill_tiles, i64 *ws,
+                   i64 ws_cap)
 {
     if (ws_cap < H_SIZE)
         return -1;
@@ -607,6 +609,7 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
     ws[H_K] = k;
     ws[H_NQ] = nq;
     ws[H_QT] = qt;
+    ws[H_FILL] = fill_tiles != 0;
     ws[H_SLOT_PTR] = (i64)(intptr_t)slot_ptr;
     ws[H_SLOTS] = (i64)(intptr_t)slots;
     ws[H_MODE] = mode;
@@ -654,17 +657,18 @@ void deft_plan_fill(i64 *ws, i32 *out)
         *nodes = out + ws[H_SEC + 3], *queries = out + ws[H_SEC + 4], *red_ptr = out + ws[H_SEC + 5],
         *red_idx = out + ws[H_SEC + 6];
 
-    /* tiles: near-equal query slices of each chunk */
-    i64 pbase = 0;
+    /* tiles: each chunk's queries in near-equal slices, or (H_FILL) in slices of qt and the rest last */
+    i64 pbase = 0, fill = ws[H_FILL];
     for (i64 c = 0; c < n_c; c++) {
         i64 a = cq_lo[c], cn = cq_hi[c] - a, th = thr[c];
         i64 nt = ((cn > 1 ? cn : 1) + qt - 1) / qt;
         for (i64 j = 0; j < nt; j++) {
-            i64 lo = a + j * cn / nt;
+            i64 lo = fill ? a + j * qt : a + j * cn / nt;
+            i64 hi = fill ? (j + 1 < nt ? lo + qt : a + cn) : a + (j + 1) * cn / nt;
             tiles[0] = (i32)bounds[c];
             tiles[1] = (i32)bounds[c + 1];
             tiles[2] = (i32)lo;
-            tiles[3] = (i32)(a + (j + 1) * cn / nt);
+            tiles[3] = (i32)hi;
             tiles[4] = (i32)(pbase + lo - a);
             tiles[5] = lo < th;
             tiles += 6;
