@@ -549,6 +549,23 @@ def test_wide_nodes_get_long_chunks_within_the_budget_and_match_reference(mode):
     check(METHODS[mode](chunk_size=30, block_m=32, block_n=16, wide_waves=0.5, n_sms=8), spec, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_filled_tiles_count_only_big_tiles_against_the_wide_budget(mode):
+    """17 queries x group 4 = 68 rows in 32-row tiles: near-equal, 3 big tiles per prompt chunk; filled, 2 full
+    tiles and a one-query rest (4 rows, a small tile), so the same budget of 18 programs buys 9 prompt chunks
+    instead of 6. A rest too big for the small tile still counts."""
+    shape = AttentionShape(8, 2, 16, "float16")
+    kw = dict(chunk_size=40, block_m=32, block_n=16, wide_waves=1.0, wide_ctas_per_sm=2, n_sms=18)
+    for fill, width, chunks in ((False, 17, 6), (True, 17, 9), (True, 22, 6)):  # 22 queries: a rest of 6 (24 rows)
+        tree = fan_tree(600, width, 20)
+        m = METHODS[mode](fill_tiles=fill, **kw)
+        assert m.wide_budget(shape) == 18
+        t = m.groups(tree, shape).records("tiles")
+        prompt = t["tok_hi"] <= 600
+        assert np.unique(t["tok_lo"][prompt]).size == chunks, (fill, width)
+        check(m, tree)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU")
 def test_first_run_compiles_every_variant_so_later_plans_compile_nothing():

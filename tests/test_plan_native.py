@@ -42,7 +42,7 @@ def assert_same_groups(a: KVGroups, b: KVGroups) -> None:
 
 def assert_native_matches_numpy(
     tree, group, mode, chunk_size=0, block_m_max=128, snap=0.0, use_out=False, wide_budget=0, few_split=0,
-    fill_tiles=False,
+    fill_tiles=False, fill_small=0,
 ):  # fmt: skip
     """Native plan (``use_out``: into a buffer given by out_alloc) equals the numpy plan of the same tree."""
     bufs = []
@@ -54,17 +54,18 @@ def assert_native_matches_numpy(
     if tree.n_queries:  # the C code itself, not build_groups' numpy fallback for inputs it declines
         out_alloc = alloc if use_out else None
         nat = plan_native.build_groups_native(
-            tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split, fill_tiles=fill_tiles
+            tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split, fill_tiles=fill_tiles,
+            fill_small=fill_small,
         )
         assert nat is not None
     else:
         nat = build_groups(
             tree, group, mode, chunk_size, block_m_max, alloc if use_out else None, snap, native=True,
-            wide_budget=wide_budget, few_split=few_split, fill_tiles=fill_tiles,
+            wide_budget=wide_budget, few_split=few_split, fill_tiles=fill_tiles, fill_small=fill_small,
         )  # fmt: skip
     ref = build_groups(
         python_tree(tree), group, mode, chunk_size, block_m_max, None, snap, native=False, wide_budget=wide_budget,
-        few_split=few_split, fill_tiles=fill_tiles,
+        few_split=few_split, fill_tiles=fill_tiles, fill_small=fill_small,
     )  # fmt: skip
     assert_same_groups(nat, ref)
     if use_out:
@@ -83,6 +84,7 @@ def random_params(rng, tree: DecodingTree) -> dict:
         wide_budget=int(rng.choice([0, 0, 1, 3, 33])),
         few_split=int(rng.choice([0, 0, 4, 16, 64])),
         fill_tiles=bool(rng.random() < 0.5),
+        fill_small=int(rng.choice([0, 4, 16, 32])),
     )
 
 
@@ -351,12 +353,12 @@ def test_chunk_size_chosen_in_c_and_tiles_ordered_in_the_same_pass_match_numpy(s
         chunk = 0 if p["mode"] != "node" else p["chunk_size"]
         nat = build_groups(tree, p["group"], p["mode"], chunk, p["block_m_max"], snap=p["snap"], native=True,
                            few_split=p["few_split"], wide_budget=p["wide_budget"], chunk_policy=policy,
-                           fill_tiles=p["fill_tiles"],
+                           fill_tiles=p["fill_tiles"], fill_small=p["fill_small"],
                            lpt_small_m=small_m, lpt_mix=mix)  # fmt: skip
         want = auto_chunk_size(tree.unique_kv_tokens, *policy) if p["mode"] != "node" else p["chunk_size"]
         ref = build_groups(tree, p["group"], p["mode"], want, p["block_m_max"], snap=p["snap"], native=False,
                            few_split=p["few_split"], wide_budget=p["wide_budget"], lpt_small_m=small_m,
-                           fill_tiles=p["fill_tiles"],
+                           fill_tiles=p["fill_tiles"], fill_small=p["fill_small"],
                            lpt_mix=mix)  # fmt: skip
         assert_same_groups(nat, ref)
         assert nat.chunk_size == (want if p["mode"] != "node" else 0)

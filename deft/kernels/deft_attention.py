@@ -130,7 +130,7 @@ class DeftAttention(AttentionMethod):
     SM better than two of a kind, unless the big tiles are the step's critical path.
     ``fill_tiles``: a chunk with more queries than a tile holds is cut into full tiles and the rest (a small tile
     when it fits one: 50 few-shot queries at GQA 4 are 3 x 64 rows + 8, instead of 4 x 52 rows padded to 64),
-    instead of near-equal slices.
+    instead of near-equal slices; the wide nodes' budget (``wide_waves``) then counts only the big tiles.
     ``reduce_heads``: query heads per program of the global reduction (1 by default; 0: as many as fit a
     4096-element tile, :func:`~deft.kernels.global_reduce.reduce_heads`); the reduction runs one warp per program
     up to 4096-element tiles. H100, session 8, the reduction alone at few-shot 16k step 200: 6.4 µs with one warp,
@@ -251,7 +251,13 @@ class DeftAttention(AttentionMethod):
             snap, few_split=self.few_split if self.mode == "flatten" else 0, wide_budget=self.wide_budget(shape),
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
             lpt_mix=(self.mix, self.ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
+            fill_small=self.fill_small(shape),
         )  # fmt: skip
+
+    def fill_small(self, shape: AttentionShape) -> int:
+        """Rows of the small tile that takes a filled chunk's rest (0: none, or ``fill_tiles`` off)."""
+        small = small_tile_rows(shape.group_size, self.block_m, self.small_m)
+        return small if self.fill_tiles and small < self.block_m else 0
 
     def chunk_policy(self, shape: AttentionShape) -> tuple[int, int, int, int]:
         """``(kv_heads, chunk_min, chunk_max, target programs)``: how :meth:`chunk_for` picks a chunk size from a

@@ -150,6 +150,7 @@ def build_groups(
     lpt_small_m: int | None = None,
     lpt_mix: tuple[float, float] = (0.0, 0.0),
     fill_tiles: bool = False,
+    fill_small: int = 0,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -158,7 +159,8 @@ def build_groups(
     ``node_chunk`` cuts each node every ``chunk_size`` tokens. ``block_m_max``: the most tile rows; the
     plan takes the smallest power of two (>= 16) that holds a chunk's queries up to that, and a chunk
     with more queries than ``rows // group`` is split into near-equal query slices (``fill_tiles``: slices of
-    ``rows // group`` queries, the rest in the last, which runs as a small tile when it fits one). ``out_alloc(n)``
+    ``rows // group`` queries, the rest in the last, which runs as a small tile when it fits ``fill_small`` rows,
+    and then is not counted in ``wide_budget``). ``out_alloc(n)``
     gives the int32 array to pack into (a pinned staging buffer), default a fresh one. ``snap``
     (flatten only): move each cut to the nearest node boundary when one lies within ``snap`` x
     ``chunk_size`` tokens of it, so fewer chunks straddle two nodes (fewer masked tiles and partial
@@ -193,7 +195,8 @@ def build_groups(
         if native and not pn.native_available():
             raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
         g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split,
-                                   chunk_policy if auto else None, lpt_small_m, lpt_mix, fill_tiles)  # fmt: skip
+                                   chunk_policy if auto else None, lpt_small_m, lpt_mix, fill_tiles,
+                                   fill_small)  # fmt: skip
         if g is not None:
             return g
     if tree.unique_kv_tokens >= 1 << (31 - FLAG_SHIFT):  # a tile's flags hold its unmasked length above 2 bits
@@ -203,7 +206,7 @@ def build_groups(
     if auto:
         chunk_size = auto_chunk_size(tree.unique_kv_tokens, *chunk_policy)
     g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget,
-                            fill_tiles)  # fmt: skip
+                            fill_tiles, fill_small)  # fmt: skip
     if lpt_small_m is not None:
         order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m), *lpt_mix)
     return g
@@ -239,6 +242,7 @@ def _build_groups_numpy(
     few_split: int = 0,
     wide_budget: int = 0,
     fill_tiles: bool = False,
+    fill_small: int = 0,
 ) -> KVGroups:
     """:func:`build_groups` in numpy, for a tree with queries: the reference the C code matches."""
     nq = tree.n_queries
@@ -282,7 +286,8 @@ def _build_groups_numpy(
         if wide_budget > 0:
             nq_sub = q_tin.searchsorted(nend) - q_tin.searchsorted(ntin)  # queries below each kept node
             bounds = _wide_node_bounds(
-                bounds, n_off, n_end, nq_sub, group, block_m_max, chunk_size, wide_budget, mode == "flatten"
+                bounds, n_off, n_end, nq_sub, group, block_m_max, chunk_size, wide_budget, mode == "flatten",
+                fill_small if fill_tiles else -1,
             )
         if few_split > 0:  # after the wide nodes' re-cut, which re-cuts the rest of the tree too
             bounds = _split_few_query_chunks(bounds, n_off, n_end, ntin, nend, q_tin, group, few_split, chunk_size)
@@ -457,19 +462,26 @@ def _wide_node_bounds(
     chunk_size: int,
     budget: int,
     flatten: bool,
+    fill_small: int = -1,
 ) -> np.ndarray:
     """Re-cut the *wide* nodes (their queries x ``group`` need two tiles or more: a shared prompt) into few,
     long chunks: together at most ``budget`` (chunk x tile) programs per KV head, shared in proportion to
     each node's tokens x tiles, never shorter than ``chunk_size``. Everything else keeps its cuts, cut again
     at the wide nodes' edges: Flatten re-cuts each run of other nodes into equal chunks of about
     ``chunk_size``; Node-Chunk keeps its per-node cuts. So a prompt that every query reads runs as about one
-    wave of long programs (the probe's best case, notes/deft_kernels.md) and the branches keep short ones."""
+    wave of long programs (the probe's best case, notes/deft_kernels.md) and the branches keep short ones.
+    ``fill_small`` >= 0 (filled tiles): a node's last slice, when its rows fit ``fill_small``, runs as a small
+    tile and is not counted."""
     lens = n_end - n_off
     tiles = -(-(nq_sub * group) // block_m)
     wide = (tiles >= 2).nonzero()[0]
     if wide.size == 0:
         return bounds
-    work = lens[wide] * tiles[wide]
+    counted = tiles[wide]
+    if fill_small >= 0:
+        rest = nq_sub[wide] % max(1, block_m // group)
+        counted = counted - ((rest != 0) & (rest * group <= fill_small))
+    work = lens[wide] * counted
     n_w = np.maximum(1, (budget * lens[wide]) // max(1, int(work.sum())))
     n_w = np.minimum(n_w, -(-lens[wide] // chunk_size))
     pieces, pos = [np.zeros(1, dtype=np.int64)], 0

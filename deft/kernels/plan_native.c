@@ -255,8 +255,8 @@ static i64 chunk_subtree_end(i64 c, i64 n_c, const i64 *cfirst, const i64 *clast
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
 i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
                    const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
-                   double snap, i64 wide_budget, i64 few_rows, const i64 *chunk_policy, i64 fill_tiles, i64 *ws,
-                   i64 ws_cap)
+                   double snap, i64 wide_budget, i64 few_rows, const i64 *chunk_policy, i64 fill_tiles,
+                   i64 fill_small, i64 *ws, i64 ws_cap)
 {
     if (ws_cap < H_SIZE)
         return -1;
@@ -354,13 +354,15 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
     if (wide_budget > 0 && mode != MODE_NODE) {
         if (block_m_max < 1)
             return -8;
-        i64 work = 0;
+        i64 work = 0, qt_w = block_m_max / group > 0 ? block_m_max / group : 1;
         for (i64 i = 0; i < k; i++) {
             i64 nsub = lower_bound(q_tin, nq, knend[i]) - lower_bound(q_tin, nq, ktin[i]);
             i64 tiles = (nsub * group + block_m_max - 1) / block_m_max;
-            wide_n[i] = tiles >= 2 ? tiles : 0;
+            /* with filled tiles, a rest that runs as a small tile is not counted against the budget */
+            i64 counted = fill_tiles && nsub % qt_w != 0 && (nsub % qt_w) * group <= fill_small ? tiles - 1 : tiles;
+            wide_n[i] = tiles >= 2 ? counted : 0;
             if (tiles >= 2) {
-                work += (kend[i] - koff[i]) * tiles;
+                work += (kend[i] - koff[i]) * counted;
                 n_wide++;
             }
         }

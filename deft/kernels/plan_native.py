@@ -103,7 +103,7 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_tree_derive.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr]
             lib.deft_tree_derive.restype = i64
             lib.deft_plan_size.argtypes = [i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
-                                           ctypes.c_double, i64, i64, ptr, i64, ptr, i64]  # fmt: skip
+                                           ctypes.c_double, i64, i64, ptr, i64, i64, ptr, i64]  # fmt: skip
             lib.deft_plan_size.restype = i64
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
@@ -204,6 +204,7 @@ def build_groups_native(
     lpt_small_m: int | None = None,
     lpt_mix: tuple[float, float] = (0.0, 0.0),
     fill_tiles: bool = False,
+    fill_small: int = 0,
 ) -> KVGroups | None:
     """:func:`~deft.kernels.kv_groups.build_groups` in C, for a tree with queries (the caller checks the
     mode and chunk size); None when the native code is off or cannot take these inputs. ``chunk_policy``
@@ -211,7 +212,8 @@ def build_groups_native(
     from the tree's seen tokens (:func:`~deft.kernels.kv_groups.auto_chunk_size`), saving the caller a tree
     derivation. ``lpt_small_m``: order the tiles longest first in the same pass
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``; ``lpt_mix``: its
-    ``(mix, slots)``). ``fill_tiles``: a chunk's query slices fill a tile each, the rest last (else near-equal)."""
+    ``(mix, slots)``). ``fill_tiles``: a chunk's query slices fill a tile each, the rest last (else near-equal);
+    ``fill_small``: rows of a small tile (0: none), whose rest the wide nodes' budget does not count."""
     if not ENABLED:
         return None
     lib = _lib if _lib is not None else _load()
@@ -224,7 +226,7 @@ def build_groups_native(
         n == 0 or nq == 0 or slot_ptr.size != n + 1 or qv.size != nq
         or not 1 <= group < 1 << 20 or not -(1 << 40) < block_m_max < 1 << 40 or not -1e18 < snap < 1e18
         or (mode != "node" and not auto and not 1 <= chunk_size < 1 << 62) or not 0 <= wide_budget < 1 << 30
-        or not 0 <= few_split < 1 << 30
+        or not 0 <= few_split < 1 << 30 or not 0 <= fill_small < 1 << 30
         or (auto and not (len(chunk_policy) == 4 and min(chunk_policy) >= 0 and max(chunk_policy) < 1 << 40))
         or (lpt_small_m is not None and not -(1 << 40) < lpt_small_m < 1 << 40)
         or not (0.0 <= lpt_mix[0] < 1e18 and 0.0 <= lpt_mix[1] < 1e18)
@@ -232,7 +234,8 @@ def build_groups_native(
         return None
     policy = _policy_view(chunk_policy) if auto else None
     scalars = (int(group), _MODE_ID[mode], int(chunk_size) if mode != "node" else 0, int(block_m_max), float(snap),
-               int(wide_budget), int(few_split) if mode == "flatten" else 0, policy, int(bool(fill_tiles)))  # fmt: skip
+               int(wide_budget), int(few_split) if mode == "flatten" else 0, policy, int(bool(fill_tiles)),
+               int(fill_small))  # fmt: skip
     try:  # the usual case, DecodingTree's own arrays: contiguous, writable int64
         if not (parent.dtype is _I64 and slot_ptr.dtype is _I64 and slots.dtype is _I64 and qn.dtype is _I64
                 and qv.dtype is _I64):  # fmt: skip
