@@ -7,7 +7,8 @@ measured 126-186 µs where the same plan takes 27-30 µs on the development CPU 
 each piece on the snapshot trees, round-robin over the pieces so a noisy host affects them alike, and times
 the upload done other ways:
 
-- ``upload``: the plan's own (``empty`` + ``copy_`` + event record);
+- ``upload``: the plan's own (``deft.kernels.staging``: ``empty``, then the copy and the event through the CUDA
+  runtime by ctypes); ``upload_torch``: the same through torch (``empty`` + ``copy_`` + event record);
 - ``to``: ``pinned[:n].to(dev, non_blocking=True)`` + event record (one torch call fewer);
 - ``ring_copy``: ``copy_`` into a slice of a device buffer allocated once + event record;
 - ``cudart``: ``cudaMemcpyAsync`` + ``cudaEventRecord`` through ctypes into a buffer allocated once, with the
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import glob
 import os
 import time
 from collections.abc import Callable
@@ -33,26 +33,11 @@ import pandas as pd
 import torch
 
 from deft.kernels.deft_flatten import DeftFlatten
+from deft.kernels.staging import PinnedStaging
+from deft.kernels.staging import cudart as staging_cudart
 from scripts.kernel_snapshots import SHAPE, fresh, provenance, snapshots
 
 REPS = int(os.environ.get("DEFT_PP_REPS", "300"))
-
-
-def load_cudart() -> ctypes.CDLL | None:
-    """The CUDA runtime torch uses (its wheel's, else the system's), or None."""
-    roots = [os.path.dirname(torch.__file__), *(p for p in __import__("sys").path if p.endswith("-packages"))]
-    cands = [f for r in roots for pat in ("lib/libcudart.so*", "nvidia/*/lib/libcudart.so*", "nvidia/cu*/lib/libcudart.so*")
-             for f in sorted(glob.glob(os.path.join(r, pat)))]  # fmt: skip
-    for name in [*cands, "libcudart.so"]:
-        try:
-            lib = ctypes.CDLL(name)
-            lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-            lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            print(f"cudart: {name}", flush=True)
-            return lib
-        except OSError:
-            continue
-    return None
 
 
 def round_robin(pieces: dict[str, Callable[[], object]], reps: int, sync_every: int = 25) -> dict[str, np.ndarray]:
@@ -89,6 +74,14 @@ def probe_snapshot(tree, dev: torch.device, cudart: ctypes.CDLL | None) -> tuple
     def tr():
         return trees[next(it) % len(trees)]
 
+    torch_staging = PinnedStaging(dev)
+    torch_staging.lib = None  # the torch path
+    torch_staging.alloc(n)
+
+    def up_torch():
+        torch_staging.turn = 0  # the same buffer each time (no alloc in between)
+        return torch_staging.upload(n)
+
     def up_to():
         d = pinned[:n].to(dev, non_blocking=True)
         ev.record()
@@ -101,7 +94,8 @@ def probe_snapshot(tree, dev: torch.device, cudart: ctypes.CDLL | None) -> tuple
     pieces: dict[str, Callable[[], object]] = {
         "plan": lambda: m.plan(tr(), SHAPE, dev),
         "groups": lambda: m.groups(tr(), SHAPE, staging.alloc),
-        "upload": lambda: staging.upload(n, dev),
+        "upload": lambda: staging.upload(n),
+        "upload_torch": up_torch,
         "to": up_to,
         "ring_copy": up_ring,
         "empty": lambda: torch.empty(n, dtype=torch.int32, device=dev),
@@ -127,7 +121,8 @@ def probe_snapshot(tree, dev: torch.device, cudart: ctypes.CDLL | None) -> tuple
 def main() -> None:
     dev = torch.device("cuda")
     prov = provenance(dev)
-    cudart = load_cudart()
+    cudart = staging_cudart()
+    print('cudart:', cudart, flush=True)
     rows = []
     for sname, tree in snapshots():
         samples, info = probe_snapshot(tree, dev, cudart)

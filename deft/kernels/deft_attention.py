@@ -33,6 +33,7 @@ from deft.kernels.kv_groups import (
     build_groups,
     small_tile_rows,
 )
+from deft.kernels.staging import PinnedStaging
 from deft.kernels.tree_attention import launch_partials
 from deft.tree import DecodingTree
 
@@ -62,39 +63,6 @@ class DeftPlan(Plan):
     block_p: int
     reduce_heads: int  # query heads per reduction program
     pdl: bool  # the reduction is a programmatic dependent launch of the partial kernel
-
-
-class _PinnedStaging:
-    """Two pinned int32 staging buffers used in turn, so a plan never overwrites a copy still in flight."""
-
-    def __init__(self) -> None:
-        self.bufs: list[torch.Tensor | None] = [None, None]
-        self.events: list[torch.cuda.Event | None] = [None, None]
-        self.turn = 0
-
-    def alloc(self, n: int) -> np.ndarray:
-        i = self.turn
-        buf = self.bufs[i]
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(
-                max(n, 2 * (buf.numel() if buf is not None else 0), 1 << 16), dtype=torch.int32, pin_memory=True
-            )
-            self.bufs[i] = buf
-        elif self.events[i] is not None:
-            self.events[i].synchronize()  # the copy made from this buffer two plans ago
-        return buf.numpy()[:n]
-
-    def upload(self, n: int, device: torch.device) -> torch.Tensor:
-        """Copy the first ``n`` entries of the current buffer (filled through :meth:`alloc`) to the device."""
-        i = self.turn
-        self.turn ^= 1
-        dev = torch.empty(n, dtype=torch.int32, device=device)
-        dev.copy_(self.bufs[i][:n], non_blocking=True)
-        ev = self.events[i]
-        if ev is None:
-            ev = self.events[i] = torch.cuda.Event()
-        ev.record()
-        return dev
 
 
 class DeftAttention(AttentionMethod):
@@ -213,7 +181,7 @@ class DeftAttention(AttentionMethod):
         self.pdl = bool(pdl)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
-        self._staging: dict[torch.device, _PinnedStaging] = {}
+        self._staging: dict[torch.device, PinnedStaging] = {}
         self._ws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -342,9 +310,9 @@ class DeftAttention(AttentionMethod):
         if device.type == "cuda":
             staging = self._staging.get(device)
             if staging is None:
-                staging = self._staging[device] = _PinnedStaging()
+                staging = self._staging[device] = PinnedStaging(device)
         g = self.groups(tree, shape, staging.alloc if staging else None)
-        meta = staging.upload(g.packed.size, device) if staging else torch.from_numpy(g.packed)
+        meta = staging.upload(g.packed.size) if staging else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         warps, stages = self._launch_config(g.rows, shape.head_dim)
         block_p = reduce_block(g.max_parts)
