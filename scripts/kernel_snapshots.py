@@ -94,18 +94,18 @@ ALL_SWEEP = {
     # with the reduction cheaper (one warp per program), the chunk policy again: more programs, more partials
     "c3": {"ctas_per_sm": 3.0},
     "c6": {"ctas_per_sm": 6.0},
-    # session 9: big and small tiles alternated when the big ones are short (mix=1.5, the default from then on),
-    # against never (plain longest first) and always
-    "mix0": {"mix": 0.0},
+    # session 9 (not yet measured): big and small tiles alternated when the big ones are short (the rule at 1.5)
+    # and always; a chunk's query slices filled to the tile's rows, the rest in a small tile (50 queries at GQA 4:
+    # 3 x 64 rows + 8), with and without the rule
+    "mix": {"mix": 1.5},
     "mixall": {"mix": 1e9},
-    # a chunk's query slices filled to the tile's rows, the rest in a small tile (50 queries: 3 x 64 rows + 8)
     "fill": {"fill_tiles": True},
-    "fill_mix0": {"fill_tiles": True, "mix": 0.0},
+    "fill_mix": {"fill_tiles": True, "mix": 1.5},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 9)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,mix0,mixall,fill,fill_mix0").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,mix,fill,fill_mix").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

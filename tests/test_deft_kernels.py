@@ -690,17 +690,18 @@ def test_longest_first_only_reorders_tiles_most_work_first():
 def test_plans_through_pinned_staging_in_both_launch_orders_match_reference_on_the_gpu(mode):
     """The CUDA plan path end to end at Llama-3-8B's head shape: the C plan fills (and, with ``lpt``, reorders)
     the pinned staging buffer, three plans in a row reuse the two buffers, every plan's output is checked; the
-    upload through the CUDA runtime (the default, which must be the one taken here) and through torch."""
+    upload through torch (the default) and through the CUDA runtime (``DEFT_CUDART_UPLOAD=1``), which must load."""
+    from deft.kernels.staging import cudart
+
     shape = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
     rng = np.random.default_rng(11)
     trees = [random_tree(rng, 3, 40), random_tree(rng, 60, 30), random_tree(rng, 2, 3000), random_tree(rng, 30, 300, 40)]
-    for lpt, via_torch in ((True, False), (False, False), (True, True)):
+    for lpt, via_runtime in ((True, False), (False, False), (True, True), (False, True)):
         m = METHODS[mode](lpt=lpt)
         m.plan(trees[0], shape, DEVICE)
         staging = m._staging[torch.device(DEVICE)]
-        assert staging.lib is not None, "the CUDA runtime upload is not in use"
-        if via_torch:
-            staging.lib = None
+        staging.lib = cudart() if via_runtime else None
+        assert staging.lib is not None or not via_runtime, "the CUDA runtime cannot be loaded"
         for tree in trees:
             q, k, v = tensors(tree, 32, 8, 128, torch.bfloat16)
             ref = reference_attention(q, k, v, tree)
@@ -708,7 +709,7 @@ def test_plans_through_pinned_staging_in_both_launch_orders_match_reference_on_t
                 plan = m.plan(tree, shape, DEVICE)
                 out = torch.full_like(q, float("nan"))
                 m.run(q, k, v, plan, out)
-                assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], (mode, lpt)
+                assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], (mode, lpt, via_runtime)
 
 
 @pytest.mark.gpu
