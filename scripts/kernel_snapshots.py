@@ -7,7 +7,9 @@ of 50), plan time, achieved bandwidth (unique K/V bytes / time) and its fraction
 bandwidth. Also checks random trees and ranks the autotune candidates. Writes the raw rows to
 ``$OUT/kernel_snapshots_<date>.csv`` (or ``./results/h100``) and prints a short table last.
 
-Run on the GPU machine: ``python -m scripts.kernel_snapshots``.
+Environment: ``DEFT_SNAP_SWEEP`` (the DeFT-Flatten configurations swept, names from ``ALL_SWEEP``),
+``DEFT_SNAP_TABLE`` (the table's variants), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
+all 9), ``DEFT_TRACES_DIR``. Run on the GPU machine: ``python -m scripts.kernel_snapshots``.
 """
 
 from __future__ import annotations
@@ -312,6 +314,11 @@ def main() -> None:
     assert max(worst.values()) < TOLERANCE[torch.bfloat16], worst
 
     snaps = snapshots()
+    only = [p for p in os.environ.get("DEFT_SNAP_SNAPS", "").split(",") if p]  # name prefixes; default: all 9
+    if only:
+        snaps = [(n, t) for n, t in snaps if any(n.startswith(p) for p in only)]
+        if not snaps:
+            raise SystemExit(f"DEFT_SNAP_SNAPS={','.join(only)} matches no snapshot")
     # sweep DeFT-Flatten configurations on the key snapshots
     score: dict[str, list[float]] = {n: [] for n in SWEEP}
     for sname, tree in snaps:
