@@ -100,9 +100,9 @@ class DeftAttention(AttentionMethod):
     longest-first at 16k (where alternating was 3-23 % slower), and alternates docmergeToT's tiles (not measured);
     not yet measured as a rule, so off by default (notes/deft_kernels.md, session 9).
     ``fill_tiles`` (off by default; not yet measured): a chunk with more queries than a tile holds is cut into full
-    tiles and the rest (a small tile
-    when it fits one: 50 few-shot queries at GQA 4 are 3 x 64 rows + 8, instead of 4 x 52 rows padded to 64),
-    instead of near-equal slices; the wide nodes' budget (``wide_waves``) then counts only the big tiles.
+    tiles and the rest (a small tile when it fits one: 50 few-shot queries at GQA 4 are 3 x 64 rows + 8, instead
+    of 4 x 52 rows padded to 64), instead of near-equal slices; the wide nodes' budget (``wide_waves``) then counts
+    only the big tiles.
     ``reduce_heads``: query heads per program of the global reduction (1 by default; 0: as many as fit a
     4096-element tile, :func:`~deft.kernels.global_reduce.reduce_heads`); the reduction runs one warp per program
     up to 4096-element tiles. H100, session 8, the reduction alone at few-shot 16k step 200: 6.4 µs with one warp,
