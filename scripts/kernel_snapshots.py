@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import triton
 
@@ -276,6 +277,16 @@ def provenance(dev: torch.device) -> dict[str, str]:
         "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
+
+
+def save_probe_rows(rows: list[dict], name: str, dev: torch.device) -> pd.DataFrame:
+    """A probe's rows with :func:`provenance`, written to ``$OUT/<name>_<date>.csv`` (default
+    ``results/h100/probe``); returns them as a frame."""
+    df = pd.DataFrame(rows).assign(**provenance(dev))
+    out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / f"{name}_{datetime.date.today().isoformat()}.csv", index=False)
+    return df
 
 
 def inputs(tree: DecodingTree, dev):

@@ -13,20 +13,17 @@ first), ``mix_b2s1`` (two big, one small), ``small_first`` (small tiles first, a
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from deft.bench.timing import time_device
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.kv_groups import TILE_FIELDS
 from deft.reference import TOLERANCE, relative_error
-from scripts.kernel_snapshots import SHAPE, graph_of, inputs, provenance, snapshots
+from scripts.kernel_snapshots import SHAPE, graph_of, inputs, save_probe_rows, snapshots
 
 
 def interleave(big: np.ndarray, small: np.ndarray, nb: int, ns: int) -> np.ndarray:
@@ -84,10 +81,7 @@ def main() -> None:
                          "graph_p90_us": graph.p90_ms * 1e3, "eager_us": eager.median_ms * 1e3, "rel_err": err,
                          "tiles": g.n_tiles, "small_tiles": int(((t[:, 3] - t[:, 2]) * SHAPE.group_size <= small_rows).sum())})  # fmt: skip
             print(f"{sname[:26]:26s} {name:12s} graph {rows[-1]['graph_us']:7.1f} eager {rows[-1]['eager_us']:7.1f}", flush=True)
-    df = pd.DataFrame(rows).assign(**provenance(dev))
-    out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / f"order_probe_{datetime.date.today().isoformat()}.csv", index=False)
+    df = save_probe_rows(rows, "order_probe", dev)
     print(df.pivot_table(index="snapshot", columns="order", values="graph_us").round(1).to_string())
 
 

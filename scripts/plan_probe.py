@@ -7,8 +7,9 @@ measured 126-186 µs where the same plan takes 27-30 µs on the development CPU 
 each piece on the snapshot trees, round-robin over the pieces so a noisy host affects them alike, and times
 the upload done other ways:
 
-- ``upload``: the plan's own (``deft.kernels.staging``: ``empty``, then the copy and the event through the CUDA
-  runtime by ctypes); ``upload_torch``: the same through torch (``empty`` + ``copy_`` + event record);
+- ``upload``: ``deft.kernels.staging``'s runtime path (``empty``, then the copy and the event through the CUDA
+  runtime by ctypes, ``DEFT_CUDART_UPLOAD=1`` in plans); ``upload_torch``: its torch path, the plans' default
+  (``empty`` + ``copy_`` + event record);
 - ``to``: ``pinned[:n].to(dev, non_blocking=True)`` + event record (one torch call fewer);
 - ``ring_copy``: ``copy_`` into a slice of a device buffer allocated once + event record;
 - ``cudart``: ``cudaMemcpyAsync`` + ``cudaEventRecord`` through ctypes into a buffer allocated once, with the
@@ -22,20 +23,17 @@ machine: ``python -m scripts.plan_probe``.
 from __future__ import annotations
 
 import ctypes
-import datetime
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.staging import PinnedStaging
 from deft.kernels.staging import cudart as staging_cudart
-from scripts.kernel_snapshots import SHAPE, fresh, provenance, snapshots
+from scripts.kernel_snapshots import SHAPE, fresh, save_probe_rows, snapshots
 
 REPS = int(os.environ.get("DEFT_PP_REPS", "300"))
 
@@ -63,6 +61,7 @@ def probe_snapshot(tree, dev: torch.device, cudart: ctypes.CDLL | None) -> tuple
     m = DeftFlatten()
     plan = m.plan(tree, SHAPE, dev)
     staging = m._staging[dev]
+    staging.lib = cudart  # "upload": the runtime path whatever DEFT_CUDART_UPLOAD says (torch when there is none)
     n = int(plan.groups.packed.size)
     pinned = torch.empty(max(n, 1 << 16), dtype=torch.int32, pin_memory=True)
     ring = torch.empty(max(n, 1 << 16), dtype=torch.int32, device=dev)
@@ -120,9 +119,8 @@ def probe_snapshot(tree, dev: torch.device, cudart: ctypes.CDLL | None) -> tuple
 
 def main() -> None:
     dev = torch.device("cuda")
-    prov = provenance(dev)
     cudart = staging_cudart()
-    print('cudart:', cudart, flush=True)
+    print("cudart:", cudart, flush=True)
     rows = []
     for sname, tree in snapshots():
         samples, info = probe_snapshot(tree, dev, cudart)
@@ -130,10 +128,7 @@ def main() -> None:
             rows.append({"snapshot": sname, "piece": k, "median_us": float(np.median(s)),
                          "p10_us": float(np.percentile(s, 10)), "p90_us": float(np.percentile(s, 90)), **info})  # fmt: skip
         print(f"{sname[:26]:26s} " + " ".join(f"{k} {np.median(s):.1f}" for k, s in samples.items()), flush=True)
-    df = pd.DataFrame(rows).assign(**prov)
-    out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / f"plan_probe_{datetime.date.today().isoformat()}.csv", index=False)
+    df = save_probe_rows(rows, "plan_probe", dev)
     print(df.pivot_table(index="snapshot", columns="piece", values="median_us").round(1).to_string())
 
 

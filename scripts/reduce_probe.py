@@ -7,19 +7,16 @@ Run on the GPU machine: ``python -m scripts.reduce_probe``.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import os
-from pathlib import Path
 
-import pandas as pd
 import torch
 
 from deft.bench.timing import time_device
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
-from scripts.kernel_snapshots import SHAPE, graph_of, inputs, provenance, snapshots
+from scripts.kernel_snapshots import SHAPE, graph_of, inputs, save_probe_rows, snapshots
 
 SHAPES = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 8))  # (heads per program, warps)
 
@@ -49,10 +46,7 @@ def main() -> None:
             cold = time_device(graph.replay, reps=50, device=dev)
             rows.append({"snapshot": sname, "queries": tree.n_queries, "block_p": plan.block_p, "heads": heads,
                          "warps": warps, "warm_us": warm.median_ms * 1e3, "cold_us": cold.median_ms * 1e3})  # fmt: skip
-    df = pd.DataFrame(rows).assign(**provenance(dev))
-    out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / f"reduce_probe_{datetime.date.today().isoformat()}.csv", index=False)
+    df = save_probe_rows(rows, "reduce_probe", dev)
     print(df[["snapshot", "queries", "block_p", "heads", "warps", "warm_us", "cold_us"]].round(2).to_string(index=False))
 
 

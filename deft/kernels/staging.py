@@ -81,16 +81,14 @@ class PinnedStaging:
     def alloc(self, n: int) -> np.ndarray:
         """The current buffer's first ``n`` entries, to pack a plan into (waits for its copy of two plans ago)."""
         i = self.turn
+        if self.events[i] is not None:  # the copy made from this buffer two plans ago (also before it is freed:
+            self.events[i].synchronize()  # torch's pinned allocator may hand it out again)
         buf = self.bufs[i]
         if buf is None or buf.numel() < n:
-            if self.events[i] is not None:  # torch may hand the old buffer out again once it is freed
-                self.events[i].synchronize()
             buf = torch.empty(
                 max(n, 2 * (buf.numel() if buf is not None else 0), 1 << 16), dtype=torch.int32, pin_memory=True
             )
             self.bufs[i] = buf
-        elif self.events[i] is not None:
-            self.events[i].synchronize()  # the copy made from this buffer two plans ago
         return buf.numpy()[:n]
 
     def upload(self, n: int) -> torch.Tensor:
