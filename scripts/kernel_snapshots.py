@@ -104,11 +104,14 @@ ALL_SWEEP = {
     "mixall": {"mix": 1e9},
     "fill": {"fill_tiles": True},
     "fill_mix": {"fill_tiles": True, "mix": 1.5},
+    # session 10: mix=1.5 is the default (so "default" = "mix" from then on); without it, always, and with c3
+    "nomix": {"mix": 0.0},
+    "mix_c3": {"ctas_per_sm": 3.0},
 }
-#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 9)
+#: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
     n: ALL_SWEEP[n]
-    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,mix,fill,fill_mix").split(",")
+    for n in os.environ.get("DEFT_SNAP_SWEEP", "default,nomix,mixall,mix_c3").split(",")
 }
 SWEEP_SNAPSHOTS = (
     "fewshot_16k_w50_step200",

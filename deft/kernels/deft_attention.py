@@ -92,14 +92,16 @@ class DeftAttention(AttentionMethod):
     sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
     with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
     geomean 58.8 -> 56.1 µs; few-shot 16k step 200 121 -> 95 µs (notes/deft_kernels.md, session 7).
-    ``mix`` (with ``lpt``; 0 = off, the default): then alternate big and small tiles when the costliest big tile is
+    ``mix`` (with ``lpt``; 1.5 by default since session 10, 0 = off): then alternate big and small tiles when the costliest big tile is
     at most ``mix`` x the average load of the ``ctas_per_sm`` x SMs programs that run at once
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`): a tensor-bound and an HBM-bound program share an
     SM better than two of a kind, unless the big tiles are the step's critical path. At ``mix=1.5`` the rule picks
     exactly the order that session 8's probe measured 6-7 % faster at few-shot 4k steps 200 and 399, keeps
-    longest-first at 16k (where alternating was 3-23 % slower), and alternates docmergeToT's tiles (not measured);
-    not yet measured as a rule, so off by default (notes/deft_kernels.md, session 9).
-    ``fill_tiles`` (off by default; not yet measured): a chunk with more queries than a tile holds is cut into full
+    longest-first at 16k (where alternating was 3-23 % slower), and alternates docmergeToT's tiles. Measured as
+    a rule (H200, session 10, 9 snapshots, graph µs): few-shot 4k steps 200 / 399 49.9 -> 46.3 and 60.3 -> 57.5,
+    the rest within 1 µs; geomean 49.9 -> 49.2 (notes/deft_kernels.md, session 10).
+    ``fill_tiles`` (off by default: measured slower, H200 session 10, geomean 49.9 -> 55.5 µs, few-shot 16k step 1
+    63.7 -> 97.6 µs, the rest tiles re-reading their chunk from HBM after the big tiles' wave): a chunk with more queries than a tile holds is cut into full
     tiles and the rest (a small tile when it fits one: 50 few-shot queries at GQA 4 are 3 x 64 rows + 8, instead
     of 4 x 52 rows padded to 64), instead of near-equal slices; the wide nodes' budget (``wide_waves``) then counts
     only the big tiles.
@@ -140,7 +142,7 @@ class DeftAttention(AttentionMethod):
         wide_waves: float = 1.0,
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
-        mix: float = 0.0,
+        mix: float = 1.5,
         fill_tiles: bool = False,
         reduce_heads: int = 1,
         pdl: bool = True,
