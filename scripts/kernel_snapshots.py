@@ -107,6 +107,10 @@ ALL_SWEEP = {
     # session 10: mix=1.5 is the default (so "default" = "mix" from then on); without it, always, and with c3
     "nomix": {"mix": 0.0},
     "mix_c3": {"ctas_per_sm": 3.0},
+    "nowide": {"wide_waves": 0.0},
+    "nosplit": {"few_split": 0},
+    "c5": {"ctas_per_sm": 5.0},
+    "chunk64": {"chunk_size": 64},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
@@ -123,6 +127,7 @@ SWEEP_SNAPSHOTS = (
     "docmergeToT",
     "sorting128ToT",
     "medusa64",
+    "medusa32",
 )
 
 
@@ -176,6 +181,16 @@ def workload_snapshots() -> list[tuple[str, DecodingTree]]:
                 file="APPS_tree_size64.json", record_index=0, prompt_len=4000, max_seq_len=5000, traces_dir=tdir
             ),
             "middle",
+        ),
+        *(
+            (  # not in the default set: only when DEFT_SNAP_SNAPS names them (Flatten trails Node-Chunk here)
+                f"medusa32_{p // 1000}k",
+                Speculative(file="APPS_tree_size32.json", record_index=0, prompt_len=p, max_seq_len=p + 1000,
+                            traces_dir=tdir),  # fmt: skip
+                "middle",
+            )
+            for p in (2000, 8000)
+            if any(x.startswith("medusa32") for x in os.environ.get("DEFT_SNAP_SNAPS", "").split(","))
         ),
     ):
         try:
@@ -400,16 +415,17 @@ def main() -> None:
     import io as _io
     import pstats
 
-    tree16 = dict(snaps)["fewshot_16k_w50_step200"]
-    mf = DeftFlatten()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        mf.plan(fresh(tree16), SHAPE, dev)
-    prof.disable()
-    buf = _io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
-    print("plan profile (200 plans of fewshot_16k step 200):", "\n".join(buf.getvalue().splitlines()[4:22]))
+    tree16 = dict(snaps).get("fewshot_16k_w50_step200")
+    if tree16 is not None:  # absent when DEFT_SNAP_SNAPS leaves it out
+        mf = DeftFlatten()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            mf.plan(fresh(tree16), SHAPE, dev)
+        prof.disable()
+        buf = _io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
+        print("plan profile (200 plans of fewshot_16k step 200):", "\n".join(buf.getvalue().splitlines()[4:22]))
 
     print(f"\ncopy BW {bw / 1e12:.3f} TB/s; {prov['gpu']}; rows in {path}; best flatten config {best}: {SWEEP[best]}")
     print("sweep (graph us):")
