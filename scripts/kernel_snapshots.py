@@ -111,6 +111,8 @@ ALL_SWEEP = {
     "nosplit": {"few_split": 0},
     "c5": {"ctas_per_sm": 5.0},
     "chunk64": {"chunk_size": 64},
+    "wide0.9": {"wide_waves": 0.9},
+    "wide0.8": {"wide_waves": 0.8},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
