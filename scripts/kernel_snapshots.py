@@ -97,7 +97,7 @@ ALL_SWEEP = {
     # with the reduction cheaper (one warp per program), the chunk policy again: more programs, more partials
     "c3": {"ctas_per_sm": 3.0},
     "c6": {"ctas_per_sm": 6.0},
-    # session 9 (not yet measured): big and small tiles alternated when the big ones are short (the rule at 1.5)
+    # session 9 (measured in session 10: mix adopted, fill slower): big and small tiles alternated when the big ones are short (the rule at 1.5)
     # and always; a chunk's query slices filled to the tile's rows, the rest in a small tile (50 queries at GQA 4:
     # 3 x 64 rows + 8), with and without the rule
     "mix": {"mix": 1.5},
@@ -111,7 +111,7 @@ ALL_SWEEP = {
     "nosplit": {"few_split": 0},
     "c5": {"ctas_per_sm": 5.0},
     "chunk64": {"chunk_size": 64},
-    "wide0.9": {"wide_waves": 0.9},
+    "wide0.9": {"wide_waves": 0.9},  # the default from session 10 on (so "default" = "wide0.9"; "wide1": before)
     "wide0.8": {"wide_waves": 0.8},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)

@@ -8,8 +8,8 @@ each piece on the snapshot trees, round-robin over the pieces so a noisy host af
 the upload done other ways:
 
 - ``upload``: ``deft.kernels.staging``'s runtime path (``empty``, then the copy and the event through the CUDA
-  runtime by ctypes, ``DEFT_CUDART_UPLOAD=1`` in plans); ``upload_torch``: its torch path, the plans' default
-  (``empty`` + ``copy_`` + event record);
+  runtime by ctypes, the plans' default since session 10); ``upload_torch``: its torch path
+  (``empty`` + ``copy_`` + event record; ``DEFT_CUDART_UPLOAD=0`` in plans);
 - ``to``: ``pinned[:n].to(dev, non_blocking=True)`` + event record (one torch call fewer);
 - ``ring_copy``: ``copy_`` into a slice of a device buffer allocated once + event record;
 - ``cudart``: ``cudaMemcpyAsync`` + ``cudaEventRecord`` through ctypes into a buffer allocated once, with the

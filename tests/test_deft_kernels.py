@@ -690,7 +690,7 @@ def test_longest_first_only_reorders_tiles_most_work_first():
 def test_plans_through_pinned_staging_in_both_launch_orders_match_reference_on_the_gpu(mode):
     """The CUDA plan path end to end at Llama-3-8B's head shape: the C plan fills (and, with ``lpt``, reorders)
     the pinned staging buffer, three plans in a row reuse the two buffers, every plan's output is checked; the
-    upload through torch (the default) and through the CUDA runtime (``DEFT_CUDART_UPLOAD=1``), which must load."""
+    upload through torch (``DEFT_CUDART_UPLOAD=0``) and through the CUDA runtime (the default), which must load."""
     from deft.kernels.staging import cudart
 
     shape = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")

@@ -85,9 +85,12 @@ class DeftAttention(AttentionMethod):
     out to be the GPU host's, not its own (notes/deft_kernels.md, session 7). ``contiguous``: unmasked tiles whose
     tokens the plan found in consecutive pool slots (a prefilled prompt) address K/V affinely instead of
     loading a slot index per token (4-7 % faster on the few-shot 16k snapshots, notes/deft_kernels.md).
-    ``wide_waves`` (Flatten and Node-Chunk; 1 by default, 0 = off): nodes whose queries need two
+    ``wide_waves`` (Flatten and Node-Chunk; 0.9 by default, 0 = off): nodes whose queries need two
     or more row tiles (a shared prompt) get long chunks, about ``wide_waves`` waves of programs at
-    ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``.
+    ``wide_ctas_per_sm`` resident programs per SM; the rest keeps ``chunk_size``. 0.9 rather than a whole wave
+    leaves resident slots for the other tiles (a token tree's, a few-shot step's leaves): H100, session 10, 9
+    snapshots, geomean 52.2 -> 49.8 µs (few-shot 4k step 1 34.4 -> 27.2, 16k step 200 86.9 -> 80.2, Medusa 64
+    35.9 -> 31.4; few-shot 16k step 1 64.0 -> 69.5, where the longer prompt programs are the critical path).
     ``lpt`` (on by default since session 7): launch the tiles longest first, across all KV heads (plan: tiles
     sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
     with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
@@ -139,7 +142,7 @@ class DeftAttention(AttentionMethod):
         small_m: int = 16,
         few_split: int = 0,
         contiguous: bool = True,
-        wide_waves: float = 1.0,
+        wide_waves: float = 0.9,
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
         mix: float = 1.5,
