@@ -32,20 +32,27 @@ def _bench(args: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=_ROOT, env={**os.environ, **(env or {})})
 
 
-def _run_all(jobs: list[list[str]], parallel: int) -> list[str]:
-    """Run bench sweeps, ``parallel`` at a time; returns the ones that failed."""
+def _run_all(jobs: list[list[str]], parallel: int, retries: int = 0, poll_s: float = 0.5) -> list[str]:
+    """Run bench sweeps, ``parallel`` at a time; a sweep that fails is started again up to ``retries`` times
+    (its finished runs are on file and skipped, so a retry redoes only the rest); returns those that failed
+    every time."""
     failed, running = [], []
-    queue = list(jobs)
+    queue = [(args, 0) for args in jobs]
     while queue or running:
         while queue and len(running) < max(1, parallel):
-            args = queue.pop(0)
-            running.append((args, _bench(args)))
-        time.sleep(0.5)
+            args, tries = queue.pop(0)
+            running.append((args, tries, _bench(args)))
+        time.sleep(poll_s)
         for item in list(running):
-            args, p = item
+            args, tries, p = item
             if p.poll() is not None:
                 running.remove(item)
-                if p.returncode != 0:
+                if p.returncode == 0:
+                    continue
+                if tries < retries:
+                    print(f"sweep failed (exit {p.returncode}), again ({tries + 1}/{retries}): {' '.join(args)}", flush=True)
+                    queue.append((args, tries + 1))
+                else:
                     failed.append(" ".join(args))
     return failed
 
@@ -104,9 +111,10 @@ def main(cfg: DictConfig) -> None:
     if gpu:
         slug = gpu_slug(gpu_name())
         for exp in prof.attention:
-            failed += _run_all([[f"experiment={exp.split()[0]}", *exp.split()[1:], f"results_dir={res}"]], 1)
+            failed += _run_all([[f"experiment={exp.split()[0]}", *exp.split()[1:], f"results_dir={res}"]], 1, cfg.retries)
         for exp in prof.e2e:
-            failed += _run_all([[f"experiment={exp.split()[0]}", *exp.split()[1:], "bench=e2e", f"results_dir={res}"]], 1)
+            failed += _run_all([[f"experiment={exp.split()[0]}", *exp.split()[1:], "bench=e2e", f"results_dir={res}"]], 1,
+                               cfg.retries)  # fmt: skip
         measured.append(f"attention sweeps {list(prof.attention)} on {gpu_name()} -> `{res}/{slug}/attention/` "
                         "(runs already on file were kept, not re-measured)")  # fmt: skip
     io_args = [[f"experiment={exp.split()[0]}", *exp.split()[1:], "bench=io", f"results_dir={res}",
