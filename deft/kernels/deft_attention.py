@@ -95,8 +95,8 @@ class DeftAttention(AttentionMethod):
     sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
     with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
     geomean 58.8 -> 56.1 µs; few-shot 16k step 200 121 -> 95 µs (notes/deft_kernels.md, session 7).
-    ``mix`` (with ``lpt``; 1.5 by default since session 10, 0 = off): then alternate big and small tiles when the costliest big tile is
-    at most ``mix`` x the average load of the ``ctas_per_sm`` x SMs programs that run at once
+    ``mix`` (with ``lpt``; 1.5 by default since session 10, 0 = off): then alternate big and small tiles when
+    the costliest big tile is at most ``mix`` x the average load of the ``ctas_per_sm`` x SMs programs that run at once
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`): a tensor-bound and an HBM-bound program share an
     SM better than two of a kind, unless the big tiles are the step's critical path. At ``mix=1.5`` the rule picks
     exactly the order that session 8's probe measured 6-7 % faster at few-shot 4k steps 200 and 399, keeps
@@ -104,10 +104,10 @@ class DeftAttention(AttentionMethod):
     a rule (H200, session 10, 9 snapshots, graph µs): few-shot 4k steps 200 / 399 49.9 -> 46.3 and 60.3 -> 57.5,
     the rest within 1 µs; geomean 49.9 -> 49.2 (notes/deft_kernels.md, session 10).
     ``fill_tiles`` (off by default: measured slower, H200 session 10, geomean 49.9 -> 55.5 µs, few-shot 16k step 1
-    63.7 -> 97.6 µs, the rest tiles re-reading their chunk from HBM after the big tiles' wave): a chunk with more queries than a tile holds is cut into full
-    tiles and the rest (a small tile when it fits one: 50 few-shot queries at GQA 4 are 3 x 64 rows + 8, instead
-    of 4 x 52 rows padded to 64), instead of near-equal slices; the wide nodes' budget (``wide_waves``) then counts
-    only the big tiles.
+    63.7 -> 97.6 µs, the rest tiles re-reading their chunk from HBM after the big tiles' wave): a chunk with more
+    queries than a tile holds is cut into full tiles and the rest (a small tile when it fits one: 50 few-shot
+    queries at GQA 4 are 3 x 64 rows + 8, instead of 4 x 52 rows padded to 64), instead of near-equal slices; the
+    wide nodes' budget (``wide_waves``) then counts only the big tiles.
     ``reduce_heads``: query heads per program of the global reduction (1 by default; 0: as many as fit a
     4096-element tile, :func:`~deft.kernels.global_reduce.reduce_heads`); the reduction runs one warp per program
     up to 4096-element tiles. H100, session 8, the reduction alone at few-shot 16k step 200: 6.4 µs with one warp,
