@@ -374,3 +374,4 @@ def test_method_configs_instantiate_the_named_class():
         cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
         method = hydra_utils.instantiate(cfg)
         assert type(method) is type(make()) and method.name == name
+
