@@ -100,12 +100,13 @@ ALL_SWEEP = {
     # session 9 (measured in session 10: mix adopted, fill slower): big and small tiles alternated when the big
     # ones are short (the rule at 1.5) and always; a chunk's query slices filled to the tile's rows, the rest in a small tile (50 queries at GQA 4:
     # 3 x 64 rows + 8), with and without the rule
-    "mix": {"mix": 1.5},
+    "mix": {"mix": 0.75},  # measured as mix=1.5 x (ctas_per_sm x SMs) slots: the same rule since session 10
     "mixall": {"mix": 1e9},
     "fill": {"fill_tiles": True},
-    "fill_mix": {"fill_tiles": True, "mix": 1.5},
-    # session 10: mix=1.5 is the default (so "default" = "mix" from then on); without it, and with c3 (the rule's
-    # slot count drops, so it alternates the 16k trees too); then the speculative t=32 gap: the knobs
+    "fill_mix": {"fill_tiles": True, "mix": 0.75},
+    # session 10: mix is the default (so "default" = "mix" from then on); without it, and with c3 (the rule then
+    # counted ctas_per_sm x SMs slots, so it alternated the 16k trees too: 18-21 % slower; it counts resident
+    # programs now); then the speculative t=32 gap: the knobs
     "nomix": {"mix": 0.0},
     "mix_c3": {"ctas_per_sm": 3.0},
     "nowide": {"wide_waves": 0.0},

@@ -647,7 +647,7 @@ def test_mix_alternates_big_and_small_tiles_exactly_when_the_big_ones_are_short(
         assert big.any() and not big.all()
         cost = (n_tok + masked) * np.where(big, LPT_BIG, LPT_SMALL) + LPT_PROGRAM
         m = DeftFlatten(chunk_size=50, n_sms=10)
-        slots = m.ctas_per_sm * m.n_sms / shape.n_kv_heads
+        slots = m.wide_ctas_per_sm * m.n_sms / shape.n_kv_heads  # resident programs per KV head
         ratio = cost[big].max() * slots / cost.sum()  # the rule's quantity
         for mix, alternates in ((ratio * 1.001, True), (ratio * 0.999, False), (1e9, True), (0.0, False)):
             g = DeftFlatten(chunk_size=50, n_sms=10, mix=mix).groups(tree, shape)
@@ -741,3 +741,29 @@ def test_timeline_records_every_program_and_leaves_the_output_unchanged_on_the_g
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert (t[:, 0] > 0).all() and (t[:, 1] >= t[:, 0]).all()
     assert ((t[:, 2] >= 0) & (t[:, 2] < n_sms)).all() and t[:, 2].unique().numel() > 1
+
+
+def test_mix_counts_resident_programs_so_its_default_is_session_10s_measured_rule():
+    """The rule measured in session 10 counted ``ctas_per_sm`` x SMs / KV heads programs with ``mix=1.5``; it
+    now counts the resident ones (``wide_ctas_per_sm`` x SMs / KV heads) with ``mix=0.75``: at the defaults
+    (``ctas_per_sm = 2 x wide_ctas_per_sm``) the plans are the same bit for bit, and a ``ctas_per_sm`` change no
+    longer enters the rule."""
+    from deft.kernels.kv_groups import build_groups
+
+    rng = np.random.default_rng(11)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    m = DeftFlatten(n_sms=132)
+    assert m.ctas_per_sm == 2 * m.wide_ctas_per_sm and m.mix == 0.75
+    trees = [fan_tree(p, 50, s, rng) for p in (600, 2500) for s in (1, 40, 80)]
+    trees += [random_tree(rng, n_nodes=20, max_len=90, extra_queries=3) for _ in range(8)]
+    alternated = 0
+    for tree in trees:
+        g = m.groups(tree, shape)
+        old = build_groups(
+            tree, shape.group_size, "flatten", 0, m.block_m, None, m.snap, few_split=m.few_split,
+            wide_budget=m.wide_budget(shape), chunk_policy=m.chunk_policy(shape), lpt_small_m=m.small_m,
+            lpt_mix=(1.5, m.ctas_per_sm * m.n_sms / shape.n_kv_heads),
+        )  # fmt: skip
+        assert np.array_equal(g.packed, old.packed)
+        alternated += not np.array_equal(g.packed, DeftFlatten(n_sms=132, mix=0).groups(tree, shape).packed)
+    assert alternated  # the rule took effect on some of these trees

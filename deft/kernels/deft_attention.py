@@ -95,14 +95,18 @@ class DeftAttention(AttentionMethod):
     sorted by an estimated cost, :func:`~deft.kernels.kv_groups.order_tiles_longest_first`; kernel: a 1-D grid
     with a tile's KV heads next to each other), so long programs do not start last. H100, 7 sweep snapshots:
     geomean 58.8 -> 56.1 µs; few-shot 16k step 200 121 -> 95 µs (notes/deft_kernels.md, session 7).
-    ``mix`` (with ``lpt``; 1.5 by default since session 10, 0 = off): then alternate big and small tiles when
-    the costliest big tile is at most ``mix`` x the average load of the ``ctas_per_sm`` x SMs programs that run at once
-    (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`): a tensor-bound and an HBM-bound program share an
-    SM better than two of a kind, unless the big tiles are the step's critical path. At ``mix=1.5`` the rule picks
-    exactly the order that session 8's probe measured 6-7 % faster at few-shot 4k steps 200 and 399, keeps
-    longest-first at 16k (where alternating was 3-23 % slower), and alternates docmergeToT's tiles. Measured as
-    a rule (H200, session 10, 9 snapshots, graph µs): few-shot 4k steps 200 / 399 49.9 -> 46.3 and 60.3 -> 57.5,
-    the rest within 1 µs; geomean 49.9 -> 49.2 (notes/deft_kernels.md, session 10).
+    ``mix`` (with ``lpt``; 0.75 by default since session 10, 0 = off): then alternate big and small tiles when
+    the costliest big tile is at most ``mix`` x the average load of the programs per KV head that are resident at
+    once (``wide_ctas_per_sm`` x SMs / KV heads; :func:`~deft.kernels.kv_groups.order_tiles_longest_first`): a
+    tensor-bound and an HBM-bound program share an SM better than two of a kind, unless the big tiles are the
+    step's critical path. The rule picks exactly the order that session 8's probe measured 6-7 % faster at
+    few-shot 4k steps 200 and 399, keeps longest-first at 16k (where alternating was 3-23 % slower), and alternates
+    docmergeToT's tiles. Measured as a rule (H200, session 10, 9 snapshots, graph µs): few-shot 4k steps 200 / 399
+    49.9 -> 46.3 and 60.3 -> 57.5, the rest within 1 µs; geomean 49.9 -> 49.2 (notes/deft_kernels.md, session 10).
+    Those runs counted ``ctas_per_sm`` x SMs / KV heads programs with ``mix=1.5``, the same decisions at the
+    default ``ctas_per_sm=4``; counting the resident programs instead keeps a change of ``ctas_per_sm`` (which
+    changes the chunking, not residency) from flipping the rule (``ctas_per_sm=3`` flipped it on the 16k trees,
+    18-21 % slower there).
     ``fill_tiles`` (off by default: measured slower, H200 session 10, geomean 49.9 -> 55.5 µs, few-shot 16k step 1
     63.7 -> 97.6 µs, the rest tiles re-reading their chunk from HBM after the big tiles' wave): a chunk with more
     queries than a tile holds is cut into full tiles and the rest (a small tile when it fits one: 50 few-shot
@@ -145,7 +149,7 @@ class DeftAttention(AttentionMethod):
         wide_waves: float = 0.9,
         wide_ctas_per_sm: int = 2,
         lpt: bool = True,
-        mix: float = 1.5,
+        mix: float = 0.75,
         fill_tiles: bool = False,
         reduce_heads: int = 1,
         pdl: bool = True,
@@ -227,7 +231,7 @@ class DeftAttention(AttentionMethod):
             tree, shape.group_size, self.mode, 0 if auto else self.chunk_for(tree, shape), self.block_m, out_alloc,
             snap, few_split=self.few_split if self.mode == "flatten" else 0, wide_budget=self.wide_budget(shape),
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
-            lpt_mix=(self.mix, self.ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
+            lpt_mix=(self.mix, self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
             fill_small=self.fill_small(shape),
         )  # fmt: skip
 
