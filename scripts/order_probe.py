@@ -5,8 +5,8 @@ programs (HBM-bound) after them. This asks whether interleaving the two kinds, s
 shortens the launch. Only the order of the plan's tile records changes (each record carries its own ranges and
 partial rows), so every order computes the same output; each is checked against the fp64 reference.
 
-Orders: ``lpt`` (the plan's own, longest first), ``mix`` (big and small tiles alternating, each kind longest
-first), ``mix_b2s1`` (two big, one small), ``small_first`` (small tiles first, a control). Prints a table; rows to
+Orders: ``lpt`` (the plan's longest-first order, without the ``mix`` rule), ``mix`` (big and small tiles
+alternating, each kind longest first: the order the rule picks, :func:`~deft.kernels.kv_groups.alternate`), ``mix_b2s1`` (two big, one small), ``small_first`` (small tiles first, a control). Prints a table; rows to
 ``$OUT/order_probe_<date>.csv``. Run on the GPU machine: ``python -m scripts.order_probe``.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from deft.bench.timing import time_device
 from deft.kernels.deft_flatten import DeftFlatten
-from deft.kernels.kv_groups import TILE_FIELDS
+from deft.kernels.kv_groups import TILE_FIELDS, alternate
 from deft.reference import TOLERANCE, relative_error
 from scripts.kernel_snapshots import SHAPE, graph_of, inputs, save_probe_rows, snapshots
 
@@ -43,7 +43,7 @@ def orders(t: np.ndarray, small_rows: int, group: int) -> dict[str, np.ndarray]:
     big_i, small_i = idx[~small], idx[small]
     return {
         "lpt": idx,
-        "mix": interleave(big_i, small_i, 1, 1),
+        "mix": alternate(big_i, small_i),
         "mix_b2s1": interleave(big_i, small_i, 2, 1),
         "small_first": np.concatenate([small_i, big_i]),
     }
@@ -59,7 +59,7 @@ def main() -> None:
         if not any(sname.startswith(p) for p in prefixes):
             continue
         q, k, v, ref = inputs(tree, dev)
-        m = DeftFlatten()
+        m = DeftFlatten(mix=0)  # plain longest first: the other orders permute it
         plan = m.plan(tree, SHAPE, dev)
         g = plan.groups
         n_rec = g.n_tiles * len(TILE_FIELDS)

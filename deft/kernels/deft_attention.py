@@ -237,8 +237,10 @@ class DeftAttention(AttentionMethod):
 
     def fill_small(self, shape: AttentionShape) -> int:
         """Rows of the small tile that takes a filled chunk's rest (0: none, or ``fill_tiles`` off)."""
+        if not self.fill_tiles:  # the default, on every plan: skip the tile arithmetic
+            return 0
         small = small_tile_rows(shape.group_size, self.block_m, self.small_m)
-        return small if self.fill_tiles and small < self.block_m else 0
+        return small if small < self.block_m else 0
 
     def chunk_policy(self, shape: AttentionShape) -> tuple[int, int, int, int]:
         """``(kv_heads, chunk_min, chunk_max, target programs)``: how :meth:`chunk_for` picks a chunk size from a
