@@ -115,6 +115,14 @@ ALL_SWEEP = {
     "chunk64": {"chunk_size": 64},
     "wide0.9": {"wide_waves": 0.9},  # the default from session 10 on (so "default" = "wide0.9"; "wide1": before)
     "wide0.8": {"wide_waves": 0.8},
+    # session 11: 128-row tiles on 8 warps (two warpgroups) counted as one resident program per SM, so the wide
+    # prompt's wave and the mix rule see the slots such a kernel really has
+    "m128_wc1": {"block_m": 128, "num_warps": 8, "wide_ctas_per_sm": 1},
+    "m128_wc1_s2": {"block_m": 128, "num_warps": 8, "wide_ctas_per_sm": 1, "num_stages": 2},
+    # session 11: masked tiles of one 64-token block take 8-10 µs in the timeline (22-29 µs beside a prompt
+    # program); is it the kernel's size (7,500 SASS instructions, five copies of the loop)? Fewer copies:
+    "small0": {"small_m": 0},
+    "nocontig_small0": {"contiguous": False, "small_m": 0},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -162,14 +162,21 @@ def attention_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
     return _sort_index(out.reset_index())
 
 
-def snapshot_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
-    """Per-step latency of one layer (µs) per method at the snapshot steps, with DeFT-Flatten's speedups."""
+def snapshot_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The step rows :func:`snapshot_table` shows: snapshot runs (``bench.steps`` set), the newest per cell."""
     s = df[(df["bench"] == "attention") & (df["kind"] == "step")]
     if "bench.steps" in s:
         s = s[s["bench.steps"].notna()]
     if s.empty:
+        return s
+    return _latest(_with_labels(s), ["label", "prompt_len", "step", "method", "model", "dtype"])
+
+
+def snapshot_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
+    """Per-step latency of one layer (µs) per method at the snapshot steps, with DeFT-Flatten's speedups."""
+    s = snapshot_rows(df)
+    if s.empty:
         return pd.DataFrame()
-    s = _latest(_with_labels(s), ["label", "prompt_len", "step", "method", "model", "dtype"])
     piv = s.pivot_table(index=["label", "prompt_len", "step"], columns="method", values="latency_ms", aggfunc="first") * 1e3
     piv = piv[_methods(piv.columns)]
     out = pd.concat([piv.rename(columns=lambda m: f"{DISPLAY.get(m, m)} (µs)"), speedup_frame(piv, ref)], axis=1)
@@ -323,7 +330,7 @@ def build_all(results_dir: str | Path, out_dir: str | Path | None = None) -> lis
                         attention_table(df), att[att["kind"] == "aggregate"],
                         ["x M: M's time / DeFT-Flatten's time (above 1: DeFT-Flatten faster). The paper's per-setting "
                          "attention tables could not be retrieved here, so no paper column is shown."]),
-            write_table(out / f"snapshots_{gpu}.md", f"Snapshot latency of one layer, {gpu}", snapshot_table(df), att[att["kind"] == "step"],
+            write_table(out / f"snapshots_{gpu}.md", f"Snapshot latency of one layer, {gpu}", snapshot_table(df), snapshot_rows(df),
                         ["x M: M's latency / DeFT-Flatten's latency."]),
             write_table(out / f"bandwidth_{gpu}.md", f"DeFT-Flatten at the snapshot steps, {gpu}", bandwidth_table(df), att[att["method"] == REF],
                         ["Achieved bandwidth: unique K/V bytes of the step / latency; fraction of the measured device copy bandwidth."]),
