@@ -767,3 +767,49 @@ def test_mix_counts_resident_programs_so_its_default_is_session_10s_measured_rul
         assert np.array_equal(g.packed, old.packed)
         alternated += not np.array_equal(g.packed, DeftFlatten(n_sms=132, mix=0).groups(tree, shape).packed)
     assert alternated  # the rule took effect on some of these trees
+
+
+# ---------------------------------------------------------------------- the plan's per-shape arguments, cached
+@pytest.mark.parametrize("cls", [DeftFlatten, DeftNodeChunk, DeftNode])
+def test_method_groups_from_cached_arguments_equal_the_numpy_plan(cls):
+    """``groups`` takes build_groups' arguments (and their C form) from a per-shape cache: on random trees and
+    knob settings its plan is the numpy reference's, built from arguments derived here as ``groups`` once did."""
+    from deft.kernels.kv_groups import build_groups
+
+    rng = np.random.default_rng(11)
+    shape = AttentionShape(8, 2, 16, "float16")
+    knobs = [{}, {"chunk_size": 40}, {"wide_waves": 0.0, "mix": 0.0}, {"lpt": False, "snap": 0.0},
+             {"fill_tiles": True}, {"few_split": 0, "n_sms": 10, "ctas_per_sm": 2.0}]  # fmt: skip
+    for kw in knobs:
+        m = cls(**kw)
+        for _ in range(4):
+            tree = random_tree(rng, int(rng.integers(2, 30)), int(rng.integers(1, 300)), int(rng.integers(0, 6)))
+            auto = m.mode != "node" and not m.chunk_size
+            ref = build_groups(
+                tree, shape.group_size, m.mode, 0 if auto else m.chunk_for(tree, shape), m.block_m, None,
+                m.snap if m.mode == "flatten" else 0.0, native=False,
+                few_split=m.few_split if m.mode == "flatten" else 0, wide_budget=m.wide_budget(shape),
+                chunk_policy=m.chunk_policy(shape) if auto else None, lpt_small_m=m.small_m if m.lpt else None,
+                lpt_mix=(m.mix, m.wide_ctas_per_sm * m.n_sms / shape.n_kv_heads), fill_tiles=m.fill_tiles,
+                fill_small=m.fill_small(shape),
+            )  # fmt: skip
+            for _ in range(2):  # the second call takes the cached arguments
+                got = m.groups(tree, shape)
+                assert np.array_equal(got.packed, ref.packed), kw
+                assert (got.n_tiles, got.n_partials, got.rows, got.chunk_size) == (
+                    ref.n_tiles, ref.n_partials, ref.rows, ref.chunk_size,
+                )  # fmt: skip
+
+
+def test_setting_a_knob_after_a_plan_changes_the_next_plan():
+    """The cached per-shape arguments and plan context are dropped when a knob is set (as the autotuner does)."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan_tree(4000, 50, 1)
+    m = DeftFlatten(n_sms=132)
+    before = m.plan(tree, shape, "cpu").groups
+    m.wide_waves = 1.0
+    after = m.plan(tree, shape, "cpu").groups
+    assert np.array_equal(after.packed, DeftFlatten(n_sms=132, wide_waves=1.0).groups(tree, shape).packed)
+    assert after.n_tiles != before.n_tiles
+    m.block_m = 32  # the launch configuration and tile rows follow too
+    assert m.plan(tree, shape, "cpu").block_m == 32

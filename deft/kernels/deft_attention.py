@@ -7,6 +7,7 @@ grouping mode; see ``deft_flatten.py`` and ``deft_node.py``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,13 @@ from deft.attention import (
     UnsupportedInput,
     check_inputs,
 )
+from deft.kernels import plan_native
 from deft.kernels.global_reduce import launch_reduce, pdl_supported, reduce_heads
 from deft.kernels.kv_groups import (
     FLAG_CONTIG,
     FLAG_MASK,
     FLAG_SHIFT,
+    MODES,
     KVGroups,
     auto_chunk_size,
     build_groups,
@@ -63,6 +66,20 @@ class DeftPlan(Plan):
     block_p: int
     reduce_heads: int  # query heads per reduction program
     pdl: bool  # the reduction is a programmatic dependent launch of the partial kernel
+
+
+class _PlanContext:
+    """A method's per-(device, shape) plan state (see :meth:`DeftAttention._plan_context`)."""
+
+    __slots__ = ("staging", "device_name", "pdl", "launch", "heads", "compiled")
+
+    def __init__(self, staging: PinnedStaging | None, device_name: str, pdl: bool) -> None:
+        self.staging = staging
+        self.device_name = device_name
+        self.pdl = pdl
+        self.launch: dict[int, tuple[int, int]] = {}  # tile rows -> (warps, stages)
+        self.heads: dict[int, int] = {}  # reduction width -> query heads per program
+        self.compiled = False  # every kernel variant compiled (DeftAttention._precompile) in this process
 
 
 class DeftAttention(AttentionMethod):
@@ -154,6 +171,8 @@ class DeftAttention(AttentionMethod):
         reduce_heads: int = 1,
         pdl: bool = True,
     ) -> None:
+        self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
+        self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
         if block_m not in (16, 32, 64, 128, 256) or block_n not in (16, 32, 64, 128):
@@ -197,6 +216,13 @@ class DeftAttention(AttentionMethod):
         self._staging: dict[torch.device, PinnedStaging] = {}
         self._ws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Setting a knob (a constructor argument, ``mode``, the SM count) drops the cached plan arguments."""
+        object.__setattr__(self, name, value)
+        if name in _KNOBS:
+            self.__dict__["_gargs"] = {}
+            self.__dict__["_ctx"] = {}
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         import os
@@ -214,26 +240,49 @@ class DeftAttention(AttentionMethod):
             )
         return self._n_sms
 
-    def chunk_for(self, tree: DecodingTree, shape: AttentionShape) -> int:
+    def chunk_for(self, tree: DecodingTree | None, shape: AttentionShape) -> int:
         """The chunk size this method uses for ``tree`` (0 for one chunk per node)."""
         if self.mode == "node":
             return 0
         if self.chunk_size:
             return int(self.chunk_size)
+        if tree is None:
+            raise ValueError("chunk_for(None, shape) needs a fixed chunk_size: the automatic one depends on the tree")
         return auto_chunk_size(tree.unique_kv_tokens, *self.chunk_policy(shape))
 
     def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
         """The KV-guided grouping of ``tree`` (host only)."""
+        kw, prep = self._group_args(shape)
+        if prep is not None:  # the C plan with arguments checked once per shape (the usual case)
+            g = plan_native.build_prepared(tree, prep, out_alloc)
+            if g is not None:
+                return g
+        return build_groups(tree, out_alloc=out_alloc, **kw)
+
+    def _group_args(self, shape: AttentionShape) -> tuple[dict[str, Any], plan_native.NativePlanArgs | None]:
+        """:func:`~deft.kernels.kv_groups.build_groups`'s keyword arguments for ``shape`` and their C form (None
+        when the C plan is off or declines them), made once per shape: a method plans every step with the same
+        ones, and on a slow host their Python costs as much as the C plan itself. Setting a knob drops them
+        (:meth:`__setattr__`)."""
+        got = self._gargs.get(shape)
+        if got is not None:
+            return got
         _check_shape(shape)
         snap = self.snap if self.mode == "flatten" else 0.0
         auto = self.mode != "node" and not self.chunk_size
-        return build_groups(
-            tree, shape.group_size, self.mode, 0 if auto else self.chunk_for(tree, shape), self.block_m, out_alloc,
-            snap, few_split=self.few_split if self.mode == "flatten" else 0, wide_budget=self.wide_budget(shape),
+        kw = dict(
+            group=shape.group_size, mode=self.mode, chunk_size=0 if auto else self.chunk_for(None, shape),
+            block_m_max=self.block_m, snap=snap, few_split=self.few_split if self.mode == "flatten" else 0,
+            wide_budget=self.wide_budget(shape) if self.mode != "node" else 0,
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
             lpt_mix=(self.mix, self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
             fill_small=self.fill_small(shape),
         )  # fmt: skip
+        prep = None
+        if kw["mode"] in MODES and (kw["mode"] == "node" or kw["chunk_size"] > 0 or auto):
+            prep = plan_native.prepare_plan(**kw) if plan_native.ENABLED else None
+        got = self._gargs[shape] = (kw, prep)
+        return got
 
     def fill_small(self, shape: AttentionShape) -> int:
         """Rows of the small tile that takes a filled chunk's rest (0: none, or ``fill_tiles`` off)."""
@@ -318,7 +367,35 @@ class DeftAttention(AttentionMethod):
 
     # ------------------------------------------------------------------ plan / run / io
     def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> DeftPlan:
-        device = torch.device(device)
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        ctx = self._ctx.get((device, shape))
+        if ctx is None:
+            ctx = self._plan_context(device, shape)
+        staging = ctx.staging
+        g = self.groups(tree, shape, staging.alloc if staging is not None else None)
+        meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
+        part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
+        launch = ctx.launch.get(g.rows)
+        if launch is None:
+            launch = ctx.launch[g.rows] = self._launch_config(g.rows, shape.head_dim)
+        block_p = reduce_block(g.max_parts)
+        heads = ctx.heads.get(block_p)
+        if heads is None:
+            heads = ctx.heads[block_p] = reduce_heads(shape.n_heads, shape.head_dim, block_p, self.reduce_heads)
+        plan = DeftPlan(
+            n_queries=tree.n_queries, shape=shape, device=ctx.device_name, groups=g, meta=meta,
+            part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
+            num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads, pdl=ctx.pdl,
+        )  # fmt: skip
+        if not ctx.compiled:
+            self._precompile(plan, device)
+            ctx.compiled = True
+        return plan
+
+    def _plan_context(self, device: torch.device, shape: AttentionShape) -> _PlanContext:
+        """What every plan for ``(device, shape)`` shares, looked up once: the pinned staging, whether the
+        reduction is a programmatic dependent launch, launch configurations by tile rows and reduction heads by
+        width. Setting a knob drops it (:meth:`__setattr__`); the autotuner sets its knobs before it is made."""
         _check_shape(shape)
         self._maybe_autotune(shape, device)
         staging = None
@@ -326,20 +403,9 @@ class DeftAttention(AttentionMethod):
             staging = self._staging.get(device)
             if staging is None:
                 staging = self._staging[device] = PinnedStaging(device)
-        g = self.groups(tree, shape, staging.alloc if staging else None)
-        meta = staging.upload(g.packed.size) if staging else torch.from_numpy(g.packed)
-        part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
-        warps, stages = self._launch_config(g.rows, shape.head_dim)
-        block_p = reduce_block(g.max_parts)
-        plan = DeftPlan(
-            n_queries=tree.n_queries, shape=shape, device=str(device), groups=g, meta=meta,
-            part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
-            num_warps=warps, num_stages=stages, block_p=block_p,
-            reduce_heads=reduce_heads(shape.n_heads, shape.head_dim, block_p, self.reduce_heads),
-            pdl=self.pdl and pdl_supported(device),
-        )  # fmt: skip
-        self._precompile(plan, device)
-        return plan
+        ctx = _PlanContext(staging, str(device), self.pdl and pdl_supported(device))
+        self._ctx[(device, shape)] = ctx
+        return ctx
 
     def run(
         self,
@@ -427,6 +493,10 @@ class DeftAttention(AttentionMethod):
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads)
+
+
+#: attributes whose change invalidates a method's cached plan arguments and contexts
+_KNOBS = frozenset(inspect.signature(DeftAttention.__init__).parameters) - {"self"} | {"mode", "_n_sms"}
 
 
 def reduce_block(max_parts: int) -> int:

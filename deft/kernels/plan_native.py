@@ -22,6 +22,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,50 @@ def _policy_view(policy: tuple[int, int, int, int]) -> ctypes.c_int64:
     return got[1]
 
 
+@dataclass(frozen=True)
+class NativePlanArgs:
+    """A plan's configuration checked and converted once for the C calls (:func:`prepare_plan`): what
+    :func:`build_prepared` passes for every tree."""
+
+    scalars: tuple
+    group: int
+    order: tuple | None  # (small_m, mix, slots) when the tiles are ordered longest first
+
+
+def prepare_plan(
+    group: int,
+    mode: str,
+    chunk_size: int,
+    block_m_max: int,
+    snap: float,
+    wide_budget: int = 0,
+    few_split: int = 0,
+    chunk_policy: tuple[int, int, int, int] | None = None,
+    lpt_small_m: int | None = None,
+    lpt_mix: tuple[float, float] = (0.0, 0.0),
+    fill_tiles: bool = False,
+    fill_small: int = 0,
+) -> NativePlanArgs | None:
+    """The tree-independent arguments of :func:`build_groups_native`, checked and converted once (a method
+    plans every step with the same ones); None when the C code cannot take them (the caller uses numpy)."""
+    auto = mode != "node" and chunk_size == 0 and chunk_policy is not None
+    if (
+        mode not in _MODE_ID or not 1 <= group < 1 << 20 or not -(1 << 40) < block_m_max < 1 << 40
+        or not -1e18 < snap < 1e18 or (mode != "node" and not auto and not 1 <= chunk_size < 1 << 62)
+        or not 0 <= wide_budget < 1 << 30 or not 0 <= few_split < 1 << 30 or not 0 <= fill_small < 1 << 30
+        or (auto and not (len(chunk_policy) == 4 and min(chunk_policy) >= 0 and max(chunk_policy) < 1 << 40))
+        or (lpt_small_m is not None and not -(1 << 40) < lpt_small_m < 1 << 40)
+        or not (0.0 <= lpt_mix[0] < 1e18 and 0.0 <= lpt_mix[1] < 1e18)
+    ):  # fmt: skip
+        return None
+    policy = _policy_view(chunk_policy) if auto else None
+    scalars = (int(group), _MODE_ID[mode], int(chunk_size) if mode != "node" else 0, int(block_m_max), float(snap),
+               int(wide_budget), int(few_split) if mode == "flatten" else 0, policy, int(bool(fill_tiles)),
+               int(fill_small))  # fmt: skip
+    order = None if lpt_small_m is None else (int(lpt_small_m), float(lpt_mix[0]), float(lpt_mix[1]))
+    return NativePlanArgs(scalars, int(group), order)
+
+
 def build_groups_native(
     tree: DecodingTree,
     group: int,
@@ -213,7 +258,20 @@ def build_groups_native(
     derivation. ``lpt_small_m``: order the tiles longest first in the same pass
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``; ``lpt_mix``: its
     ``(mix, slots)``). ``fill_tiles``: a chunk's query slices fill a tile each, the rest last (else near-equal);
-    ``fill_small``: rows of a small tile (0: none), whose rest the wide nodes' budget does not count."""
+    ``fill_small``: rows of a small tile (0: none), whose rest the wide nodes' budget does not count.
+    The same as :func:`prepare_plan` then :func:`build_prepared`."""
+    if not ENABLED:
+        return None
+    args = prepare_plan(group, mode, chunk_size, block_m_max, snap, wide_budget, few_split, chunk_policy,
+                        lpt_small_m, lpt_mix, fill_tiles, fill_small)  # fmt: skip
+    return None if args is None else build_prepared(tree, args, out_alloc)
+
+
+def build_prepared(
+    tree: DecodingTree, prep: NativePlanArgs, out_alloc: Callable[[int], np.ndarray] | None = None
+) -> KVGroups | None:
+    """One tree's plan in C with arguments from :func:`prepare_plan`; None when the native code is off or
+    the tree is one it declines (no nodes or no queries, malformed arrays, too many tokens: numpy then)."""
     if not ENABLED:
         return None
     lib = _lib if _lib is not None else _load()
@@ -221,30 +279,17 @@ def build_groups_native(
         return None
     parent, slot_ptr, slots, qn, qv = tree.parent, tree.slot_ptr, tree.slots, tree.query_node, tree.query_visible
     n, nq = parent.size, qn.size
-    auto = mode != "node" and chunk_size == 0 and chunk_policy is not None
-    if (
-        n == 0 or nq == 0 or slot_ptr.size != n + 1 or qv.size != nq
-        or not 1 <= group < 1 << 20 or not -(1 << 40) < block_m_max < 1 << 40 or not -1e18 < snap < 1e18
-        or (mode != "node" and not auto and not 1 <= chunk_size < 1 << 62) or not 0 <= wide_budget < 1 << 30
-        or not 0 <= few_split < 1 << 30 or not 0 <= fill_small < 1 << 30
-        or (auto and not (len(chunk_policy) == 4 and min(chunk_policy) >= 0 and max(chunk_policy) < 1 << 40))
-        or (lpt_small_m is not None and not -(1 << 40) < lpt_small_m < 1 << 40)
-        or not (0.0 <= lpt_mix[0] < 1e18 and 0.0 <= lpt_mix[1] < 1e18)
-    ):  # fmt: skip
+    if n == 0 or nq == 0 or slot_ptr.size != n + 1 or qv.size != nq:
         return None
-    policy = _policy_view(chunk_policy) if auto else None
-    scalars = (int(group), _MODE_ID[mode], int(chunk_size) if mode != "node" else 0, int(block_m_max), float(snap),
-               int(wide_budget), int(few_split) if mode == "flatten" else 0, policy, int(bool(fill_tiles)),
-               int(fill_small))  # fmt: skip
     try:  # the usual case, DecodingTree's own arrays: contiguous, writable int64
         if not (parent.dtype is _I64 and slot_ptr.dtype is _I64 and slots.dtype is _I64 and qn.dtype is _I64
                 and qv.dtype is _I64):  # fmt: skip
             raise TypeError
         args = (n, _view64(parent), _view64(slot_ptr), slots.size, _view64(slots), nq, _view64(qn), _view64(qv),
-                *scalars)  # fmt: skip
+                *prep.scalars)  # fmt: skip
     except (TypeError, ValueError, BufferError):
         args = (n, _buf(parent, _I64), _buf(slot_ptr, _I64), slots.size, _buf(slots, _I64), nq, _buf(qn, _I64),
-                _buf(qv, _I64), *scalars)  # fmt: skip
+                _buf(qv, _I64), *prep.scalars)  # fmt: skip
     ws, ws_buf = _workspace(_H_SIZE + 13 * n + 6 * nq + 64)
     rc = lib.deft_plan_size(*args, ws_buf, ws.size)
     while rc == 1:  # more chunks than the workspace holds: it says how much it needs (twice at most)
@@ -265,8 +310,9 @@ def build_groups_native(
         tmp = np.empty(total, dtype=_I32)
         dst = _VIEW[_I32](tmp)
     lib.deft_plan_fill(ws_buf, dst)
-    if lpt_small_m is not None:  # the tiles section starts the packed array; the plan's workspace is free again
-        _order_tiles(lib, dst, n_tiles, int(group), small_tile_rows(int(group), h[7], int(lpt_small_m)), *lpt_mix)
+    if prep.order is not None:  # the tiles section starts the packed array; the plan's workspace is free again
+        small_m, mix, slots_ = prep.order
+        _order_tiles(lib, dst, n_tiles, prep.group, small_tile_rows(prep.group, h[7], small_m), mix, slots_)
     if tmp is not None:
         packed[...] = tmp
     sec = h[10:18]
