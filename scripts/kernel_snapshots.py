@@ -123,6 +123,9 @@ ALL_SWEEP = {
     # program); is it the kernel's size (7,500 SASS instructions, five copies of the loop)? Fewer copies:
     "small0": {"small_m": 0},
     "nocontig_small0": {"contiguous": False, "small_m": 0},
+    # one gathered loop for a tile's unmasked and masked tokens: 5,700 SASS instructions instead of 7,500, and the
+    # masked tiles run the code every gathered tile runs
+    "unified": {"unified_mask": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -813,3 +813,27 @@ def test_setting_a_knob_after_a_plan_changes_the_next_plan():
     assert after.n_tiles != before.n_tiles
     m.block_m = 32  # the launch configuration and tile rows follow too
     assert m.plan(tree, shape, "cpu").block_m == 32
+
+
+# ---------------------------------------------------------------------- one gathered loop for both phases
+@pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("seed", range(4))
+def test_unified_mask_loop_matches_reference(mode, seed):
+    """``unified_mask``: a tile's gathered tokens run one loop that tests visibility from ``t_mid`` on. Random
+    trees, speculative trees (masked tiles with a shared prefix) and prefilled runs (affine first phases followed by
+    masked tokens), with and without the small tile, against fp64."""
+    rng = np.random.default_rng(700 + seed)
+    dtype = (torch.float16, torch.bfloat16)[seed % 2]
+    prefixed = 0
+    for tree in (
+        random_tree(rng, int(rng.integers(2, 14)), 40, extra_queries=3),
+        speculative_tree(int(rng.integers(20, 60)), int(rng.integers(5, 80)), rng),
+        runs_tree(rng, n_nodes=int(rng.integers(3, 12)), max_len=60),
+    ):
+        kw = dict(block_n=16, unified_mask=True, small_m=16 if seed % 2 else 0)
+        if mode != "node":
+            kw["chunk_size"] = int(rng.integers(9, 50))
+        plan = check(METHODS[mode](**kw), tree, dtype=dtype, seed=seed)
+        f = plan.groups.records("tiles")["flags"]
+        prefixed += int((((f & 1) != 0) & ((f >> 2) > 0)).sum())
+    assert prefixed > 0, "some tile should have an unmasked prefix before its masked tokens"

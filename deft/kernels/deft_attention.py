@@ -136,6 +136,10 @@ class DeftAttention(AttentionMethod):
     ``pdl`` (on by default; Hopper and later, else ignored): the reduction is a programmatic dependent launch that
     the partial kernel's programs trigger as they start, so its launch and list loads overlap the partial kernel's
     tail (H100: 0.4-1.3 µs less per layer in CUDA graphs, 1-3.6 µs eager).
+    ``unified_mask`` (off by default; measured in session 11, see notes/deft_kernels.md): a tile's gathered tokens run
+    one loop that applies the visibility test only from its masked phase on, instead of one copy of the loop per
+    phase: the kernel shrinks from about 7,500 to 5,700 SASS instructions, and a masked tile runs the code every
+    gathered tile runs (the timeline found masked tiles of one block taking 8-29 µs, partly instruction fetch).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -170,6 +174,7 @@ class DeftAttention(AttentionMethod):
         fill_tiles: bool = False,
         reduce_heads: int = 1,
         pdl: bool = True,
+        unified_mask: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -211,6 +216,7 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"reduce_heads must be >= 0 (0: auto), got {reduce_heads}")
         self.reduce_heads = int(reduce_heads)
         self.pdl = bool(pdl)
+        self.unified_mask = bool(unified_mask)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -343,6 +349,7 @@ class DeftAttention(AttentionMethod):
             "fill_tiles": self.fill_tiles,
             "reduce_heads": self.reduce_heads or "auto",
             "pdl": self.pdl,
+            "unified_mask": self.unified_mask,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -444,7 +451,7 @@ class DeftAttention(AttentionMethod):
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
-            self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl,
+            self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=self.unified_mask,
         )  # fmt: skip
         launch_reduce(
             out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
@@ -465,7 +472,7 @@ class DeftAttention(AttentionMethod):
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
-            self.reduce_heads, plan.pdl,
+            self.reduce_heads, plan.pdl, self.unified_mask,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -478,7 +485,7 @@ class DeftAttention(AttentionMethod):
             launch_partials(
                 q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
                 self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
-                pdl_trigger=plan.pdl,
+                pdl_trigger=plan.pdl, unified=self.unified_mask,
             )  # fmt: skip
             if rows >= self.block_m:
                 break

@@ -44,6 +44,7 @@ def _attend_chunk(
     row_tin,
     row_vis,
     qk_scale,
+    t_mask,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr,
@@ -51,6 +52,7 @@ def _attend_chunk(
     DOT_F32: tl.constexpr,
     IDX_INLOOP: tl.constexpr,
     AFFINE: tl.constexpr,
+    UNIFIED: tl.constexpr = False,
 ):
     """Online softmax of the tile's rows over flat tokens ``[t_lo, t_hi)``: the inner loop.
 
@@ -61,7 +63,10 @@ def _attend_chunk(
     gather idiom that Triton's software pipeliner can schedule ``num_stages`` blocks ahead.
     With ``AFFINE`` (the plan found the chunk's slots consecutive, as a prefilled prompt's are) the
     addresses are the first slot plus the token offset: no per-token index loads, and addresses the
-    compiler knows are contiguous, so K and V stream like a dense tensor's."""
+    compiler knows are contiguous, so K and V stream like a dense tensor's. With ``MASKED`` and ``UNIFIED`` only
+    the tokens from ``t_mask`` on are tested (the node loads of the others are predicated off), so one copy of the
+    loop serves a tile's unmasked and masked phases: the code of the masked phase is then the code every gathered
+    tile runs."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # Only the hand-pipelined modes carry state across iterations; in the others every address is a
@@ -107,7 +112,20 @@ def _attend_chunk(
             k_cur = k_cur.to(tl.float32)
             v_cur = v_cur.to(tl.float32)
         s = tl.dot(q, tl.trans(k_cur)) * qk_scale
-        if MASKED:
+        if MASKED and UNIFIED:
+            # tokens before t_mask are seen by every row; from t_mask on, the test below
+            need = valid & (t >= t_mask)
+            node = tl.load(tok_node + t, mask=need, other=0) * 3
+            pos = t - tl.load(nodes + node, mask=need, other=0)
+            tin = tl.load(nodes + node + 1, mask=need, other=0)
+            end = tl.load(nodes + node + 2, mask=need, other=0)
+            vis = (
+                (tin[None, :] <= row_tin[:, None])
+                & (row_tin[:, None] < end[None, :])
+                & ((row_tin[:, None] != tin[None, :]) | (pos[None, :] < row_vis[:, None]))
+            ) | (t < t_mask)[None, :]
+            s = tl.where(vis & valid[None, :], s, float("-inf"))
+        elif MASKED:
             # visibility: ancestor-or-self, and causal inside the query's own node
             node = tl.load(tok_node + t, mask=valid, other=0) * 3
             pos = t - tl.load(nodes + node, mask=valid, other=0)
@@ -178,6 +196,7 @@ def deft_partial_kernel(
     N_KV: tl.constexpr,
     TIMELINE: tl.constexpr,
     PDL_TRIGGER: tl.constexpr,
+    UNIFIED: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -209,13 +228,13 @@ def deft_partial_kernel(
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED,
         )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG,
+            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG, UNIFIED,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -231,12 +250,14 @@ def _tile(
     kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
+    UNIFIED: tl.constexpr,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
     shared ancestor's tokens), so it carries no visibility test, and with ``CONTIG`` it takes affine
     addresses when the plan flagged its slots consecutive; phase two, ``[t_mid, t_hi)``, tests visibility
-    per token (empty for most tiles)."""
+    per token (empty for most tiles). With ``UNIFIED`` the gathered tokens of both phases run one loop that tests
+    only those from ``t_mid`` on."""
     rows = tl.arange(0, BLOCK_M)
     lq = rows // GROUP
     head = kvh * GROUP + rows % GROUP
@@ -259,27 +280,42 @@ def _tile(
     tok_slot = meta + off_tok_slot
     tok_node = meta + off_tok_node
     nodes = meta + off_nodes
-    if CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
-        if (flags & 2) != 0:
+    if UNIFIED:  # one gathered loop for both phases (the test from t_mid on); the affine copy stays separate
+        t_gather = t_lo
+        if CONTIG:
+            if (flags & 2) != 0:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+                )  # fmt: skip
+                t_gather = t_mid
+        if t_gather < t_hi:
             acc, m_i, l_i = _attend_chunk(
-                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_gather, t_hi,
+                row_tin, row_vis, qk_scale, t_mid, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, True,
             )  # fmt: skip
+    else:
+        if CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
+            if (flags & 2) != 0:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+                )  # fmt: skip
+            else:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+                )  # fmt: skip
         else:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
             )  # fmt: skip
-    else:
-        acc, m_i, l_i = _attend_chunk(
-            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-            row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
-        )  # fmt: skip
-    if t_mid < t_hi:
-        acc, m_i, l_i = _attend_chunk(
-            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
-            row_tin, row_vis, qk_scale, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False,
-        )  # fmt: skip
+        if t_mid < t_hi:
+            acc, m_i, l_i = _attend_chunk(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
+                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -313,6 +349,7 @@ def launch_partials(
     head_fastest: bool = False,
     timeline: torch.Tensor | None = None,
     pdl_trigger: bool = False,
+    unified: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -323,7 +360,8 @@ def launch_partials(
     ``timeline`` (diagnostics, GPU only): an int64 tensor of at least 4 x programs entries; each program writes
     its start and end (``%globaltimer`` ns) and its SM id at ``4 x`` its linear program id (see
     ``scripts/timeline_probe.py``). ``pdl_trigger`` (Hopper): each program lets a programmatic dependent launch
-    (the reduction with ``pdl``) proceed as soon as it starts. Returns the compiled kernel (registers, spills, shared memory are on it)."""
+    (the reduction with ``pdl``) proceed as soon as it starts. ``unified``: a tile's gathered tokens, unmasked and masked,
+    run one loop that tests only the masked ones (one copy of the gathered loop per tile height instead of two). Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
@@ -334,7 +372,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
