@@ -304,7 +304,7 @@ def test_bad_inputs_raise_before_launch(no_launch):
 
 
 # ---------------------------------------------------------------------- plan structure and io
-def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0):
+def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0, unified: bool = False):
     """Walk the plan tile by tile: check that it covers exactly the visible (query, token) pairs, and
     count what the kernels move."""
     tiles, nodes, queries = g.records("tiles"), g.records("nodes"), g.records("queries")
@@ -333,7 +333,7 @@ def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0):
         # bit 1: the first phase's slots are consecutive; a big tile then reads only its first slot
         contig = mid > lo and bool(np.all(np.diff(tok_slot[lo:mid]) == 1))
         assert bool(flags & 2) == contig
-        affine = contig and qs.size * g_size > small_rows
+        affine = contig and (qs.size * g_size > small_rows or (unified and mid < hi))  # unified: masked -> big
         counts["slot_reads"] += (1 if affine else mid - lo) + hi - mid
         rows_seen.update(range(int(tiles["pbase"][t]), int(tiles["pbase"][t]) + qs.size))
         cols = (flat_of_col >= lo) & (flat_of_col < hi)
@@ -374,10 +374,11 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     else:
         tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fill_tiles=seed % 2 == 1)
+    m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fill_tiles=seed % 2 == 1,
+                      unified_mask=seed % 3 == 2)  # fmt: skip
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
-    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0)
+    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0, m.unified_mask)
     io = m.io(tree, shape)
     assert io.kv == c["kv_tokens"] * shape.kv_token_bytes
     assert io.q == c["q_rows"] * shape.q_row_bytes

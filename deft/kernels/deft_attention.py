@@ -136,10 +136,11 @@ class DeftAttention(AttentionMethod):
     ``pdl`` (on by default; Hopper and later, else ignored): the reduction is a programmatic dependent launch that
     the partial kernel's programs trigger as they start, so its launch and list loads overlap the partial kernel's
     tail (H100: 0.4-1.3 µs less per layer in CUDA graphs, 1-3.6 µs eager).
-    ``unified_mask`` (off by default; measured in session 11, see notes/deft_kernels.md): a tile's gathered tokens run
-    one loop that applies the visibility test only from its masked phase on, instead of one copy of the loop per
-    phase: the kernel shrinks from about 7,500 to 5,700 SASS instructions, and a masked tile runs the code every
-    gathered tile runs (the timeline found masked tiles of one block taking 8-29 µs, partly instruction fetch).
+    ``unified_mask`` (off by default; measured in session 11, see notes/deft_kernels.md): a big tile's gathered tokens
+    run one loop that applies the visibility test only from its masked phase on, instead of one copy of the loop per
+    phase, and masked tiles always run the big tile, so the small tile compiles only its plain gathered loop: the
+    kernel shrinks from about 7,500 to 5,300 SASS instructions (the timeline found masked tiles of one block taking
+    8-29 µs, and the prompt's programs 12 % faster in a smaller kernel).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -499,7 +500,7 @@ class DeftAttention(AttentionMethod):
         g = self.groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
-        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads)
+        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads, self.unified_mask)
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
@@ -527,8 +528,10 @@ def groups_io(
     contiguous: bool = True,
     small_rows: int = 0,
     reduce_heads: int = 1,
+    unified: bool = False,
 ) -> IOCounts:
-    """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores.
+    """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores (``unified``: the
+    kernel's ``unified_mask``, under which a masked tile runs the big tile, affine first phase included).
 
     - kv: every (tile, KV head) program loads its chunk's K and V rows once (masked tail rows are not
       fetched), so a chunk split into two query tiles counts twice.
@@ -551,6 +554,8 @@ def groups_io(
     masked_tok = ntok - unmasked
     # a first phase over consecutive slots reads its first slot only (affine addresses; big tiles only)
     small = (nq_t * shape.group_size <= small_rows) & (small_rows < g.rows)
+    if unified:
+        small &= ~masked
     affine = ((t["flags"] & FLAG_CONTIG) != 0) & ~small if contiguous else np.zeros_like(masked)
     slot_reads = int(np.where(affine, 1, unmasked).sum() + masked_tok.sum())
     kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim

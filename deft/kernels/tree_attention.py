@@ -224,17 +224,27 @@ def deft_partial_kernel(
     # tiles whose rows fit SMALL_M run the small tile (a quarter of the tensor-core work per token for a
     # branch with one or two queries); the small tile has no affine copy (few-query nodes are decoded
     # tokens, whose slots are rarely consecutive), which keeps the kernel's code small
-    if SMALL_M < BLOCK_M and n_q * GROUP <= SMALL_M:
+    # with UNIFIED a masked tile always runs the big tile, so the small one compiles one plain gathered loop
+    if SMALL_M < BLOCK_M:
+        if UNIFIED:
+            small = (n_q * GROUP <= SMALL_M) & ((flags & 1) == 0)
+        else:
+            small = n_q * GROUP <= SMALL_M
+    else:
+        small = False
+    if small:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED,
+            UNIFIED,
         )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG, UNIFIED,
+            False,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -250,14 +260,15 @@ def _tile(
     kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
-    UNIFIED: tl.constexpr,
+    UNIFIED: tl.constexpr, PLAIN: tl.constexpr,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
     shared ancestor's tokens), so it carries no visibility test, and with ``CONTIG`` it takes affine
     addresses when the plan flagged its slots consecutive; phase two, ``[t_mid, t_hi)``, tests visibility
     per token (empty for most tiles). With ``UNIFIED`` the gathered tokens of both phases run one loop that tests
-    only those from ``t_mid`` on."""
+    only those from ``t_mid`` on. ``PLAIN``: the caller runs only tiles without a masked phase here, so one plain
+    gathered loop is compiled."""
     rows = tl.arange(0, BLOCK_M)
     lq = rows // GROUP
     head = kvh * GROUP + rows % GROUP
@@ -280,7 +291,12 @@ def _tile(
     tok_slot = meta + off_tok_slot
     tok_node = meta + off_tok_node
     nodes = meta + off_nodes
-    if UNIFIED:  # one gathered loop for both phases (the test from t_mid on); the affine copy stays separate
+    if PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
+            row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+        )  # fmt: skip
+    elif UNIFIED:  # one gathered loop for both phases (the test from t_mid on); the affine copy stays separate
         t_gather = t_lo
         if CONTIG:
             if (flags & 2) != 0:
@@ -361,7 +377,8 @@ def launch_partials(
     its start and end (``%globaltimer`` ns) and its SM id at ``4 x`` its linear program id (see
     ``scripts/timeline_probe.py``). ``pdl_trigger`` (Hopper): each program lets a programmatic dependent launch
     (the reduction with ``pdl``) proceed as soon as it starts. ``unified``: a tile's gathered tokens, unmasked and masked,
-    run one loop that tests only the masked ones (one copy of the gathered loop per tile height instead of two). Returns the compiled kernel (registers, spills, shared memory are on it)."""
+    run one loop that tests only the masked ones, and masked tiles always run the big tile, whose rows they may not
+    fill: the big tile compiles two loops instead of three, the small tile one instead of two. Returns the compiled kernel (registers, spills, shared memory are on it)."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
