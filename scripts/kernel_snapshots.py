@@ -126,6 +126,8 @@ ALL_SWEEP = {
     # one gathered loop for a tile's unmasked and masked tokens: 5,700 SASS instructions instead of 7,500, and the
     # masked tiles run the code every gathered tile runs
     "unified": {"unified_mask": True},
+    # ... chosen per plan: only when no tile runs the big tile's plain gathered loop (which the tested loop slows)
+    "unified_auto": {"unified_mask": "auto"},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

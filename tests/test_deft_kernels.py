@@ -838,3 +838,23 @@ def test_unified_mask_loop_matches_reference(mode, seed):
         f = plan.groups.records("tiles")["flags"]
         prefixed += int((((f & 1) != 0) & ((f >> 2) > 0)).sum())
     assert prefixed > 0, "some tile should have an unmasked prefix before its masked tokens"
+
+
+def test_unified_mask_auto_picks_the_variant_per_plan_and_both_match_reference():
+    """``unified_mask="auto"``: the UNIFIED kernel when no tile runs the big tile's plain gathered loop (a fan whose
+    prompt sits in consecutive slots: affine prompt tiles, small branch tiles), the default kernel when some do (a
+    tree with scattered slots and several queries per branch); each plan against fp64."""
+    from deft.kernels.kv_groups import plain_big_tiles
+
+    shape = AttentionShape(8, 2, 16, "float16")
+    fan = fan_tree(300, 6, 5)
+    m = DeftFlatten(chunk_size=40, block_n=16, unified_mask="auto")
+    plan = check(m, fan)
+    assert plan.unified and plain_big_tiles(plan.groups, 4, 16) == 0
+    rng = np.random.default_rng(21)
+    scattered = random_tree(rng, 12, 60, extra_queries=12)
+    plan = check(m, scattered, seed=1)
+    assert not plan.unified and plain_big_tiles(plan.groups, 4, 16) > 0
+    assert m.unified_for(plan.groups, shape) is False and DeftFlatten(unified_mask=True).unified_for(plan.groups, shape)
+    with pytest.raises(ValueError, match="unified_mask"):
+        DeftFlatten(unified_mask="sometimes")

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 
 from deft.kernels import plan_native
-from deft.kernels.kv_groups import MODES, SECTIONS, KVGroups, build_groups, order_tiles_longest_first
+from deft.kernels.kv_groups import (
+    MODES,
+    SECTIONS,
+    KVGroups,
+    build_groups,
+    order_tiles_longest_first,
+    plain_big_tiles,
+    small_tile_rows,
+)
 from deft.tree import DecodingTree
 from tests.conftest import speculative_tree as _speculative
 
@@ -362,3 +370,9 @@ def test_chunk_size_chosen_in_c_and_tiles_ordered_in_the_same_pass_match_numpy(s
                            lpt_mix=mix)  # fmt: skip
         assert_same_groups(nat, ref)
         assert nat.chunk_size == (want if p["mode"] != "node" else 0)
+        # the plain big tiles, counted by the C order pass, as numpy counts them (the small rows the order used)
+        if small_m is None:
+            assert nat.plain_big == -1
+        else:
+            small = small_tile_rows(p["group"], nat.rows, small_m)
+            assert nat.plain_big == plain_big_tiles(ref, p["group"], small)

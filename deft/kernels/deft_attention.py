@@ -34,6 +34,7 @@ from deft.kernels.kv_groups import (
     KVGroups,
     auto_chunk_size,
     build_groups,
+    plain_big_tiles,
     small_tile_rows,
 )
 from deft.kernels.staging import PinnedStaging
@@ -66,6 +67,7 @@ class DeftPlan(Plan):
     block_p: int
     reduce_heads: int  # query heads per reduction program
     pdl: bool  # the reduction is a programmatic dependent launch of the partial kernel
+    unified: bool = False  # the partial kernel's UNIFIED variant (DeftAttention.unified_mask)
 
 
 class _PlanContext:
@@ -175,7 +177,7 @@ class DeftAttention(AttentionMethod):
         fill_tiles: bool = False,
         reduce_heads: int = 1,
         pdl: bool = True,
-        unified_mask: bool = False,
+        unified_mask: bool | str = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -217,7 +219,9 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"reduce_heads must be >= 0 (0: auto), got {reduce_heads}")
         self.reduce_heads = int(reduce_heads)
         self.pdl = bool(pdl)
-        self.unified_mask = bool(unified_mask)
+        if unified_mask not in (False, True, "auto"):
+            raise ValueError(f"unified_mask must be false, true or 'auto', got {unified_mask!r}")
+        self.unified_mask = unified_mask if unified_mask == "auto" else bool(unified_mask)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -394,11 +398,25 @@ class DeftAttention(AttentionMethod):
             n_queries=tree.n_queries, shape=shape, device=ctx.device_name, groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads, pdl=ctx.pdl,
+            unified=self.unified_for(g, shape),
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
             ctx.compiled = True
         return plan
+
+    def unified_for(self, g: KVGroups, shape: AttentionShape) -> bool:
+        """Whether plan ``g`` runs the partial kernel's ``UNIFIED`` variant: always with ``unified_mask=True``; with
+        ``"auto"`` when no tile would run the big tile's plain gathered loop (:func:`~deft.kernels.kv_groups.
+        plain_big_tiles`), the one loop that variant makes slower (a shared prompt's affine tiles, masked tiles and
+        small branch tiles are what the few-shot and speculative trees hold; a reasoning tree's multi-query
+        branches are plain big tiles)."""
+        if self.unified_mask != "auto":
+            return bool(self.unified_mask)
+        small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+        if small < g.rows and g.plain_big >= 0 and self.contiguous:  # counted by the C plan while ordering
+            return g.plain_big == 0
+        return plain_big_tiles(g, shape.group_size, small if small < g.rows else 0, self.contiguous) == 0
 
     def _plan_context(self, device: torch.device, shape: AttentionShape) -> _PlanContext:
         """What every plan for ``(device, shape)`` shares, looked up once: the pinned staging, whether the
@@ -452,7 +470,7 @@ class DeftAttention(AttentionMethod):
         self.last_kernel = launch_partials(
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
-            self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=self.unified_mask,
+            self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
         )  # fmt: skip
         launch_reduce(
             out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
@@ -480,17 +498,18 @@ class DeftAttention(AttentionMethod):
         q = torch.empty(1, s.n_heads, s.head_dim, dtype=s.torch_dtype, device=device)  # layouts only: not run
         kv = torch.empty(1, s.n_kv_heads, s.head_dim, dtype=s.torch_dtype, device=device)
         g = plan.groups
-        rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
-        while True:
-            warps, stages = self._launch_config(rows, s.head_dim)
-            launch_partials(
-                q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
-                self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
-                pdl_trigger=plan.pdl, unified=self.unified_mask,
-            )  # fmt: skip
-            if rows >= self.block_m:
-                break
-            rows *= 2
+        for unified in (False, True) if self.unified_mask == "auto" else (bool(self.unified_mask),):
+            rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
+            while True:
+                warps, stages = self._launch_config(rows, s.head_dim)
+                launch_partials(
+                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
+                    self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
+                    pdl_trigger=plan.pdl, unified=unified,
+                )  # fmt: skip
+                if rows >= self.block_m:
+                    break
+                rows *= 2
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
             launch_reduce(q, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, True, heads, plan.pdl)
@@ -500,7 +519,8 @@ class DeftAttention(AttentionMethod):
         g = self.groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
-        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads, self.unified_mask)
+        return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
+                         self.unified_for(g, shape))  # fmt: skip
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts

@@ -62,6 +62,7 @@ class KVGroups:
     max_parts: int
     rows: int  # tile rows (BLOCK_M) the plan was cut for
     chunk_size: int  # the chunk size used (0 for node mode)
+    plain_big: int = -1  # plain big tiles (plain_big_tiles), when the C plan counted them while ordering; -1: not counted
 
     def section(self, name: str) -> np.ndarray:
         a, b = self.offsets[name]
@@ -112,6 +113,17 @@ def order_tiles_longest_first(
     if mix > 0 and big.any() and not big.all() and float(cost[big].max()) * slots <= mix * float(cost.sum()):
         order = alternate(order[big[order]], order[~big[order]])
     t[...] = t[order]
+
+
+def plain_big_tiles(g: KVGroups, group: int, small_rows: int, contiguous: bool = True) -> int:
+    """Big tiles (rows over ``small_rows``) without a masked phase whose tokens are not all addressed affinely
+    (first phase not flagged consecutive, or ``contiguous`` off): the tiles that run the big tile's plain gathered
+    loop, which a kernel with ``unified_mask`` replaces by its slower tested loop. The C plan counts them (with
+    ``contiguous`` on) as it orders the tiles (``KVGroups.plain_big``)."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
+    big = (t[:, 3] - t[:, 2]).astype(np.int64) * group > small_rows
+    plain = (t[:, 5] & (FLAG_MASK | (FLAG_CONTIG if contiguous else 0))) == 0
+    return int(np.count_nonzero(big & plain))
 
 
 def alternate(a: np.ndarray, b: np.ndarray) -> np.ndarray:

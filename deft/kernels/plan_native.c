@@ -746,11 +746,18 @@ void deft_plan_fill(i64 *ws, i32 *out)
  * present, big and small tiles then alternate (each kind keeps its order, the longer list's rest at the end)
  * when the costliest big tile x slots <= mix x the total cost: the big programs are then not the step's
  * critical path, and an SM running one of each kind (tensor-bound and HBM-bound) finishes sooner. */
-void deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, i64 lpt_small,
-                      i64 lpt_program, double mix, double slots, i64 *scratch)
+i64 deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, i64 lpt_small,
+                     i64 lpt_program, double mix, double slots, i64 *scratch)
 {
+    /* returns the number of plain big tiles: big, no masked phase, first phase not over consecutive slots (the
+     * tiles that run the big tile's plain gathered loop; kv_groups.plain_big_tiles) */
+    i64 plain = 0;
+    for (i64 i = 0; i < n; i++) {
+        const i32 *t = tiles + 6 * i;
+        plain += ((i64)t[3] - t[2]) * group > small_rows && (t[5] & 3) == 0;
+    }
     if (n < 2)
-        return;
+        return plain;
     i64 *neg_cost = scratch, *idx = scratch + n, *tmp = scratch + 2 * n;
     i32 *copy = (i32 *)(scratch + 3 * n); /* 6 x n int32 = 3 x n int64 */
     i64 total = 0, max_big = -1, n_big = 0;
@@ -791,4 +798,5 @@ void deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big,
     memcpy(copy, tiles, (size_t)(6 * n) * sizeof(i32));
     for (i64 i = 0; i < n; i++)
         memcpy(tiles + 6 * i, copy + 6 * idx[i], 6 * sizeof(i32));
+    return plain;
 }

@@ -109,7 +109,7 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
             lib.deft_order_tiles.argtypes = [_P32, i64, i64, i64, i64, i64, i64, ctypes.c_double, ctypes.c_double, ptr]
-            lib.deft_order_tiles.restype = None
+            lib.deft_order_tiles.restype = i64
             _lib = lib
         except Exception as e:  # no compiler, no write access, a loader error: numpy does the work
             _load_error = f"{type(e).__name__}: {e}"
@@ -310,9 +310,10 @@ def build_prepared(
         tmp = np.empty(total, dtype=_I32)
         dst = _VIEW[_I32](tmp)
     lib.deft_plan_fill(ws_buf, dst)
+    plain_big = -1
     if prep.order is not None:  # the tiles section starts the packed array; the plan's workspace is free again
         small_m, mix, slots_ = prep.order
-        _order_tiles(lib, dst, n_tiles, prep.group, small_tile_rows(prep.group, h[7], small_m), mix, slots_)
+        plain_big = _order_tiles(lib, dst, n_tiles, prep.group, small_tile_rows(prep.group, h[7], small_m), mix, slots_)
     if tmp is not None:
         packed[...] = tmp
     sec = h[10:18]
@@ -326,17 +327,17 @@ def build_prepared(
         max_parts=h[6],
         rows=h[7],
         chunk_size=used_chunk,
+        plain_big=plain_big,
     )
 
 def _order_tiles(
     lib: ctypes.CDLL, tiles, n: int, group: int, small_rows: int, mix: float = 0.0, slots: float = 0.0
-) -> None:
+) -> int:
     """``deft_order_tiles`` on ``n`` tile records at ``tiles`` (a ctypes int32 at the first), scratch from this
-    thread's workspace."""
-    if n > 1:
-        _, scratch = _workspace(6 * n)
-        lib.deft_order_tiles(tiles, n, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM, float(mix), float(slots),
-                             scratch)  # fmt: skip
+    thread's workspace; returns the plan's plain big tiles (:func:`~deft.kernels.kv_groups.plain_big_tiles`)."""
+    _, scratch = _workspace(6 * max(n, 1))
+    return int(lib.deft_order_tiles(tiles, n, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM, float(mix),
+                                    float(slots), scratch))  # fmt: skip
 
 
 def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int, mix: float = 0.0, slots: float = 0.0) -> bool:
