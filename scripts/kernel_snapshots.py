@@ -127,7 +127,8 @@ ALL_SWEEP = {
     # masked tiles run the code every gathered tile runs
     "unified": {"unified_mask": True},
     # ... chosen per plan: only when no tile runs the big tile's plain gathered loop (which the tested loop slows)
-    "unified_auto": {"unified_mask": "auto"},
+    "unified_auto": {"unified_mask": "auto"},  # the default from session 11 on (so "default" = "unified_auto")
+    "nounified": {"unified_mask": False},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -484,7 +484,9 @@ def runs_tree(rng, n_nodes: int, max_len: int, extra_queries: int = 2) -> Decodi
 def test_affine_tiles_over_consecutive_slots_match_reference_and_the_gather_path(mode, seed):
     rng = np.random.default_rng(300 + seed)
     tree = runs_tree(rng, n_nodes=int(rng.integers(3, 12)), max_len=60)
-    kw = dict(chunk_size=int(rng.integers(9, 50)), block_n=16, small_m=16 if seed % 2 else 0)
+    # one kernel variant for both (with unified_mask "auto" the two address modes could pick different loops, whose
+    # blocks, and so sums, differ)
+    kw = dict(chunk_size=int(rng.integers(9, 50)), block_n=16, small_m=16 if seed % 2 else 0, unified_mask=False)
     dtype = torch.bfloat16 if seed % 2 else torch.float16
     plan = check(METHODS[mode](**kw), tree, dtype=dtype, seed=seed)
     flags = plan.groups.records("tiles")["flags"]

@@ -138,11 +138,14 @@ class DeftAttention(AttentionMethod):
     ``pdl`` (on by default; Hopper and later, else ignored): the reduction is a programmatic dependent launch that
     the partial kernel's programs trigger as they start, so its launch and list loads overlap the partial kernel's
     tail (H100: 0.4-1.3 µs less per layer in CUDA graphs, 1-3.6 µs eager).
-    ``unified_mask`` (off by default; measured in session 11, see notes/deft_kernels.md): a big tile's gathered tokens
-    run one loop that applies the visibility test only from its masked phase on, instead of one copy of the loop per
-    phase, and masked tiles always run the big tile, so the small tile compiles only its plain gathered loop: the
-    kernel shrinks from about 7,500 to 5,300 SASS instructions (the timeline found masked tiles of one block taking
-    8-29 µs, and the prompt's programs 12 % faster in a smaller kernel).
+    ``unified_mask`` (``"auto"`` by default since session 11; ``True`` always, ``False`` never): the partial kernel's
+    UNIFIED variant, in which a big tile's gathered tokens run one loop that applies the visibility test only from
+    its masked phase on, instead of one copy of the loop per phase, and masked tiles always run the big tile, so the
+    small tile compiles only its plain gathered loop: about 5,300 SASS instructions instead of 7,500. In the smaller
+    kernel the shared prompt's affine programs run 11 % faster; the tested loop costs the tiles that would run the plain gathered loop 18-28 % (a reasoning tree's
+    multi-query branches). ``"auto"`` picks UNIFIED for a plan with no such tile (:meth:`unified_for`). H100,
+    session 11, 11 snapshots, graph µs: geomean 44.4 -> 42.8 (always: 43.5); few-shot 16k step 200 79.8 -> 74.8,
+    step 1 68.6 -> 63.3, Medusa 64 31.2 -> 29.6; the reasoning trees unchanged (notes/deft_kernels.md).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -177,7 +180,7 @@ class DeftAttention(AttentionMethod):
         fill_tiles: bool = False,
         reduce_heads: int = 1,
         pdl: bool = True,
-        unified_mask: bool | str = False,
+        unified_mask: bool | str = "auto",
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
