@@ -65,8 +65,7 @@ def _attend_chunk(
     addresses are the first slot plus the token offset: no per-token index loads, and addresses the
     compiler knows are contiguous, so K and V stream like a dense tensor's. With ``MASKED`` and ``UNIFIED`` only
     the tokens from ``t_mask`` on are tested (the node loads of the others are predicated off), so one copy of the
-    loop serves a tile's unmasked and masked phases: the code of the masked phase is then the code every gathered
-    tile runs."""
+    loop serves a tile's unmasked and masked phases (a smaller kernel; see ``DeftAttention.unified_mask``)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # Only the hand-pipelined modes carry state across iterations; in the others every address is a
