@@ -735,7 +735,7 @@ def test_timeline_records_every_program_and_leaves_the_output_unchanged_on_the_g
     launch_partials(
         q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous, head_fastest=lpt,
-        timeline=timeline,
+        timeline=timeline, unified=plan.unified,
     )  # fmt: skip
     out = torch.full_like(q, float("nan"))
     launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)

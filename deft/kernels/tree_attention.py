@@ -111,30 +111,24 @@ def _attend_chunk(
             k_cur = k_cur.to(tl.float32)
             v_cur = v_cur.to(tl.float32)
         s = tl.dot(q, tl.trans(k_cur)) * qk_scale
-        if MASKED and UNIFIED:
-            # tokens before t_mask are seen by every row; from t_mask on, the test below
-            need = valid & (t >= t_mask)
-            node = tl.load(tok_node + t, mask=need, other=0) * 3
-            pos = t - tl.load(nodes + node, mask=need, other=0)
-            tin = tl.load(nodes + node + 1, mask=need, other=0)
-            end = tl.load(nodes + node + 2, mask=need, other=0)
-            vis = (
-                (tin[None, :] <= row_tin[:, None])
-                & (row_tin[:, None] < end[None, :])
-                & ((row_tin[:, None] != tin[None, :]) | (pos[None, :] < row_vis[:, None]))
-            ) | (t < t_mask)[None, :]
-            s = tl.where(vis & valid[None, :], s, float("-inf"))
-        elif MASKED:
-            # visibility: ancestor-or-self, and causal inside the query's own node
-            node = tl.load(tok_node + t, mask=valid, other=0) * 3
-            pos = t - tl.load(nodes + node, mask=valid, other=0)
-            tin = tl.load(nodes + node + 1, mask=valid, other=0)
-            end = tl.load(nodes + node + 2, mask=valid, other=0)
+        if MASKED:
+            # visibility: ancestor-or-self, and causal inside the query's own node; with UNIFIED only the tokens
+            # from t_mask on are tested (every row sees the ones before, whose node loads are predicated off)
+            if UNIFIED:
+                tested = valid & (t >= t_mask)
+            else:
+                tested = valid
+            node = tl.load(tok_node + t, mask=tested, other=0) * 3
+            pos = t - tl.load(nodes + node, mask=tested, other=0)
+            tin = tl.load(nodes + node + 1, mask=tested, other=0)
+            end = tl.load(nodes + node + 2, mask=tested, other=0)
             vis = (
                 (tin[None, :] <= row_tin[:, None])
                 & (row_tin[:, None] < end[None, :])
                 & ((row_tin[:, None] != tin[None, :]) | (pos[None, :] < row_vis[:, None]))
             )
+            if UNIFIED:
+                vis = vis | (t < t_mask)[None, :]
             s = tl.where(vis & valid[None, :], s, float("-inf"))
         else:
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -378,6 +372,8 @@ def launch_partials(
     (the reduction with ``pdl``) proceed as soon as it starts. ``unified``: a tile's gathered tokens, unmasked and masked,
     run one loop that tests only the masked ones, and masked tiles always run the big tile, whose rows they may not
     fill: the big tile compiles two loops instead of three, the small tile one instead of two. Returns the compiled kernel (registers, spills, shared memory are on it)."""
+    if unified not in (False, True):  # the plan's choice (DeftPlan.unified), not the method's "auto"
+        raise ValueError(f"unified must be a bool, got {unified!r}")
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
