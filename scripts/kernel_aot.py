@@ -43,7 +43,7 @@ DEFT_SIG = {
     "timeline": "*i64", "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
     "HEAD_DIM": "constexpr", "PREFETCH": "constexpr", "DOT_F32": "constexpr", "IDX_INLOOP": "constexpr",
     "CONTIG": "constexpr", "HEAD_FASTEST": "constexpr", "N_KV": "constexpr", "TIMELINE": "constexpr",
-    "PDL_TRIGGER": "constexpr", "UNIFIED": "constexpr",
+    "PDL_TRIGGER": "constexpr", "UNIFIED": "constexpr", "AFFINE_BIG": "constexpr",
 }  # fmt: skip
 
 

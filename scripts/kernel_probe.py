@@ -173,6 +173,7 @@ def _time_deft(m, plan, q, k, v, dev) -> tuple[float, float]:
         launch_partials(
             q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
             plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous, unified=plan.unified,
+            affine_big=plan.affine_big,
         )  # fmt: skip
 
     t_part = time_device(part, reps=50, device=dev).median_ms * 1e3

@@ -129,6 +129,9 @@ ALL_SWEEP = {
     # ... chosen per plan: only when no tile runs the big tile's plain gathered loop (which the tested loop slows)
     "unified_auto": {"unified_mask": "auto"},  # the default from session 11 on (so "default" = "unified_auto")
     "nounified": {"unified_mask": False},
+    # session 12: a kernel compiled for the plan's tile classes: where every big tile is affine and unmasked and
+    # every small tile unmasked (a few-shot step past the first), the affine loop alone (2,900 SASS instructions)
+    "special": {"specialise": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -735,7 +735,7 @@ def test_timeline_records_every_program_and_leaves_the_output_unchanged_on_the_g
     launch_partials(
         q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous, head_fastest=lpt,
-        timeline=timeline, unified=plan.unified,
+        timeline=timeline, unified=plan.unified, affine_big=plan.affine_big,
     )  # fmt: skip
     out = torch.full_like(q, float("nan"))
     launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p)
@@ -846,17 +846,43 @@ def test_unified_mask_auto_picks_the_variant_per_plan_and_both_match_reference()
     """``unified_mask="auto"``: the UNIFIED kernel when no tile runs the big tile's plain gathered loop (a fan whose
     prompt sits in consecutive slots: affine prompt tiles, small branch tiles), the default kernel when some do (a
     tree with scattered slots and several queries per branch); each plan against fp64."""
-    from deft.kernels.kv_groups import plain_big_tiles
+    from deft.kernels.kv_groups import CLASS_BIG_PLAIN, tile_classes
 
     shape = AttentionShape(8, 2, 16, "float16")
     fan = fan_tree(300, 6, 5)
     m = DeftFlatten(chunk_size=40, block_n=16, unified_mask="auto")
     plan = check(m, fan)
-    assert plan.unified and plain_big_tiles(plan.groups, 4, 16) == 0
+    assert plan.unified and not tile_classes(plan.groups, 4, 16) & CLASS_BIG_PLAIN
     rng = np.random.default_rng(21)
     scattered = random_tree(rng, 12, 60, extra_queries=12)
     plan = check(m, scattered, seed=1)
-    assert not plan.unified and plain_big_tiles(plan.groups, 4, 16) > 0
+    assert not plan.unified and tile_classes(plan.groups, 4, 16) & CLASS_BIG_PLAIN
     assert m.unified_for(plan.groups, shape) is False and DeftFlatten(unified_mask=True).unified_for(plan.groups, shape)
     with pytest.raises(ValueError, match="unified_mask"):
         DeftFlatten(unified_mask="sometimes")
+
+
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_specialise_runs_the_affine_kernel_only_where_every_tile_fits_it(mode):
+    """``specialise``: the AFFINE_BIG kernel (the big tile's affine loop alone) for a plan of unmasked big tiles over
+    consecutive slots and unmasked small tiles (a prefilled prompt with one query per branch), against fp64; a plan
+    with a masked tile (a speculative tree) or a gathered big tile keeps the full kernel, and so does the method
+    with ``specialise`` off. A kernel compiled with the affine loop alone gives wrong rows for a gathered tile, so
+    a wrong choice fails the reference check."""
+    from deft.kernels.kv_groups import CLASS_BIG_AFFINE, CLASS_SMALL_PLAIN, tile_classes
+
+    shape = AttentionShape(8, 2, 16, "float16")
+    cls = DeftFlatten if mode == "flatten" else DeftNodeChunk
+    m = cls(chunk_size=40, block_n=16, specialise=True)
+    fan = fan_tree(300, 6, 5)  # prompt in slots 0..299, branches of 5 decoded tokens, one query each
+    plan = check(m, fan)
+    classes = tile_classes(plan.groups, shape.group_size, 16)
+    assert plan.affine_big and classes == CLASS_BIG_AFFINE | CLASS_SMALL_PLAIN, classes
+    assert m.classes_of(plan.groups, shape) == classes
+    assert not check(cls(chunk_size=40, block_n=16), fan).affine_big
+    spec = speculative_tree(90, 20, np.random.default_rng(4))
+    plan = check(m, spec, seed=2)
+    assert not plan.affine_big
+    rng = np.random.default_rng(22)
+    plan = check(m, random_tree(rng, 12, 60, extra_queries=12), seed=3)
+    assert not plan.affine_big

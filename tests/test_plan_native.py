@@ -20,8 +20,8 @@ from deft.kernels.kv_groups import (
     KVGroups,
     build_groups,
     order_tiles_longest_first,
-    plain_big_tiles,
     small_tile_rows,
+    tile_classes,
 )
 from deft.tree import DecodingTree
 from tests.conftest import speculative_tree as _speculative
@@ -350,6 +350,7 @@ def test_chunk_size_chosen_in_c_and_tiles_ordered_in_the_same_pass_match_numpy(s
     from deft.kernels.kv_groups import auto_chunk_size
 
     rng = np.random.default_rng(400 + seed)
+    seen_classes: set[int] = set()
     for _ in range(80):
         tree = make_random_tree(rng, max_nodes=int(rng.integers(1, 40)), max_len=int(rng.integers(1, 60)),
                                 max_queries=int(rng.integers(1, 20)))  # fmt: skip
@@ -370,9 +371,11 @@ def test_chunk_size_chosen_in_c_and_tiles_ordered_in_the_same_pass_match_numpy(s
                            lpt_mix=mix)  # fmt: skip
         assert_same_groups(nat, ref)
         assert nat.chunk_size == (want if p["mode"] != "node" else 0)
-        # the plain big tiles, counted by the C order pass, as numpy counts them (the small rows the order used)
+        # the tile classes, found by the C order pass, as numpy finds them (the small rows the order used)
         if small_m is None:
-            assert nat.plain_big == -1
+            assert nat.classes == -1
         else:
             small = small_tile_rows(p["group"], nat.rows, small_m)
-            assert nat.plain_big == plain_big_tiles(ref, p["group"], small)
+            assert nat.classes == tile_classes(ref, p["group"], small) > 0
+            seen_classes.add(nat.classes)
+    assert len(seen_classes) >= 3, seen_classes  # the bits vary with the tree, so a constant answer fails

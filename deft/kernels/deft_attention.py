@@ -27,6 +27,9 @@ from deft.attention import (
 from deft.kernels import plan_native
 from deft.kernels.global_reduce import launch_reduce, pdl_supported, reduce_heads
 from deft.kernels.kv_groups import (
+    CLASS_BIG_AFFINE,
+    CLASS_BIG_PLAIN,
+    CLASS_SMALL_PLAIN,
     FLAG_CONTIG,
     FLAG_MASK,
     FLAG_SHIFT,
@@ -34,8 +37,8 @@ from deft.kernels.kv_groups import (
     KVGroups,
     auto_chunk_size,
     build_groups,
-    plain_big_tiles,
     small_tile_rows,
+    tile_classes,
 )
 from deft.kernels.staging import PinnedStaging
 from deft.kernels.tree_attention import launch_partials
@@ -68,6 +71,7 @@ class DeftPlan(Plan):
     reduce_heads: int  # query heads per reduction program
     pdl: bool  # the reduction is a programmatic dependent launch of the partial kernel
     unified: bool = False  # the partial kernel's UNIFIED variant (DeftAttention.unified_mask)
+    affine_big: bool = False  # the partial kernel's AFFINE_BIG variant (DeftAttention.specialise)
 
 
 class _PlanContext:
@@ -146,6 +150,11 @@ class DeftAttention(AttentionMethod):
     multi-query branches). ``"auto"`` picks UNIFIED for a plan with no such tile (:meth:`unified_for`). H100,
     session 11, 11 snapshots, graph µs: geomean 44.4 -> 42.8 (always: 43.5); few-shot 16k step 200 79.8 -> 74.8,
     step 1 68.6 -> 63.3, Medusa 64 31.2 -> 29.6; the reasoning trees unchanged (notes/deft_kernels.md).
+    ``specialise`` (off by default; session 12): a plan whose tiles are all big ones over consecutive slots without a
+    masked phase, or small unmasked ones (a shared prompt and one query per branch: the few-shot steps after the
+    first), runs the partial kernel's AFFINE_BIG variant, compiled with the affine loop as the big tile's only one
+    (about 2,900 SASS instructions and 187 registers instead of 5,300 and 227) (:meth:`affine_for`; the tile
+    classes come from the C plan's ordering pass, :func:`~deft.kernels.kv_groups.tile_classes`).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -181,6 +190,7 @@ class DeftAttention(AttentionMethod):
         reduce_heads: int = 1,
         pdl: bool = True,
         unified_mask: bool | str = "auto",
+        specialise: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -225,6 +235,7 @@ class DeftAttention(AttentionMethod):
         if unified_mask not in (False, True, "auto"):
             raise ValueError(f"unified_mask must be false, true or 'auto', got {unified_mask!r}")
         self.unified_mask = unified_mask if unified_mask == "auto" else bool(unified_mask)
+        self.specialise = bool(specialise)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -401,25 +412,37 @@ class DeftAttention(AttentionMethod):
             n_queries=tree.n_queries, shape=shape, device=ctx.device_name, groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads, pdl=ctx.pdl,
-            unified=self.unified_for(g, shape),
+            unified=self.unified_for(g, shape), affine_big=self.affine_for(g, shape),
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
             ctx.compiled = True
         return plan
 
+    def classes_of(self, g: KVGroups, shape: AttentionShape) -> int:
+        """The tile classes plan ``g`` holds (:func:`~deft.kernels.kv_groups.tile_classes`), as the C plan found
+        them while ordering its tiles when it did."""
+        small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+        if small < g.rows and g.classes >= 0 and self.contiguous:  # found by the C plan while ordering
+            return g.classes
+        return tile_classes(g, shape.group_size, small if small < g.rows else 0, self.contiguous)
+
     def unified_for(self, g: KVGroups, shape: AttentionShape) -> bool:
         """Whether plan ``g`` runs the partial kernel's ``UNIFIED`` variant: always with ``unified_mask=True``; with
-        ``"auto"`` when no tile would run the big tile's plain gathered loop (:func:`~deft.kernels.kv_groups.
-        plain_big_tiles`), the one loop that variant makes slower (a shared prompt's affine tiles, masked tiles and
-        small branch tiles are what the few-shot and speculative trees hold; a reasoning tree's multi-query
-        branches are plain big tiles)."""
+        ``"auto"`` when no tile would run the big tile's plain gathered loop (``CLASS_BIG_PLAIN``), the one loop that
+        variant makes slower (a shared prompt's affine tiles, masked tiles and small branch tiles are what the
+        few-shot and speculative trees hold; a reasoning tree's multi-query branches are plain big tiles)."""
         if self.unified_mask != "auto":
             return bool(self.unified_mask)
-        small = small_tile_rows(shape.group_size, g.rows, self.small_m)
-        if small < g.rows and g.plain_big >= 0 and self.contiguous:  # counted by the C plan while ordering
-            return g.plain_big == 0
-        return plain_big_tiles(g, shape.group_size, small if small < g.rows else 0, self.contiguous) == 0
+        return not self.classes_of(g, shape) & CLASS_BIG_PLAIN
+
+    def affine_for(self, g: KVGroups, shape: AttentionShape) -> bool:
+        """Whether plan ``g`` runs the partial kernel's ``AFFINE_BIG`` variant (``specialise``): its tiles are all
+        big ones over consecutive slots without a masked phase and unmasked small ones (a shared prompt and its
+        branches), so the big tile compiles the affine loop alone and the small tile its plain gathered loop."""
+        if not (self.specialise and self.contiguous):
+            return False
+        return self.classes_of(g, shape) & ~(CLASS_BIG_AFFINE | CLASS_SMALL_PLAIN) == 0
 
     def _plan_context(self, device: torch.device, shape: AttentionShape) -> _PlanContext:
         """What every plan for ``(device, shape)`` shares, looked up once: the pinned staging, whether the
@@ -474,6 +497,7 @@ class DeftAttention(AttentionMethod):
             q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
             plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop, self.small_m,
             self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
+            affine_big=plan.affine_big,
         )  # fmt: skip
         launch_reduce(
             out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
@@ -494,21 +518,24 @@ class DeftAttention(AttentionMethod):
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
-            self.reduce_heads, plan.pdl, self.unified_mask,
+            self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
         q = torch.empty(1, s.n_heads, s.head_dim, dtype=s.torch_dtype, device=device)  # layouts only: not run
         kv = torch.empty(1, s.n_kv_heads, s.head_dim, dtype=s.torch_dtype, device=device)
         g = plan.groups
-        for unified in (False, True) if self.unified_mask == "auto" else (bool(self.unified_mask),):
+        variants = [(u, False) for u in ((False, True) if self.unified_mask == "auto" else (bool(self.unified_mask),))]
+        if self.specialise and self.contiguous:  # an AFFINE_BIG plan has no plain big tile: UNIFIED unless it is off
+            variants.append((self.unified_mask is not False, True))
+        for unified, affine_big in variants:
             rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
             while True:
                 warps, stages = self._launch_config(rows, s.head_dim)
                 launch_partials(
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
-                    pdl_trigger=plan.pdl, unified=unified,
+                    pdl_trigger=plan.pdl, unified=unified, affine_big=affine_big,
                 )  # fmt: skip
                 if rows >= self.block_m:
                     break

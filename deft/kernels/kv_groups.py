@@ -62,7 +62,7 @@ class KVGroups:
     max_parts: int
     rows: int  # tile rows (BLOCK_M) the plan was cut for
     chunk_size: int  # the chunk size used (0 for node mode)
-    plain_big: int = -1  # plain big tiles (plain_big_tiles), when the C plan counted them while ordering; -1: not counted
+    classes: int = -1  # the tile classes it holds (tile_classes), when the C plan found them while ordering; -1: not
 
     def section(self, name: str) -> np.ndarray:
         a, b = self.offsets[name]
@@ -115,15 +115,33 @@ def order_tiles_longest_first(
     t[...] = t[order]
 
 
-def plain_big_tiles(g: KVGroups, group: int, small_rows: int, contiguous: bool = True) -> int:
-    """Big tiles (rows over ``small_rows``) without a masked phase whose tokens are not all addressed affinely
-    (first phase not flagged consecutive, or ``contiguous`` off): the tiles that run the big tile's plain gathered
-    loop, which a kernel with ``unified_mask`` replaces by its slower tested loop. The C plan counts them (with
-    ``contiguous`` on) as it orders the tiles (``KVGroups.plain_big``)."""
+#: tile classes of a plan (:func:`tile_classes`, a bitmask): a big tile (rows over the small tile's) without a
+#: masked phase over consecutive slots (affine addresses, with ``contiguous``), one without a masked phase otherwise
+#: (the plain gathered loop), a big tile with a masked phase, and the small tile's unmasked and masked
+CLASS_BIG_AFFINE, CLASS_BIG_PLAIN, CLASS_BIG_MASKED, CLASS_SMALL_PLAIN, CLASS_SMALL_MASKED = 1, 2, 4, 8, 16
+
+
+def tile_classes(g: KVGroups, group: int, small_rows: int, contiguous: bool = True) -> int:
+    """Which tile classes (``CLASS_*`` bits) plan ``g`` holds, tiles of at most ``small_rows`` rows being small: what
+    the partial kernel must compile for it. ``CLASS_BIG_PLAIN`` marks the tiles whose plain gathered loop a kernel
+    with ``unified_mask`` replaces by its slower tested loop; a plan of ``CLASS_BIG_AFFINE`` and
+    ``CLASS_SMALL_PLAIN`` tiles alone runs the kernel with the affine loop as the big tile's only one
+    (``DeftAttention.specialise``). The C plan finds the same bits as it orders the tiles (``KVGroups.classes``;
+    with ``contiguous`` on)."""
     t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
     big = (t[:, 3] - t[:, 2]).astype(np.int64) * group > small_rows
-    plain = (t[:, 5] & (FLAG_MASK | (FLAG_CONTIG if contiguous else 0))) == 0
-    return int(np.count_nonzero(big & plain))
+    masked = (t[:, 5] & FLAG_MASK) != 0
+    affine = ((t[:, 5] & FLAG_CONTIG) != 0) & contiguous
+    out = 0
+    for bit, sel in (
+        (CLASS_BIG_AFFINE, big & ~masked & affine),
+        (CLASS_BIG_PLAIN, big & ~masked & ~affine),
+        (CLASS_BIG_MASKED, big & masked),
+        (CLASS_SMALL_PLAIN, ~big & ~masked),
+        (CLASS_SMALL_MASKED, ~big & masked),
+    ):
+        out |= bit if sel.any() else 0
+    return out
 
 
 def alternate(a: np.ndarray, b: np.ndarray) -> np.ndarray:

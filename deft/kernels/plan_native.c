@@ -749,15 +749,16 @@ void deft_plan_fill(i64 *ws, i32 *out)
 i64 deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, i64 lpt_small,
                      i64 lpt_program, double mix, double slots, i64 *scratch)
 {
-    /* returns the number of plain big tiles: big, no masked phase, first phase not over consecutive slots (the
-     * tiles that run the big tile's plain gathered loop; kv_groups.plain_big_tiles) */
-    i64 plain = 0;
+    /* returns the tile classes the plan holds (kv_groups.tile_classes, bits 1 / 2 / 4: big unmasked over
+     * consecutive slots / big unmasked otherwise / big masked; 8 / 16: small unmasked / small masked) */
+    i64 classes = 0;
     for (i64 i = 0; i < n; i++) {
         const i32 *t = tiles + 6 * i;
-        plain += ((i64)t[3] - t[2]) * group > small_rows && (t[5] & 3) == 0;
+        const int big = ((i64)t[3] - t[2]) * group > small_rows;
+        classes |= (t[5] & 1) ? (big ? 4 : 16) : (big ? ((t[5] & 2) ? 1 : 2) : 8);
     }
     if (n < 2)
-        return plain;
+        return classes;
     i64 *neg_cost = scratch, *idx = scratch + n, *tmp = scratch + 2 * n;
     i32 *copy = (i32 *)(scratch + 3 * n); /* 6 x n int32 = 3 x n int64 */
     i64 total = 0, max_big = -1, n_big = 0;
@@ -798,5 +799,5 @@ i64 deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, 
     memcpy(copy, tiles, (size_t)(6 * n) * sizeof(i32));
     for (i64 i = 0; i < n; i++)
         memcpy(tiles + 6 * i, copy + 6 * idx[i], 6 * sizeof(i32));
-    return plain;
+    return classes;
 }

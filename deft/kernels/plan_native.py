@@ -310,10 +310,10 @@ def build_prepared(
         tmp = np.empty(total, dtype=_I32)
         dst = _VIEW[_I32](tmp)
     lib.deft_plan_fill(ws_buf, dst)
-    plain_big = -1
+    classes = -1
     if prep.order is not None:  # the tiles section starts the packed array; the plan's workspace is free again
         small_m, mix, slots_ = prep.order
-        plain_big = _order_tiles(lib, dst, n_tiles, prep.group, small_tile_rows(prep.group, h[7], small_m), mix, slots_)
+        classes = _order_tiles(lib, dst, n_tiles, prep.group, small_tile_rows(prep.group, h[7], small_m), mix, slots_)
     if tmp is not None:
         packed[...] = tmp
     sec = h[10:18]
@@ -327,14 +327,14 @@ def build_prepared(
         max_parts=h[6],
         rows=h[7],
         chunk_size=used_chunk,
-        plain_big=plain_big,
+        classes=classes,
     )
 
 def _order_tiles(
     lib: ctypes.CDLL, tiles, n: int, group: int, small_rows: int, mix: float = 0.0, slots: float = 0.0
 ) -> int:
     """``deft_order_tiles`` on ``n`` tile records at ``tiles`` (a ctypes int32 at the first), scratch from this
-    thread's workspace; returns the plan's plain big tiles (:func:`~deft.kernels.kv_groups.plain_big_tiles`)."""
+    thread's workspace; returns the tile classes the plan holds (:func:`~deft.kernels.kv_groups.tile_classes`)."""
     _, scratch = _workspace(6 * max(n, 1))
     return int(lib.deft_order_tiles(tiles, n, group, small_rows, LPT_BIG, LPT_SMALL, LPT_PROGRAM, float(mix),
                                     float(slots), scratch))  # fmt: skip

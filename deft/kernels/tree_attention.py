@@ -190,6 +190,7 @@ def deft_partial_kernel(
     TIMELINE: tl.constexpr,
     PDL_TRIGGER: tl.constexpr,
     UNIFIED: tl.constexpr = False,
+    AFFINE_BIG: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -230,14 +231,14 @@ def deft_partial_kernel(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED,
-            UNIFIED,
+            UNIFIED | AFFINE_BIG,
         )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG, UNIFIED,
-            False,
+            False, AFFINE_BIG,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -253,7 +254,7 @@ def _tile(
     kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
-    UNIFIED: tl.constexpr, PLAIN: tl.constexpr,
+    UNIFIED: tl.constexpr, PLAIN: tl.constexpr, AFFINE_ONLY: tl.constexpr = False,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
@@ -284,7 +285,12 @@ def _tile(
     tok_slot = meta + off_tok_slot
     tok_node = meta + off_tok_node
     nodes = meta + off_nodes
-    if PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test
+    if AFFINE_ONLY:  # every tile here is unmasked over consecutive slots (the plan's AFFINE_BIG): the affine loop alone
+        acc, m_i, l_i = _attend_chunk(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
+            row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+        )  # fmt: skip
+    elif PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test
         acc, m_i, l_i = _attend_chunk(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
             row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
@@ -359,6 +365,7 @@ def launch_partials(
     timeline: torch.Tensor | None = None,
     pdl_trigger: bool = False,
     unified: bool = False,
+    affine_big: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -371,9 +378,15 @@ def launch_partials(
     ``scripts/timeline_probe.py``). ``pdl_trigger`` (Hopper): each program lets a programmatic dependent launch
     (the reduction with ``pdl``) proceed as soon as it starts. ``unified``: a tile's gathered tokens, unmasked and masked,
     run one loop that tests only the masked ones, and masked tiles always run the big tile, whose rows they may not
-    fill: the big tile compiles two loops instead of three, the small tile one instead of two. Returns the compiled kernel (registers, spills, shared memory are on it)."""
-    if unified not in (False, True):  # the plan's choice (DeftPlan.unified), not the method's "auto"
-        raise ValueError(f"unified must be a bool, got {unified!r}")
+    fill: the big tile compiles two loops instead of three, the small tile one instead of two. ``affine_big``: every tile
+    is either big, unmasked and over consecutive slots (``contiguous`` on), or small and unmasked (the plan's tile
+    classes say so: ``DeftAttention.affine_for``); the big tile compiles the affine loop alone, the small tile its plain
+    gathered loop (about 2,900 SASS instructions). Returns the compiled kernel (registers, spills, shared memory are
+    on it)."""
+    if unified not in (False, True) or affine_big not in (False, True):  # the plan's choices, not the method's "auto"
+        raise ValueError(f"unified and affine_big must be bools, got {unified!r}, {affine_big!r}")
+    if affine_big and not contiguous:
+        raise ValueError("affine_big needs contiguous (the affine loop)")
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
@@ -384,7 +397,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
