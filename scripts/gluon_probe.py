@@ -1,14 +1,21 @@
-"""Probe: a Gluon (Hopper) split-K attention kernel that reads each K/V byte of a shared prompt once.
+"""Probe: Gluon (Hopper) split-K attention kernels for the many query rows of one shared prompt, how far below
+Triton's ``tl.dot`` kernel they go on the work that bounds the few-shot 16k snapshots (``notes/deft_kernels.md``,
+session 12: 40 µs for the 16k prompt's partials at best, against Triton's 44 µs; neither near the bandwidth floor).
 
 One CTA per (chunk, KV head, tile of NUM_WG*64 rows) streams the chunk's K/V blocks through a STAGES-deep
 TMA ring in shared memory; NUM_WG consumer warpgroups (64 rows each, ``warpgroup_mma`` with M=64) read the same
-tiles, so with NUM_WG=4 the 200 rows of 50 queries x 4 heads of a KV head need one CTA and K/V leave HBM once.
+tiles, so with NUM_WG=4 the 200 rows of 50 queries x 4 heads of a KV head need one CTA and K/V leave HBM once
+(with NUM_WG=2, two CTAs per chunk, the second read mostly from L2).
 Output: per-chunk partials (normalised O in bf16, log2-sum-exp in fp32) that the host merges.
 
 MODE 1 ``ws``: ``gl.warp_specialize`` with a 1-warp TMA producer partition and one partition per consumer
 warpgroup (each releases a stage by itself, so warpgroups drift and one's softmax overlaps another's MMA).
 MODE 2 ``wgpart``: one partition per warpgroup, no producer (warpgroup 0 refills the ring): no registers go to a
 producer warpgroup. MODE 0 ``inline``: one partition of 4*NUM_WG warps issuing its own TMA, in lockstep.
+MODES 3-6 (two consumer warpgroups): like ``ws`` with asynchronous wgmma so that a warpgroup's tensor-core work
+overlaps its own softmax (FlashAttention-3 style), separate K and V rings: ``async`` keeps S_{i+1} = Q K_{i+1}^T
+and O += P_{i-1} V_{i-1} in flight during block i's softmax, ``asyncpv`` (the FA3 paper's order) only the PV
+GEMM; ``asyncpp`` / ``asyncpvpp`` add a ping-pong (two mbarriers) that alternates the warpgroups' GEMM issues.
 
 ``python -m scripts.gluon_probe --aot``: compile every variant for sm_90 here (no GPU) and print registers,
 spills, shared memory and SASS size. ``python -m scripts.gluon_probe`` on an H100: check and time every variant
@@ -39,13 +46,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_wait,
 )
 
 HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory one CTA may use on sm_90
 PRODUCER_REGS = gl.constexpr(24)  # the least setmaxnreg allows
-MODE_NAMES = {0: "inline", 1: "ws", 2: "wgpart"}
+MODE_NAMES = {0: "inline", 1: "ws", 2: "wgpart", 3: "async", 4: "asyncpp", 5: "asyncpv", 6: "asyncpvpp"}
+PRODUCER_MODES = (1, 3, 4, 5, 6)  # modes with a 1-warp TMA producer partition
 
 
 @gluon.jit
@@ -71,6 +80,39 @@ def _producer(args, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _load_q(q_ptr, q_smem, row0, n_rows, head0, stride_qn, stride_qh, GROUP: gl.constexpr):
+    """Q rows -> shared memory once, by the calling partition's warps; padding rows (>= n_rows) are zeros."""
+    NW: gl.constexpr = gl.num_warps()
+    ROWS: gl.constexpr = q_smem.type.shape[0]
+    D: gl.constexpr = q_smem.type.shape[1]
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
+    r = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, ld_layout))
+    dq = gl.arange(0, D, gl.SliceLayout(0, ld_layout))
+    q_off = (r // GROUP).to(gl.int64) * stride_qn + (head0 + r % GROUP) * stride_qh
+    q_ptrs = q_ptr + gl.expand_dims(q_off, 1) + gl.expand_dims(dq, 0)
+    q_smem.store(gl.load(q_ptrs, mask=gl.expand_dims(r < n_rows, 1), other=0.0))
+    fence_async_shared()  # generic-proxy stores -> async-proxy (wgmma) reads
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _store_partials(part_o, part_lse, o, m_i, l_i, row0, prow0, n_rows):
+    """Normalised O (bf16) and log2-sum-exp (fp32) of the rows [row0, row0 + ROWS) that exist (< n_rows)."""
+    ROWS: gl.constexpr = o.type.shape[0]
+    D: gl.constexpr = o.type.shape[1]
+    row_o: gl.constexpr = gl.SliceLayout(1, o.type.layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    out = o / gl.expand_dims(l_o, 1)
+    ro = gl.arange(0, ROWS, row_o)
+    do = gl.arange(0, D, gl.SliceLayout(0, o.type.layout))
+    prow = (prow0 + ro).to(gl.int64)
+    ok = (row0 + ro) < n_rows
+    o_ptrs = part_o + gl.expand_dims(prow * D, 1) + gl.expand_dims(do, 0)
+    gl.store(o_ptrs, out.to(gl.bfloat16), mask=gl.expand_dims(ok, 1))
+    gl.store(part_lse + prow, gl.convert_layout(m_i, row_o) + gl.log2(l_o), mask=ok)
+
+
+@gluon.jit
 def _consumer(common, q_smem, row0, prow0, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               ROLE: gl.constexpr):  # fmt: skip
     """Online-softmax attention of the rows in ``q_smem`` over the chunk's K/V blocks, by this partition's warps.
@@ -90,7 +132,6 @@ def _consumer(common, q_smem, row0, prow0, GROUP: gl.constexpr, BLOCK_N: gl.cons
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, D, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # A in registers
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
@@ -98,14 +139,7 @@ def _consumer(common, q_smem, row0, prow0, GROUP: gl.constexpr, BLOCK_N: gl.cons
         for j in gl.static_range(STAGES):
             _issue(k_desc, v_desc, k_bufs, v_bufs, ready, j, n_iter, t_lo, col, BLOCK_N, STAGES)
 
-    # Q rows -> shared memory once; padding rows (>= n_rows) are zeros and never stored.
-    r = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, ld_layout))
-    dq = gl.arange(0, D, gl.SliceLayout(0, ld_layout))
-    q_off = (r // GROUP).to(gl.int64) * stride_qn + (head0 + r % GROUP) * stride_qh
-    q_ptrs = q_ptr + gl.expand_dims(q_off, 1) + gl.expand_dims(dq, 0)
-    q_smem.store(gl.load(q_ptrs, mask=gl.expand_dims(r < n_rows, 1), other=0.0))
-    fence_async_shared()  # generic-proxy stores -> async-proxy (wgmma) reads
-    gl.thread_barrier()
+    _load_q(q_ptr, q_smem, row0, n_rows, head0, stride_qn, stride_qh, GROUP)
 
     o = gl.zeros([ROWS, D], gl.float32, o_layout)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
@@ -138,15 +172,185 @@ def _consumer(common, q_smem, row0, prow0, GROUP: gl.constexpr, BLOCK_N: gl.cons
                     _issue(k_desc, v_desc, k_bufs, v_bufs, ready, i - 1 + STAGES, n_iter, t_lo, col, BLOCK_N,
                            STAGES)  # fmt: skip
 
-    l_o = gl.convert_layout(l_i, row_o)
-    out = o / gl.expand_dims(l_o, 1)
-    ro = gl.arange(0, ROWS, row_o)
-    do = gl.arange(0, D, gl.SliceLayout(0, o_layout))
-    prow = (prow0 + ro).to(gl.int64)
-    ok = (row0 + ro) < n_rows
-    o_ptrs = part_o + gl.expand_dims(prow * D, 1) + gl.expand_dims(do, 0)
-    gl.store(o_ptrs, out.to(gl.bfloat16), mask=gl.expand_dims(ok, 1))
-    gl.store(part_lse + prow, gl.convert_layout(m_i, row_o) + gl.log2(l_o), mask=ok)
+    _store_partials(part_o, part_lse, o, m_i, l_i, row0, prow0, n_rows)
+
+
+@gluon.jit
+def _producer_kv(args, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA partition (1 warp) of MODES 3-6: separate K and V rings, K one block ahead (K_j, then V_{j-1}).
+
+    The async consumers free K_j once its S GEMM retired, before block j's softmax, but V_j only once the PV GEMM
+    retired, an iteration or two later; a shared K+V stage would wait for V, and with two stages AHEAD could not
+    advance at all (it reads K_{i+1} while V_{i-1} is still in use)."""
+    k_desc, v_desc, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, t_lo, n_iter, col = args
+    nbytes: gl.constexpr = BLOCK_N * k_desc.block_type.shape[1] * 2
+    for j in range(n_iter + 1):
+        if j < n_iter:
+            sk = j % STAGES
+            mbarrier.wait(empty_k.index(sk), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+            mbarrier.expect(ready_k.index(sk), nbytes)
+            tma.async_copy_global_to_shared(k_desc, [t_lo + j * BLOCK_N, col], ready_k.index(sk), k_bufs.index(sk))
+        if j > 0:
+            jv = j - 1
+            sv = jv % STAGES
+            mbarrier.wait(empty_v.index(sv), ((jv // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready_v.index(sv), nbytes)
+            tma.async_copy_global_to_shared(v_desc, [t_lo + jv * BLOCK_N, col], ready_v.index(sv), v_bufs.index(sv))
+
+
+@gluon.jit
+def _turn_wait(turn, k, W: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: before this warpgroup's k-th GEMM issue, wait until the other one issued its (k-1)-th.
+
+    turn[W] completes a phase per arrival of the other warpgroup; warpgroup 0 goes first (parity 1 of a fresh
+    barrier passes at once), so warpgroup 0 waits parity (k + 1) & 1 and warpgroup 1 parity k & 1."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(W), (k + 1 - W) & 1)
+
+
+@gluon.jit
+def _turn_pass(turn, W: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: this warpgroup issued its GEMMs; the other may issue its next ones."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - W))
+
+
+@gluon.jit
+def _softmax_step(sc, m_i, l_i, qk_scale):
+    """One block's online-softmax update: (P, alpha, new max, new sum) from the raw scores."""
+    sc = sc * qk_scale
+    m_new = gl.maximum(m_i, gl.max(sc, 1))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(sc - gl.expand_dims(m_new, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consumer_async(common, q_smem, row0, prow0, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, W: gl.constexpr, AHEAD: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+    """MODES 3-6: one consumer warpgroup (W = its index) with asynchronous wgmma, FlashAttention-3 style.
+
+    AHEAD (MODES 3, 4): iteration i (0 <= i < n_iter - 1) issues S_{i+1} = Q K_{i+1}^T and O += P_{i-1} V_{i-1}
+    (two wgmma groups), runs block i's softmax on S_i (complete since the previous iteration) while both run,
+    waits for both (wait(0)), frees K_{i+1} and V_{i-1} and rescales O by block i's alpha. Live across the
+    softmax: S_{i+1}, O, P_{i-1} (the A operand is read from registers, so it is a dep of the wait) and S_i.
+    i = 0 has no P_{-1}: it multiplies zeros by V_0 (one wasted PV GEMM per CTA instead of a branch around an
+    async group). The last block's softmax (with the chunk-end mask), PV_{n-2} and PV_{n-1} follow the loop.
+    Not AHEAD (MODES 5, 6; the FlashAttention-3 paper's order, fewer live registers): iteration i (1 <= i <
+    n_iter) issues S_i and O += P_{i-1} V_{i-1}, waits for S_i alone (wait(1): groups retire in order), frees
+    K_i, runs block i's softmax while the PV GEMM runs, waits for it, frees V_{i-1} and rescales O.
+    PINGPONG (MODES 4, 6): GEMM issues alternate between the two warpgroups (mbarriers ``turn``), so one's
+    softmax tends to run while the other's GEMMs do."""
+    (q_ptr, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, n_rows, head0, t_lo, t_hi,
+     n_iter, stride_qn, stride_qh, qk_scale) = common
+    NW: gl.constexpr = gl.num_warps()
+    ROWS: gl.constexpr = q_smem.type.shape[0]
+    D: gl.constexpr = q_smem.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, D, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+
+    _load_q(q_ptr, q_smem, row0, n_rows, head0, stride_qn, stride_qh, GROUP)
+
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    o = gl.zeros([ROWS, D], gl.float32, o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([ROWS], gl.float32, row_s)
+
+    # S_0, then free K_0 (K stage s is free once every warp of the warpgroup retired the group reading it).
+    mbarrier.wait(ready_k.index(0), 0)
+    _turn_wait(turn, 0, W, PINGPONG)
+    s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _turn_pass(turn, W, PINGPONG)
+    sc = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+    gl.thread_barrier()
+    mbarrier.arrive(empty_k.index(0))
+
+    if AHEAD:
+        p_prev = gl.zeros([ROWS, BLOCK_N], gl.bfloat16, p_layout)  # P_{-1}
+        for i in range(n_iter - 1):
+            j = i + 1
+            sk = j % STAGES
+            jv = gl.maximum(i - 1, 0)  # i = 0: V_0 times P_{-1} = 0
+            sv = jv % STAGES
+            mbarrier.wait(ready_k.index(sk), (j // STAGES) & 1)
+            mbarrier.wait(ready_v.index(sv), (jv // STAGES) & 1)
+            _turn_wait(turn, j, W, PINGPONG)
+            s_tok = warpgroup_mma(q_smem, k_bufs.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            o_tok = warpgroup_mma(p_prev, v_bufs.index(sv), o, is_async=True)
+            _turn_pass(turn, W, PINGPONG)
+            # block i is not the chunk's last, so none of its tokens lies past t_hi: no mask
+            p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
+            pa = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            sc, o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok, o_tok, p_prev])
+            gl.thread_barrier()
+            mbarrier.arrive(empty_k.index(sk))
+            mbarrier.arrive(empty_v.index(sv), pred=i > 0)
+            o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_prev = pa
+
+        # The last block (n_iter - 1): the PV GEMM of the block before it during its softmax.
+        i = n_iter - 1
+        jv = gl.maximum(i - 1, 0)
+        sv = jv % STAGES
+        mbarrier.wait(ready_v.index(sv), (jv // STAGES) & 1)
+        _turn_wait(turn, n_iter, W, PINGPONG)
+        o_tok = warpgroup_mma(p_prev, v_bufs.index(sv), o, is_async=True)
+        _turn_pass(turn, W, PINGPONG)
+        if t_lo + n_iter * BLOCK_N > t_hi:  # tokens past the chunk's end get no weight
+            sc = gl.where(gl.expand_dims(t_lo + i * BLOCK_N + cols < t_hi, 0), sc, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
+        pa = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_prev])
+        gl.thread_barrier()
+        mbarrier.arrive(empty_v.index(sv), pred=i > 0)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        n_issue = n_iter + 1
+    else:
+        if t_lo + BLOCK_N > t_hi:  # block 0 is the chunk's last
+            sc = gl.where(gl.expand_dims(t_lo + cols < t_hi, 0), sc, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
+        pa = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        for i in range(1, n_iter):
+            sk = i % STAGES
+            jv = i - 1
+            sv = jv % STAGES
+            mbarrier.wait(ready_k.index(sk), (i // STAGES) & 1)
+            mbarrier.wait(ready_v.index(sv), (jv // STAGES) & 1)
+            _turn_wait(turn, i, W, PINGPONG)
+            s_tok = warpgroup_mma(q_smem, k_bufs.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            o_tok = warpgroup_mma(pa, v_bufs.index(sv), o, is_async=True)
+            _turn_pass(turn, W, PINGPONG)
+            sc = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_i retired; P_{i-1} V_{i-1} may run on
+            gl.thread_barrier()
+            mbarrier.arrive(empty_k.index(sk))
+            if t_lo + (i + 1) * BLOCK_N > t_hi:  # the chunk's last block
+                sc = gl.where(gl.expand_dims(t_lo + i * BLOCK_N + cols < t_hi, 0), sc, float("-inf"))
+            p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
+            pa_next = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa])
+            gl.thread_barrier()
+            mbarrier.arrive(empty_v.index(sv))
+            o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            pa = pa_next
+        i = n_iter - 1
+        n_issue = n_iter
+
+    # The last block's PV GEMM. V_{n-1} is not freed: the producer loads nothing after it.
+    sl = i % STAGES
+    mbarrier.wait(ready_v.index(sl), (i // STAGES) & 1)
+    _turn_wait(turn, n_issue, W, PINGPONG)
+    o_tok = warpgroup_mma(pa, v_bufs.index(sl), o, is_async=True)
+    _turn_pass(turn, W, PINGPONG)
+    o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa])
+
+    _store_partials(part_o, part_lse, o, m_i, l_i, row0, prow0, n_rows)
 
 
 @gluon.jit
@@ -157,7 +361,9 @@ def gluon_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, n_tok, chunk, 
     """Grid (n_chunks * n_rt, n_kv): partials of rows [rt*BLOCK_M, (rt+1)*BLOCK_M) of one KV head over one chunk.
 
     MODE 0: one partition of 4*NUM_WG warps issues its own TMA; 1: 1-warp TMA producer partition plus one
-    partition per consumer warpgroup; 2: one partition per warpgroup, warpgroup 0 issues the TMA loads."""
+    partition per consumer warpgroup; 2: one partition per warpgroup, warpgroup 0 issues the TMA loads;
+    3-6: like 1 with asynchronous wgmma (``_consumer_async``) and separate K and V rings: 3 S_{i+1} in flight
+    during block i's softmax, 4: 3 plus ping-pong, 5: only O += P_{i-1} V_{i-1} in flight, 6: 5 plus ping-pong."""
     D: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = NUM_WG * 64
     pid = gl.program_id(0)
@@ -176,51 +382,80 @@ def gluon_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, n_tok, chunk, 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], gl.bfloat16)
     k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)  # the expect-tx arrival; the TMA bytes complete the phase
-        mbarrier.init(empty.index(s), count=NUM_WG)  # one arrival per consumer warpgroup
-    fence_async_shared()
-
-    common = (q_ptr, part_o, part_lse, k_desc, v_desc, k_bufs, v_bufs, ready, empty, n_rows, head0, t_lo, t_hi,
-              n_iter, col, stride_qn, stride_qh, qk_scale)  # fmt: skip
-    if MODE == 0:
-        q_all = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], q_layout)
-        _consumer(common, q_all, row0, prow0, GROUP, BLOCK_N, STAGES, 1)
-    else:
+    if MODE >= 3:
+        gl.static_assert(NUM_WG == 2, "the async modes have two consumer warpgroups")
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        ready_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        ready_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        empty_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        empty_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready_k.index(s), count=1)
+            mbarrier.init(ready_v.index(s), count=1)
+            mbarrier.init(empty_k.index(s), count=NUM_WG)
+            mbarrier.init(empty_v.index(s), count=NUM_WG)
+        for w in gl.static_range(2):
+            mbarrier.init(turn.index(w), count=1)  # one arrival by the other warpgroup
+        fence_async_shared()
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_WG, 64, D], q_layout)
-        R0: gl.constexpr = 0 if MODE == 1 else 2  # the default partition (warpgroup 0)
-        ap = (k_desc, v_desc, k_bufs, v_bufs, ready, empty, t_lo, n_iter, col)
-        if NUM_WG == 2:
-            if MODE == 1:
-                gl.warp_specialize([
-                    (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
-                    (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
-                    (_producer, (ap, BLOCK_N, STAGES)),
-                ], [4, 1], [CONS_REGS, PRODUCER_REGS])  # fmt: skip
-            else:
-                gl.warp_specialize([
-                    (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
-                    (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
-                ], [4], [CONS_REGS])  # fmt: skip
+        common_a = (q_ptr, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, n_rows,
+                    head0, t_lo, t_hi, n_iter, stride_qn, stride_qh, qk_scale)  # fmt: skip
+        ap = (k_desc, v_desc, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, t_lo, n_iter, col)
+        AH: gl.constexpr = MODE == 3 or MODE == 4
+        PP: gl.constexpr = MODE == 4 or MODE == 6
+        gl.warp_specialize([
+            (_consumer_async, (common_a, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, 0, AH, PP)),
+            (_consumer_async, (common_a, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 1, AH,
+                               PP)),
+            (_producer_kv, (ap, BLOCK_N, STAGES)),
+        ], [4, 1], [CONS_REGS, PRODUCER_REGS])  # fmt: skip
+    else:
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)  # the expect-tx arrival; the TMA bytes complete the phase
+            mbarrier.init(empty.index(s), count=NUM_WG)  # one arrival per consumer warpgroup
+        fence_async_shared()
+
+        common = (q_ptr, part_o, part_lse, k_desc, v_desc, k_bufs, v_bufs, ready, empty, n_rows, head0, t_lo, t_hi,
+                  n_iter, col, stride_qn, stride_qh, qk_scale)  # fmt: skip
+        if MODE == 0:
+            q_all = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], q_layout)
+            _consumer(common, q_all, row0, prow0, GROUP, BLOCK_N, STAGES, 1)
         else:
-            gl.static_assert(NUM_WG == 4, "NUM_WG is 2 or 4")
-            if MODE == 1:
-                gl.warp_specialize([
-                    (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
-                    (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
-                    (_consumer, (common, q_smem.index(2), row0 + 128, prow0 + 128, GROUP, BLOCK_N, STAGES, 0)),
-                    (_consumer, (common, q_smem.index(3), row0 + 192, prow0 + 192, GROUP, BLOCK_N, STAGES, 0)),
-                    (_producer, (ap, BLOCK_N, STAGES)),
-                ], [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, PRODUCER_REGS])  # fmt: skip
+            q_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_WG, 64, D], q_layout)
+            R0: gl.constexpr = 0 if MODE == 1 else 2  # the default partition (warpgroup 0)
+            ap = (k_desc, v_desc, k_bufs, v_bufs, ready, empty, t_lo, n_iter, col)
+            if NUM_WG == 2:
+                if MODE == 1:
+                    gl.warp_specialize([
+                        (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
+                        (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
+                        (_producer, (ap, BLOCK_N, STAGES)),
+                    ], [4, 1], [CONS_REGS, PRODUCER_REGS])  # fmt: skip
+                else:
+                    gl.warp_specialize([
+                        (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
+                        (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
+                    ], [4], [CONS_REGS])  # fmt: skip
             else:
-                gl.warp_specialize([
-                    (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
-                    (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
-                    (_consumer, (common, q_smem.index(2), row0 + 128, prow0 + 128, GROUP, BLOCK_N, STAGES, 0)),
-                    (_consumer, (common, q_smem.index(3), row0 + 192, prow0 + 192, GROUP, BLOCK_N, STAGES, 0)),
-                ], [4, 4, 4], [CONS_REGS, CONS_REGS, CONS_REGS])  # fmt: skip
+                gl.static_assert(NUM_WG == 4, "NUM_WG is 2 or 4")
+                if MODE == 1:
+                    gl.warp_specialize([
+                        (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
+                        (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
+                        (_consumer, (common, q_smem.index(2), row0 + 128, prow0 + 128, GROUP, BLOCK_N, STAGES, 0)),
+                        (_consumer, (common, q_smem.index(3), row0 + 192, prow0 + 192, GROUP, BLOCK_N, STAGES, 0)),
+                        (_producer, (ap, BLOCK_N, STAGES)),
+                    ], [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, PRODUCER_REGS])  # fmt: skip
+                else:
+                    gl.warp_specialize([
+                        (_consumer, (common, q_smem.index(0), row0, prow0, GROUP, BLOCK_N, STAGES, R0)),
+                        (_consumer, (common, q_smem.index(1), row0 + 64, prow0 + 64, GROUP, BLOCK_N, STAGES, 0)),
+                        (_consumer, (common, q_smem.index(2), row0 + 128, prow0 + 128, GROUP, BLOCK_N, STAGES, 0)),
+                        (_consumer, (common, q_smem.index(3), row0 + 192, prow0 + 192, GROUP, BLOCK_N, STAGES, 0)),
+                    ], [4, 4, 4], [CONS_REGS, CONS_REGS, CONS_REGS])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,23 +465,24 @@ def gluon_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, n_tok, chunk, 
 def launch_config(num_wg: int, mode: int) -> dict:
     """num_warps / maxnreg / consumer registers so that one CTA fits an SM's 64K registers.
 
-    Registers go by warpgroup, so MODE 1's 1-warp producer takes a whole one (4*NUM_WG + 4 warps). ``maxnreg``
+    Registers go by warpgroup, so the 1-warp producer (MODES 1, 3-6) takes a whole one (4*NUM_WG + 4 warps). ``maxnreg``
     (a multiple of 8; times all threads <= 64K) is what each warp holds at launch; inside ``warp_specialize``,
     ``setmaxnreg`` gives each worker partition its requested count (producer 24, consumers CONS_REGS) and the
     default partition (warpgroup 0) what is left: 120 for MODE 1 with NUM_WG=4, the others 112."""
     if mode == 0:
         return dict(num_warps=4 * num_wg, maxnreg=None, cons_regs=0)
-    warps = 4 * num_wg + (4 if mode == 1 else 0)
+    warps = 4 * num_wg + (4 if mode in PRODUCER_MODES else 0)
     maxnreg = min(65536 // (32 * warps) // 8 * 8, 248)
-    spare = 4 * PRODUCER_REGS.value if mode == 1 else 0
+    spare = 4 * PRODUCER_REGS.value if mode in PRODUCER_MODES else 0
     cons = min((maxnreg * warps - spare) // (4 * num_wg) // 8 * 8, 248)
     return dict(num_warps=4, maxnreg=maxnreg, cons_regs=cons)
 
 
 def variants() -> list[dict]:
-    """Every (mode, num_wg, block_n, stages) combination."""
+    """Every (mode, num_wg, block_n, stages) combination (the async modes 3-6: two consumer warpgroups only)."""
     return [dict(mode=m, num_wg=w, block_n=bn, stages=st)
-            for m, w, bn, st in itertools.product((1, 2, 0), (4, 2), (64, 128), (2, 3))]  # fmt: skip
+            for m, w, bn, st in itertools.product((1, 2, 0, 3, 4, 5, 6), (4, 2), (64, 128), (2, 3))
+            if m < 3 or w == 2]  # fmt: skip
 
 
 def vname(v: dict) -> str:
