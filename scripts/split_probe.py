@@ -11,11 +11,13 @@ and then the rest. Timed with the same cold-L2 CUDA events (``deft.bench.timing.
 - ``full``: DeFT-Flatten on the whole tree (today's path);
 - ``prompt``: the Gluon prompt kernel alone, per chunk length (6, 7 or 8 chunks of the prompt);
 - ``branches``: DeFT-Flatten on the branches' tree alone (partial kernel and reduction);
-- ``split``: both, the prompt kernel first and the branches on a second stream; ``split_rev``: branches first.
+- ``split``: both, the prompt kernel first and the branches on a second stream; ``split_rev``: branches first;
+- ``branches_<knobs>`` (with ``DEFT_SPLIT_SWEEP=1``): the branches' tree under other DeFT knobs (K/V block, stages,
+  chunking), to see what bounds a tree of short one-query branches when it has the GPU to itself.
 
 The split leaves out what an integration adds: the prompt's partial in the reduction (one more per query) and
 the plan's second record list. Each part is checked against its own fp64 reference first. Writes
-``$OUT/split_probe_<date>.csv``; prints a table. Run on the GPU machine: ``python -m scripts.split_probe``.
+``$OUT/split_probe_<date>.csv``; prints a table (``DEFT_SPLIT_PROMPT=0`` leaves the prompt kernel out). Run on the GPU machine: ``python -m scripts.split_probe``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from deft.reference import reference_attention, relative_error
 
 SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 PROMPT, WIDTH, BRANCH = 16000, 50, 200  # the snapshot fewshot_16k_w50_step200
+#: DeFT knobs tried on the branches' tree alone (``DEFT_SPLIT_SWEEP=1``)
+BRANCH_SWEEP = (
+    dict(block_n=32), dict(block_n=128), dict(num_stages=2), dict(num_stages=4), dict(ctas_per_sm=1.0),
+    dict(ctas_per_sm=2.0), dict(ctas_per_sm=8.0), dict(chunk_size=200), dict(chunk_size=1000), dict(small_m=0),
+)
 VARIANTS = (dict(mode=6, num_wg=2, block_n=128, stages=2), dict(mode=1, num_wg=2, block_n=128, stages=3))
 
 
@@ -56,10 +63,12 @@ def main() -> None:
                 git_commit=os.environ.get("DEFT_GIT_COMMIT", "unknown"), date=datetime.date.today().isoformat(),
                 copy_bw_gbps=bw / 1e9, kv_bytes=kv_bytes)  # fmt: skip
 
-    def record(name: str, st, err: float, **kw) -> None:
+    def record(name: str, st, err: float, own_bytes: int | None = None, **kw) -> None:
+        """One row; ``frac_copy_bw`` counts the whole tree's bytes, ``own_frac_copy_bw`` the part's own."""
         us = st.median_ms * 1e3
+        own = kv_bytes if own_bytes is None else own_bytes
         rows.append(dict(case=name, us=us, p90_us=st.p90_ms * 1e3, rel_error=err, frac_copy_bw=kv_bytes / (us * 1e-6) / bw,
-                         **kw, **meta))  # fmt: skip
+                         own_frac_copy_bw=own / (us * 1e-6) / bw, **kw, **meta))  # fmt: skip
         print(f"{name:34s} {us:7.1f} µs  {rows[-1]['frac_copy_bw']:.2f} of copy BW  err {err:.1e}", flush=True)
 
     # today's path: one launch for the whole tree
@@ -77,8 +86,19 @@ def main() -> None:
     b_plan = mb.plan(b_tree, SHAPE, dev)
     ob = torch.empty_like(q)
     err = relative_error(mb.run(q, kb, vb, b_plan, out=ob), reference_attention(q, kb, vb, b_tree))
-    record("branches", time_device(lambda: mb.run(q, kb, vb, b_plan, out=ob), device=dev), err,
-           tiles=b_plan.groups.n_tiles)  # fmt: skip
+    b_bytes = b_tree.unique_kv_tokens * SHAPE.kv_token_bytes
+    record("branches", time_device(lambda: mb.run(q, kb, vb, b_plan, out=ob), device=dev), err, b_bytes,
+           tiles=b_plan.groups.n_tiles, chunk=b_plan.groups.chunk_size)  # fmt: skip
+
+    if os.environ.get("DEFT_SPLIT_SWEEP") == "1":
+        for kw in BRANCH_SWEEP:
+            mk = DeftFlatten(**kw)
+            pk = mk.plan(b_tree, SHAPE, dev)
+            ok_ = torch.empty_like(q)
+            err = relative_error(mk.run(q, kb, vb, pk, out=ok_), reference_attention(q, kb, vb, b_tree))
+            name = "branches_" + "_".join(f"{a}{b}" for a, b in kw.items())
+            record(name, time_device(lambda mk=mk, pk=pk, ok_=ok_: mk.run(q, kb, vb, pk, out=ok_), device=dev), err,
+                   b_bytes, tiles=pk.groups.n_tiles, chunk=pk.groups.chunk_size)  # fmt: skip
 
     # the prompt alone: the Gluon kernel over the prompt's slots (0 .. PROMPT-1 in fan_tree's layout)
     kp, vp = k[:PROMPT], v[:PROMPT]
@@ -88,7 +108,7 @@ def main() -> None:
     part_o = torch.empty(16 * SHAPE.n_kv_heads * 256, SHAPE.head_dim, device=dev, dtype=torch.bfloat16)
     part_lse = torch.empty(part_o.shape[0], device=dev, dtype=torch.float32)
     s2 = torch.cuda.Stream(dev)
-    for var in VARIANTS:
+    for var in VARIANTS if os.environ.get("DEFT_SPLIT_PROMPT", "1") == "1" else ():
         for n_chunks in (6, 7, 8):
             chunk = triton.cdiv(PROMPT, n_chunks)
             name = f"{gp.vname(var)}_c{n_chunks}"
@@ -103,7 +123,8 @@ def main() -> None:
                 print(f"prompt_{name}: {rows[-1]['error']}", flush=True)
                 continue
             ctas = nc * n_rt * SHAPE.n_kv_heads
-            record(f"prompt_{name}", time_device(launch, device=dev), err, ctas=ctas, chunk=chunk)
+            record(f"prompt_{name}", time_device(launch, device=dev), err, PROMPT * SHAPE.kv_token_bytes, ctas=ctas,
+                   chunk=chunk)  # fmt: skip
 
             def split(first_prompt: bool, launch=launch) -> None:
                 cur = torch.cuda.current_stream(dev)
@@ -122,7 +143,8 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / f"split_probe_{meta['date']}.csv", index=False)
-    cols = [c for c in ("case", "us", "p90_us", "frac_copy_bw", "rel_error", "ctas", "chunk", "error") if c in df]
+    cols = [c for c in ("case", "us", "p90_us", "frac_copy_bw", "own_frac_copy_bw", "rel_error", "tiles", "ctas", "chunk",
+                        "error") if c in df]  # fmt: skip
     with pd.option_context("display.width", 200):
         print(df[cols].to_string(index=False))
 
