@@ -13,7 +13,8 @@ and then the rest. Timed with the same cold-L2 CUDA events (``deft.bench.timing.
 - ``branches``: DeFT-Flatten on the branches' tree alone (partial kernel and reduction);
 - ``split``: both, the prompt kernel first and the branches on a second stream; ``split_rev``: branches first;
 - ``branches_<knobs>`` (with ``DEFT_SPLIT_SWEEP=1``): the branches' tree under other DeFT knobs (K/V block, stages,
-  chunking), to see what bounds a tree of short one-query branches when it has the GPU to itself.
+  chunking; ``DEFT_SPLIT_KNOBS``, a JSON list of keyword dicts, replaces the default list), to see what bounds a
+  tree of short one-query branches when it has the GPU to itself.
 
 The split leaves out what an integration adds: the prompt's partial in the reduction (one more per query) and
 the plan's second record list. Each part is checked against its own fp64 reference first. Writes
@@ -23,6 +24,7 @@ the plan's second record list. Each part is checked against its own fp64 referen
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from pathlib import Path
 
@@ -91,7 +93,8 @@ def main() -> None:
            tiles=b_plan.groups.n_tiles, chunk=b_plan.groups.chunk_size)  # fmt: skip
 
     if os.environ.get("DEFT_SPLIT_SWEEP") == "1":
-        for kw in BRANCH_SWEEP:
+        sweep = json.loads(os.environ["DEFT_SPLIT_KNOBS"]) if "DEFT_SPLIT_KNOBS" in os.environ else BRANCH_SWEEP
+        for kw in sweep:
             mk = DeftFlatten(**kw)
             pk = mk.plan(b_tree, SHAPE, dev)
             ok_ = torch.empty_like(q)
