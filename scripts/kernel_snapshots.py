@@ -132,6 +132,9 @@ ALL_SWEEP = {
     # session 12: a kernel compiled for the plan's tile classes: where every big tile is affine and unmasked and
     # every small tile unmasked (a few-shot step past the first), the affine loop alone (2,900 SASS instructions)
     "special": {"specialise": True},
+    # session 12: small tiles in a launch of their own (16-row kernel, 32- or 64-token K/V blocks) on a side stream
+    "split": {"split_launch": True},
+    "split_n64": {"split_launch": True, "small_block_n": 64},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -886,3 +886,34 @@ def test_specialise_runs_the_affine_kernel_only_where_every_tile_fits_it(mode):
     rng = np.random.default_rng(22)
     plan = check(m, random_tree(rng, 12, 60, extra_queries=12), seed=3)
     assert not plan.affine_big
+
+
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+@pytest.mark.parametrize("seed", range(3))
+def test_split_launch_runs_big_and_small_tiles_apart_and_matches_reference(mode, seed):
+    """``split_launch``: the plan's tile records, big ones first then small ones (each kind keeping the launch
+    order), run in two launches of the partial kernel compiled for their own rows; against fp64 on random trees with
+    several queries per branch, a fan of one-query branches, speculative token trees (masked small tiles), GQA 1 / 4 /
+    8 and both dtypes, outputs and partials poisoned first."""
+    from deft.kernels.kv_groups import small_tile_rows
+
+    rng = np.random.default_rng(700 + seed)
+    cls = DeftFlatten if mode == "flatten" else DeftNodeChunk
+    heads, kv_heads = [(8, 8), (8, 2), (16, 2)][seed]
+    dtype = (torch.float16, torch.bfloat16)[seed % 2]
+    trees = [random_tree(rng, 14, 40, extra_queries=6), fan_tree(120, 9, 7), speculative_tree(60, 24, rng)]
+    split = 0
+    for i, tree in enumerate(trees):
+        m = cls(chunk_size=32, block_n=16, small_block_n=16, split_launch=True)
+        plan = check(m, tree, heads=heads, kv_heads=kv_heads, dtype=dtype, seed=i)
+        group = heads // kv_heads
+        t = plan.groups.records("tiles")
+        rows = (t["q_hi"] - t["q_lo"]) * group
+        small = small_tile_rows(group, plan.block_m, m.small_m)
+        if plan.n_big >= 0:
+            split += 1
+            assert plan.small_rows == small < plan.block_m and not plan.pdl
+            assert (rows[: plan.n_big] > small).all() and (rows[plan.n_big :] <= small).all()
+        else:  # one launch only when the plan's tiles are no taller than the small tile
+            assert small >= plan.block_m
+    assert split >= 1, "no plan was split: the test would not exercise the two launches"

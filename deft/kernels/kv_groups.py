@@ -144,6 +144,18 @@ def tile_classes(g: KVGroups, group: int, small_rows: int, contiguous: bool = Tr
     return out
 
 
+def partition_small_last(g: KVGroups, group: int, small_rows: int) -> int:
+    """Reorder ``g``'s tile records in place, big tiles (rows over ``small_rows``) first and small ones after, each
+    kind in its current order (stable), for a plan whose small tiles run in a launch of their own
+    (``DeftAttention.split_launch``); returns the number of big tiles."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
+    big = (t[:, 3] - t[:, 2]).astype(np.int64) * group > small_rows
+    n_big = int(np.count_nonzero(big))
+    if 0 < n_big < len(t):
+        t[...] = np.concatenate([t[big], t[~big]])
+    return n_big
+
+
 def alternate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a[0], b[0], a[1], b[1], ...``, then the rest of the longer one."""
     k = min(a.size, b.size)
