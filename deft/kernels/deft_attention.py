@@ -164,7 +164,9 @@ class DeftAttention(AttentionMethod):
     ``small_block_n`` tokens, on a side stream that starts with the big tiles' launch and joins before the
     reduction (:meth:`_run_split`): the big tiles' kernel then holds no small tile's loops, and the small one, with
     its fewer registers and its smaller K/V stages, fits more programs per SM (a tree of 50 one-query branches of
-    200 tokens alone: 36.9 -> 29.5 µs with 16-row tiles and 32-token blocks, H100, session 12).
+    200 tokens alone: 36.9 -> 29.5 µs with 16-row tiles and 32-token blocks, H100, session 12). Measured slower on
+    the snapshots, H100, session 12, one call, graph µs: geomean of 9 47.8 -> 50.2 (``small_block_n=64``: 48.5),
+    few-shot 16k step 200 75.0 -> 80.8 (77.2); it stays off (notes/deft_kernels.md, session 12).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
