@@ -421,9 +421,11 @@ class DeftAttention(AttentionMethod):
             ctx = self._plan_context(device, shape)
         staging = ctx.staging
         g = self.groups(tree, shape, staging.alloc if staging is not None else None)
-        n_big, small = -1, small_tile_rows(shape.group_size, g.rows, self.small_m)
-        if self.split_launch and small < g.rows:  # before the upload: the records are reordered in place
-            n_big = partition_small_last(g, shape.group_size, small)
+        n_big = small = -1
+        if self.split_launch:  # before the upload: the records are reordered in place
+            small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+            if small < g.rows:
+                n_big = partition_small_last(g, shape.group_size, small)
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         launch = ctx.launch.get(g.rows)
@@ -438,7 +440,8 @@ class DeftAttention(AttentionMethod):
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads,
             pdl=ctx.pdl and n_big < 0, unified=self.unified_for(g, shape),
-            affine_big=self.affine_for(g, shape) and n_big < 0, n_big=n_big, small_rows=small if n_big >= 0 else 0,
+            affine_big=self.specialise and n_big < 0 and self.affine_for(g, shape), n_big=n_big,
+            small_rows=small if n_big >= 0 else 0,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
