@@ -9,11 +9,14 @@ bandwidth. Also checks random trees and ranks the autotune candidates. Writes th
 
 Environment: ``DEFT_SNAP_SWEEP`` (the DeFT-Flatten configurations swept, names from ``ALL_SWEEP``),
 ``DEFT_SNAP_TABLE`` (the table's variants), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
-all 9), ``DEFT_TRACES_DIR``. Run on the GPU machine: ``python -m scripts.kernel_snapshots``.
+all 9), ``DEFT_TRACES_DIR``, ``DEFT_PLAN_CORE`` (the CPU the plan's host time is measured on, the timing thread
+pinned to it; default the last one the process may use; ``off``: unpinned). Run on the GPU machine:
+``python -m scripts.kernel_snapshots``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
@@ -27,7 +30,7 @@ import torch
 import triton
 
 from deft.attention import AttentionShape, floor_io
-from deft.bench.timing import copy_bandwidth, time_device, time_host
+from deft.bench.timing import copy_bandwidth, pinned_thread, time_device, time_host
 from deft.kernels.autotune import fan_tree
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
@@ -291,8 +294,10 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
     reduce_us = time_device(graph_of(red).replay, reps=30, device=dev).median_ms * 1e3  # alone, cold L2
     kern = getattr(m, "last_kernel", None)
     torch.cuda.synchronize(dev)
-    plan_t = time_host(lambda: m.plan(fresh(tree), SHAPE, dev), reps=30)
-    groups_t = time_host(lambda: m.groups(fresh(tree), SHAPE), reps=30)
+    core = os.environ.get("DEFT_PLAN_CORE")  # the plan's host time with this thread on one core ("off": unpinned)
+    with pinned_thread(None if core is None else int(core)) if core != "off" else contextlib.nullcontext():
+        plan_t = time_host(lambda: m.plan(fresh(tree), SHAPE, dev), reps=30)
+        groups_t = time_host(lambda: m.groups(fresh(tree), SHAPE), reps=30)
     io = m.io(tree, SHAPE)
     g = plan.groups
     floor = floor_io(tree, SHAPE)

@@ -36,3 +36,21 @@ def test_retries_are_bounded_and_the_best_of_all_passes_wins():
     measure, calls = feed(stats(5.0, 1.0), stats(3.0, 1.0), stats(4.0, 1.0), stats(0.1, 0.1))
     r = steadiest(measure, retries=2)
     assert r.median_ms == 3.0 and r.passes == 3 and len(calls) == 3
+
+
+def test_pinned_thread_runs_on_one_core_and_restores_the_affinity():
+    import os
+
+    import pytest
+
+    from deft.bench.timing import pinned_thread
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no thread affinity on this OS")
+    before = os.sched_getaffinity(0)
+    with pinned_thread() as cpu:
+        assert os.sched_getaffinity(0) == {cpu} and cpu == max(before)
+    assert os.sched_getaffinity(0) == before
+    with pinned_thread(min(before)) as cpu:
+        assert os.sched_getaffinity(0) == {min(before)}
+    assert os.sched_getaffinity(0) == before

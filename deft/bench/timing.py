@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +133,23 @@ def steadiest(measure: Callable[[], TimingStats], retries: int = 2, spread: floa
         if again.median_ms < best.median_ms:
             best = again
     return TimingStats(**{**best.__dict__, "passes": passes})
+
+
+@contextlib.contextmanager
+def pinned_thread(core: int | None = None):
+    """Run the block with the calling thread pinned to one CPU (``core``; default the last one it may use), then
+    restore its affinity: host timings of the plan on a shared GPU host varied 2-5x from one process to the next
+    unpinned (sessions 11-12). Does nothing where the OS has no thread affinity."""
+    if not hasattr(os, "sched_getaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    cpu = max(before) if core is None else int(core)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def time_host(fn: Callable[[], object], reps: int = 20, warmup: int = 2, sync: Callable[[], None] | None = None) -> TimingStats:
