@@ -76,6 +76,7 @@ class DeftPlan(Plan):
     affine_big: bool = False  # the partial kernel's AFFINE_BIG variant (DeftAttention.specialise)
     n_big: int = -1  # split_launch: tiles [0, n_big) run in the big tiles' launch, the rest in the small one; -1: one
     small_rows: int = 0  # split_launch: the small launch's tile rows
+    split: tuple = ()  # split_launch: the launches (DeftAttention._split_launches), made once per plan, not per layer
 
 
 class _PlanContext:
@@ -442,6 +443,7 @@ class DeftAttention(AttentionMethod):
             pdl=ctx.pdl and n_big < 0, unified=self.unified_for(g, shape),
             affine_big=self.specialise and n_big < 0 and self.affine_for(g, shape), n_big=n_big,
             small_rows=small if n_big >= 0 else 0,
+            split=self._split_launches(g, meta, n_big, small, shape.head_dim, launch) if n_big >= 0 else (),
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -536,29 +538,28 @@ class DeftAttention(AttentionMethod):
         )
         return out
 
-    def _split_launches(self, plan: DeftPlan) -> list[tuple[torch.Tensor, dict, int, tuple]]:
+    def _split_launches(
+        self, g: KVGroups, meta: torch.Tensor, n_big: int, small_rows: int, head_dim: int, launch: tuple[int, int]
+    ) -> tuple[tuple[torch.Tensor, dict, int, tuple], ...]:
         """A split plan's launches: (meta, section offsets, tiles, (rows, block_n, warps, stages, contiguous)) for
         the big tiles (no small tile compiled in) and for the small ones (their own rows and K/V block, from their
         records onwards: the meta view and the section offsets shift by the big tiles' records)."""
-        g, n_big = plan.groups, plan.n_big
         out = []
         if n_big > 0:
-            out.append((plan.meta, g.offsets, n_big, (plan.block_m, plan.block_n, plan.num_warps, plan.num_stages,
-                                                      self.contiguous)))  # fmt: skip
+            out.append((meta, g.offsets, n_big, (g.rows, self.block_n, *launch, self.contiguous)))
         if n_big < g.n_tiles:
             shift = n_big * TILE_FIELDS
             offs = {k: (a - shift, b - shift) for k, (a, b) in g.offsets.items()}
-            warps, stages = self._launch_config(plan.small_rows, plan.shape.head_dim)
-            out.append((plan.meta[shift:], offs, g.n_tiles - n_big, (plan.small_rows, self.small_block_n, warps,
-                                                                    stages, False)))  # fmt: skip
-        return out
+            warps, stages = self._launch_config(small_rows, head_dim)
+            out.append((meta[shift:], offs, g.n_tiles - n_big, (small_rows, self.small_block_n, warps, stages, False)))
+        return tuple(out)
 
     def _run_split(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: DeftPlan) -> None:
         """``split_launch``: the big tiles' launch on the current stream and the small tiles' on a side stream that
         starts with it, so the small programs take the SMs the big ones leave free and then the rest; the current
         stream then waits for the side one (the reduction reads both launches' partials). Each launch is the partial
         kernel compiled for its own tile rows, without the other's loops. Sequential off the GPU."""
-        launches = self._split_launches(plan)
+        launches = plan.split
         cuda = q.device.type == "cuda" and len(launches) == 2
         if cuda:
             cur = torch.cuda.current_stream(q.device)
@@ -610,11 +611,9 @@ class DeftAttention(AttentionMethod):
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
                     pdl_trigger=pdl, unified=unified, affine_big=affine_big,
                 )  # fmt: skip
-                if self.split_launch:  # this height as a split plan's big launch, and the small launch
-                    small = small_tile_rows(s.group_size, rows, self.small_m)
+                small = small_tile_rows(s.group_size, rows, self.small_m)
+                if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches
                     for r, bn, contig in ((rows, self.block_n, self.contiguous), (small, self.small_block_n, False)):
-                        if small >= rows or affine_big:
-                            break
                         w, st = self._launch_config(r, s.head_dim)
                         launch_partials(
                             q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, r, bn, w, st,
