@@ -138,6 +138,11 @@ ALL_SWEEP = {
     # session 12: small tiles in a launch of their own (16-row kernel, 32- or 64-token K/V blocks) on a side stream
     "split": {"split_launch": True},
     "split_n64": {"split_launch": True, "small_block_n": 64},
+    # session 13: filled tiles (3 x 64 rows + a small rest at 50 queries, GQA 4: 22 % less of the prompt's tensor
+    # work) with the rest's long small tile cut into pieces of at most rest_chunk tokens
+    "fill_rc256": {"fill_tiles": True, "rest_chunk": 256},
+    "fill_rc512": {"fill_tiles": True, "rest_chunk": 512},
+    "fill_rc1024": {"fill_tiles": True, "rest_chunk": 1024},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

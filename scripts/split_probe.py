@@ -12,6 +12,8 @@ and then the rest. Timed with the same cold-L2 CUDA events (``deft.bench.timing.
 - ``prompt``: the Gluon prompt kernel alone, per chunk length (6, 7 or 8 chunks of the prompt);
 - ``branches``: DeFT-Flatten on the branches' tree alone (partial kernel and reduction);
 - ``split``: both, the prompt kernel first and the branches on a second stream; ``split_rev``: branches first;
+- ``branches_contig_slots`` (with ``DEFT_SPLIT_LAYOUT=1``): the branches with each one's tokens in consecutive
+  slots instead of interleaved by step as a decoding loop allocates them (the DRAM locality of the gathers);
 - ``branches_<knobs>`` (with ``DEFT_SPLIT_SWEEP=1``): the branches' tree under other DeFT knobs (K/V block, stages,
   chunking; ``DEFT_SPLIT_KNOBS``, a JSON list of keyword dicts, replaces the default list), to see what bounds a
   tree of short one-query branches when it has the GPU to itself.
@@ -28,6 +30,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import triton
@@ -37,6 +40,7 @@ from deft.bench.timing import copy_bandwidth, time_device
 from deft.kernels.autotune import fan_tree
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.reference import reference_attention, relative_error
+from deft.tree import DecodingTree
 
 SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 PROMPT, WIDTH, BRANCH = 16000, 50, 200  # the snapshot fewshot_16k_w50_step200
@@ -91,6 +95,18 @@ def main() -> None:
     b_bytes = b_tree.unique_kv_tokens * SHAPE.kv_token_bytes
     record("branches", time_device(lambda: mb.run(q, kb, vb, b_plan, out=ob), device=dev), err, b_bytes,
            tiles=b_plan.groups.n_tiles, chunk=b_plan.groups.chunk_size)  # fmt: skip
+
+    if os.environ.get("DEFT_SPLIT_LAYOUT") == "1":
+        # the same branches with each branch's tokens in consecutive slots (a decoding loop interleaves them by
+        # step: a branch's consecutive tokens 50 slots, 100 KB of K, apart): does the gathers' DRAM locality matter?
+        c_tree = DecodingTree.from_arrays(b_tree.parent, np.diff(b_tree.slot_ptr), np.arange(b_tree.n_slots),
+                                          np.arange(1, WIDTH + 1), [BRANCH] * WIDTH, n_slots=b_tree.n_slots)  # fmt: skip
+        mc = DeftFlatten()
+        c_plan = mc.plan(c_tree, SHAPE, dev)
+        oc = torch.empty_like(q)
+        err = relative_error(mc.run(q, kb, vb, c_plan, out=oc), reference_attention(q, kb, vb, c_tree))
+        record("branches_contig_slots", time_device(lambda: mc.run(q, kb, vb, c_plan, out=oc), device=dev), err,
+               b_bytes, tiles=c_plan.groups.n_tiles, chunk=c_plan.groups.chunk_size)  # fmt: skip
 
     if os.environ.get("DEFT_SPLIT_SWEEP") == "1":
         sweep = json.loads(os.environ["DEFT_SPLIT_KNOBS"]) if "DEFT_SPLIT_KNOBS" in os.environ else BRANCH_SWEEP

@@ -147,6 +147,26 @@ def test_filled_tiles_leave_the_rest_to_a_small_tile_and_match_reference():
         assert n_q.tolist() == ([2, 2, 16, 16] if fill else [9, 9, 9, 9])
 
 
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rest_tiles_cut_into_pieces_match_reference(mode, dtype):
+    """``rest_chunk``: the filled chunks' small rest tiles (2 of 18 queries) longer than 20 tokens run in pieces of
+    at most 20, each with partial rows of its own (poisoned: a piece that is not run, or whose rows the reduction
+    does not list, fails); the other tiles keep theirs."""
+    rng = np.random.default_rng(5)
+    tree = fan_tree(96, 18, 5, rng)
+    base = check(METHODS[mode](chunk_size=48, block_n=16, fill_tiles=True), tree, dtype=dtype)
+    plan = check(METHODS[mode](chunk_size=48, block_n=16, fill_tiles=True, rest_chunk=20), tree, dtype=dtype)
+    t0, t = (p.groups.records("tiles") for p in (base, plan))
+    rest0 = (t0["q_hi"] - t0["q_lo"] == 2) & (t0["tok_hi"] - t0["tok_lo"] > 20)
+    rest = (t["q_hi"] - t["q_lo"] == 2) & (t["tok_hi"] - t["tok_lo"] > 0) & (t["tok_hi"] <= 96)
+    assert rest0.sum() == 2 and rest.sum() == 2 * 3  # two 48-token chunks of the prompt, three pieces each
+    assert (t["tok_hi"] - t["tok_lo"])[rest].max() <= 20
+    assert plan.groups.n_partials == base.groups.n_partials + 2 * 2 * 2  # 2 more pieces x 2 queries, per chunk
+    assert np.diff(plan.groups.section("red_ptr")).max() == plan.groups.max_parts
+    assert (t["flags"][rest] >> 2).tolist() == (t["tok_hi"] - t["tok_lo"])[rest].tolist()  # unmasked, whole
+
+
 @pytest.mark.parametrize("mode", list(METHODS))
 def test_deep_chain_with_partial_visibility_matches_reference(mode):
     check(METHODS[mode](chunk_size=7, block_n=16), chain_tree(30, 3, np.random.default_rng(3)), dtype=torch.bfloat16)
@@ -375,7 +395,7 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
         tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
     m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fill_tiles=seed % 2 == 1,
-                      unified_mask=seed % 3 == 2)  # fmt: skip
+                      unified_mask=seed % 3 == 2, rest_chunk=int(rng.choice([0, 5, 17])))  # fmt: skip
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
     c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0, m.unified_mask)

@@ -38,8 +38,10 @@ from deft.kernels.kv_groups import (
     KVGroups,
     auto_chunk_size,
     build_groups,
+    order_tiles_longest_first,
     partition_small_last,
     small_tile_rows,
+    split_long_small_tiles,
     tile_classes,
 )
 from deft.kernels.staging import PinnedStaging
@@ -206,6 +208,7 @@ class DeftAttention(AttentionMethod):
         specialise: bool = False,
         split_launch: bool = False,
         small_block_n: int = 32,
+        rest_chunk: int = 0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -255,6 +258,9 @@ class DeftAttention(AttentionMethod):
         if small_block_n not in (16, 32, 64, 128):
             raise ValueError(f"small_block_n must be 16, 32, 64 or 128, got {small_block_n}")
         self.small_block_n = int(small_block_n)
+        if int(rest_chunk) < 0:
+            raise ValueError(f"rest_chunk must be >= 0 (0: off), got {rest_chunk}")
+        self.rest_chunk = int(rest_chunk)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -298,11 +304,25 @@ class DeftAttention(AttentionMethod):
     def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
         """The KV-guided grouping of ``tree`` (host only)."""
         kw, prep = self._group_args(shape)
+        g = None
         if prep is not None:  # the C plan with arguments checked once per shape (the usual case)
             g = plan_native.build_prepared(tree, prep, out_alloc)
-            if g is not None:
-                return g
-        return build_groups(tree, out_alloc=out_alloc, **kw)
+        if g is None:
+            g = build_groups(tree, out_alloc=out_alloc, **kw)
+        if self.rest_chunk > 0:
+            g = self._cut_rest(g, shape, out_alloc)
+        return g
+
+    def _cut_rest(self, g: KVGroups, shape: AttentionShape, out_alloc) -> KVGroups:
+        """``rest_chunk``: long small unmasked tiles in pieces (:func:`~deft.kernels.kv_groups.split_long_small_tiles`),
+        then the tiles in longest-first order again."""
+        small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+        if small >= g.rows:
+            return g
+        cut = split_long_small_tiles(g, shape.group_size, small, self.rest_chunk, out_alloc)
+        if cut is not g and self.lpt:
+            order_tiles_longest_first(cut, shape.group_size, small, self.mix, self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads)
+        return cut
 
     def _group_args(self, shape: AttentionShape) -> tuple[dict[str, Any], plan_native.NativePlanArgs | None]:
         """:func:`~deft.kernels.kv_groups.build_groups`'s keyword arguments for ``shape`` and their C form (None
@@ -392,6 +412,7 @@ class DeftAttention(AttentionMethod):
             "specialise": self.specialise,
             "split_launch": self.split_launch,
             "small_block_n": self.small_block_n,
+            "rest_chunk": self.rest_chunk,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,

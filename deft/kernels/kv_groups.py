@@ -156,6 +156,75 @@ def partition_small_last(g: KVGroups, group: int, small_rows: int) -> int:
     return n_big
 
 
+def split_long_small_tiles(
+    g: KVGroups, group: int, small_rows: int, max_len: int, out_alloc: Callable[[int], np.ndarray] | None = None
+) -> KVGroups:
+    """Cut every small unmasked tile (rows at most ``small_rows``) longer than ``max_len`` tokens into near-equal
+    pieces of at most ``max_len`` (``DeftAttention.rest_chunk``); returns a new plan, ``g`` when none is that long.
+
+    The tile a filled chunk's rest runs in (``fill_tiles``: a shared prompt's last few queries) spans the prompt's
+    long chunk at the small tile's rate, and would end last; in pieces it runs beside the rest. Each piece after the
+    first gets partial rows of its own (after the plan's others), and the reduction's lists are rebuilt (a query
+    keeps its partials in row order). A piece of an unmasked tile is unmasked, and a piece of a run of consecutive
+    slots is one too, so the flags carry over with the piece's length. The tile order is the caller's to redo."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
+    n_tok = t[:, 1] - t[:, 0]
+    nq_t = t[:, 3] - t[:, 2]
+    cut = (nq_t * group <= small_rows) & ((t[:, 5] & FLAG_MASK) == 0) & (n_tok > max_len)
+    if max_len <= 0 or not cut.any():
+        return g
+    sel = cut.nonzero()[0]
+    pieces = -(-n_tok[sel] // max_len)
+    src = t[sel].repeat(pieces, axis=0)  # one row per piece, pieces of a tile together
+    first = np.add.accumulate(pieces) - pieces
+    j = np.arange(int(pieces.sum())) - first.repeat(pieces)  # piece number within its tile
+    p = pieces.repeat(pieces)
+    length = n_tok[sel].repeat(pieces)
+    lo = src[:, 0] + j * length // p
+    hi = src[:, 0] + (j + 1) * length // p
+    # partial rows: the first piece keeps its tile's, the others take new ones after the plan's
+    nq_p = src[:, 3] - src[:, 2]
+    extra = np.where(j > 0, nq_p, 0)
+    new_base = g.n_partials + np.add.accumulate(extra) - extra
+    pieces_rec = np.stack(
+        [lo, hi, src[:, 2], src[:, 3], np.where(j > 0, new_base, src[:, 4]), ((hi - lo) << FLAG_SHIFT) | (src[:, 5] & FLAG_CONTIG)],
+        axis=1,
+    )  # fmt: skip
+    tiles = np.concatenate([t[~cut], pieces_rec])
+    n_part = g.n_partials + int(extra.sum())
+    # the reduction: the sorted query of every partial row (the old rows from the old lists), then lists again
+    ptr = g.section("red_ptr").astype(np.int64)
+    nq = ptr.size - 1
+    part_q = np.empty(n_part, dtype=np.int64)
+    part_q[g.section("red_idx")] = np.arange(nq).repeat(np.diff(ptr))
+    new = j > 0
+    cnt = nq_p[new]
+    part_q[g.n_partials :] = src[new, 2].repeat(cnt) + np.arange(int(cnt.sum())) - (np.add.accumulate(cnt) - cnt).repeat(cnt)
+    counts = np.bincount(part_q, minlength=nq)
+    sizes = {name: b - a for name, (a, b) in g.offsets.items()}
+    sizes["tiles"] = tiles.size
+    sizes["red_idx"] = n_part
+    offsets, end = {}, 0
+    for name in SECTIONS:
+        offsets[name] = (end, end + sizes[name])
+        end += sizes[name]
+    old = g.packed.copy()  # the caller's buffer may be the one handed out again
+    packed = np.empty(end, dtype=np.int32) if out_alloc is None else out_alloc(end)
+    for name in SECTIONS[1:-2]:
+        a, b = g.offsets[name]
+        packed[offsets[name][0] : offsets[name][1]] = old[a:b]
+    packed[offsets["tiles"][0] : offsets["tiles"][1]] = tiles.ravel()
+    a, b = offsets["red_ptr"]
+    packed[a] = 0
+    packed[a + 1 : b] = np.add.accumulate(counts)
+    a, b = offsets["red_idx"]
+    packed[a:b] = part_q.argsort(kind="stable")
+    return KVGroups(
+        packed=packed, offsets=offsets, n_tiles=len(tiles), n_chunks=g.n_chunks, n_tokens=g.n_tokens,
+        n_partials=n_part, max_parts=int(counts.max()), rows=g.rows, chunk_size=g.chunk_size, classes=g.classes,
+    )  # fmt: skip
+
+
 def alternate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a[0], b[0], a[1], b[1], ...``, then the rest of the longer one."""
     k = min(a.size, b.size)
