@@ -143,6 +143,8 @@ ALL_SWEEP = {
     "fill_rc256": {"fill_tiles": True, "rest_chunk": 256},
     "fill_rc512": {"fill_tiles": True, "rest_chunk": 512},
     "fill_rc1024": {"fill_tiles": True, "rest_chunk": 1024},
+    # session 13: the small tile's gathered loop pipelined 5 stages deep (two K/V blocks in flight, not one)
+    "ss5": {"small_stages": 5},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

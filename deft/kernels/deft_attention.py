@@ -170,6 +170,14 @@ class DeftAttention(AttentionMethod):
     200 tokens alone: 36.9 -> 29.5 µs with 16-row tiles and 32-token blocks, H100, session 12). Measured slower on
     the snapshots, H100, session 12, one call, graph µs: geomean of 9 47.8 -> 50.2 (``small_block_n=64``: 48.5),
     few-shot 16k step 200 75.0 -> 80.8 (77.2); it stays off (notes/deft_kernels.md, session 12).
+    ``rest_chunk`` (0 = off; session 13): small tiles without a masked phase longer than this many tokens run in
+    pieces of at most that many, each with partial rows of its own (:func:`~deft.kernels.kv_groups.split_long_small_tiles`;
+    with ``fill_tiles``, a shared prompt's rest queries then run beside the big tiles, not after them). Measured with
+    ``fill_tiles``, slower: H100, session 13, 9 snapshots, geomean 47.8 -> 53.3-53.5 µs (``fill_tiles`` alone 56.6), few-shot
+    16k step 200 74.8 -> 89.9 (rest pieces of 1,024 tokens): the prompt's 64-row programs drop to 44-45 µs, but the
+    small tile runs a prompt token at 34-55 ns against the big tile's 25, so the rest costs more than the rows it saves.
+    ``small_stages`` (0 = the launch's ``num_stages``): the small tile's gathered loops pipelined this many stages
+    deep (at 5 two K/V blocks are in flight instead of one, in shared memory the big tile has anyway).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -209,6 +217,7 @@ class DeftAttention(AttentionMethod):
         split_launch: bool = False,
         small_block_n: int = 32,
         rest_chunk: int = 0,
+        small_stages: int = 0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -261,6 +270,9 @@ class DeftAttention(AttentionMethod):
         if int(rest_chunk) < 0:
             raise ValueError(f"rest_chunk must be >= 0 (0: off), got {rest_chunk}")
         self.rest_chunk = int(rest_chunk)
+        if int(small_stages) != 0 and not 2 <= int(small_stages) <= 8:
+            raise ValueError(f"small_stages must be 0 (the launch's num_stages) or 2..8, got {small_stages}")
+        self.small_stages = int(small_stages)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -413,6 +425,7 @@ class DeftAttention(AttentionMethod):
             "split_launch": self.split_launch,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
+            "small_stages": self.small_stages,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -552,7 +565,7 @@ class DeftAttention(AttentionMethod):
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
                 plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop,
                 self.small_m, self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
-                affine_big=plan.affine_big,
+                affine_big=plan.affine_big, small_stages=self.small_stages,
             )  # fmt: skip
         launch_reduce(
             out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
@@ -613,6 +626,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
             self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
+            self.small_stages,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -630,7 +644,7 @@ class DeftAttention(AttentionMethod):
                 launch_partials(
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
-                    pdl_trigger=pdl, unified=unified, affine_big=affine_big,
+                    pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches

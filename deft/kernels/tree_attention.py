@@ -53,6 +53,7 @@ def _attend_chunk(
     IDX_INLOOP: tl.constexpr,
     AFFINE: tl.constexpr,
     UNIFIED: tl.constexpr = False,
+    STAGES: tl.constexpr = None,
 ):
     """Online softmax of the tile's rows over flat tokens ``[t_lo, t_hi)``: the inner loop.
 
@@ -65,7 +66,8 @@ def _attend_chunk(
     addresses are the first slot plus the token offset: no per-token index loads, and addresses the
     compiler knows are contiguous, so K and V stream like a dense tensor's. With ``MASKED`` and ``UNIFIED`` only
     the tokens from ``t_mask`` on are tested (the node loads of the others are predicated off), so one copy of the
-    loop serves a tile's unmasked and masked phases (a smaller kernel; see ``DeftAttention.unified_mask``)."""
+    loop serves a tile's unmasked and masked phases (a smaller kernel; see ``DeftAttention.unified_mask``). ``STAGES``:
+    this loop's software-pipelining depth (``tl.range``'s ``num_stages``; None: the launch's ``num_stages``)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # Only the hand-pipelined modes carry state across iterations; in the others every address is a
@@ -83,7 +85,7 @@ def _attend_chunk(
     elif not IDX_INLOOP:
         t0 = t_lo + offs_n
         slot = tl.load(tok_slot + t0, mask=t0 < t_hi, other=0).to(tl.int64)
-    for start in range(t_lo, t_hi, BLOCK_N):
+    for start in tl.range(t_lo, t_hi, BLOCK_N, num_stages=STAGES):
         t = start + offs_n
         valid = t < t_hi
         if AFFINE:
@@ -191,6 +193,7 @@ def deft_partial_kernel(
     PDL_TRIGGER: tl.constexpr,
     UNIFIED: tl.constexpr = False,
     AFFINE_BIG: tl.constexpr = False,
+    SMALL_STAGES: tl.constexpr = None,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -231,7 +234,7 @@ def deft_partial_kernel(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED,
-            UNIFIED | AFFINE_BIG,
+            UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
         )  # fmt: skip
     else:
         _tile(
@@ -254,7 +257,7 @@ def _tile(
     kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
-    UNIFIED: tl.constexpr, PLAIN: tl.constexpr, AFFINE_ONLY: tl.constexpr = False,
+    UNIFIED: tl.constexpr, PLAIN: tl.constexpr, AFFINE_ONLY: tl.constexpr = False, STAGES: tl.constexpr = None,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
@@ -293,7 +296,7 @@ def _tile(
     elif PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test
         acc, m_i, l_i = _attend_chunk(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
-            row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+            row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
         )  # fmt: skip
     elif UNIFIED:  # one gathered loop for both phases (the test from t_mid on); the affine copy stays separate
         t_gather = t_lo
@@ -307,7 +310,7 @@ def _tile(
         if t_gather < t_hi:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_gather, t_hi,
-                row_tin, row_vis, qk_scale, t_mid, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, True,
+                row_tin, row_vis, qk_scale, t_mid, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, True, STAGES=STAGES,
             )  # fmt: skip
     else:
         if CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
@@ -319,17 +322,17 @@ def _tile(
             else:
                 acc, m_i, l_i = _attend_chunk(
                     acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
                 )  # fmt: skip
         else:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
             )  # fmt: skip
         if t_mid < t_hi:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
-                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False,
+                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
             )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -366,6 +369,7 @@ def launch_partials(
     pdl_trigger: bool = False,
     unified: bool = False,
     affine_big: bool = False,
+    small_stages: int = 0,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -381,7 +385,12 @@ def launch_partials(
     fill: the big tile compiles two loops instead of three, the small tile one instead of two. ``affine_big``: every tile
     is either big, unmasked and over consecutive slots (``contiguous`` on), or small and unmasked (the plan's tile
     classes say so: ``DeftAttention.affine_for``); the big tile compiles the affine loop alone, the small tile its plain
-    gathered loop (about 2,900 SASS instructions). Returns the compiled kernel (registers, spills, shared memory are
+    gathered loop (about 2,900 SASS instructions). ``small_stages``: the small tile's loops (all over gathered slots)
+    pipelined this many stages deep (0: ``num_stages``). A gathered block's slot indices are loaded a stage before its
+    K and V, so at ``num_stages=3`` only one K/V block is in flight while a block is computed, and a short,
+    latency-bound program (a branch's one query) waits a full HBM round trip per block; at 5 two are, in K/V buffers
+    the big tile's affine loop has anyway (Hopper, 64-token blocks: the same 112 KB of shared memory; the big tile's
+    gathered loops at 5 stages would need 117 KB, one program per SM). Returns the compiled kernel (registers, spills, shared memory are
     on it)."""
     if unified not in (False, True) or affine_big not in (False, True):  # the plan's choices, not the method's "auto"
         raise ValueError(f"unified and affine_big must be bools, got {unified!r}, {affine_big!r}")
@@ -397,7 +406,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
