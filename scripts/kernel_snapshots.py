@@ -145,6 +145,9 @@ ALL_SWEEP = {
     "fill_rc1024": {"fill_tiles": True, "rest_chunk": 1024},
     # session 13: the small tile's gathered loop pipelined 5 stages deep (two K/V blocks in flight, not one)
     "ss5": {"small_stages": 5},
+    # session 13: the share of the wave the shared prompt takes, again (a rule per tree would price the other tiles)
+    "wide0.7": {"wide_waves": 0.7},
+    "wide0.75": {"wide_waves": 0.75},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
