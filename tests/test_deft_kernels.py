@@ -109,7 +109,9 @@ def test_random_trees_chunk_boundaries_inside_and_across_nodes_match_reference(m
     tree = random_tree(rng, n_nodes=int(rng.integers(2, 14)), max_len=40, extra_queries=3)
     dtype = (torch.float16, torch.bfloat16)[seed % 2]
     # small_stages: the small tile's loops pipelined deeper (on the GPU; the interpreter checks the plumbing)
-    m = METHODS[mode](chunk_size=int(rng.integers(5, 40)), block_n=16, small_stages=(0, 5)[seed // 2])
+    # small_block: the small tile's own K/V block (32 tokens against the big tile's 16 here)
+    m = METHODS[mode](chunk_size=int(rng.integers(5, 40)), block_n=16, small_stages=(0, 5)[seed // 2],
+                      small_block=(0, 32)[seed % 2])  # fmt: skip
     check(m, tree, dtype=dtype, seed=seed)
 
 

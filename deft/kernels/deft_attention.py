@@ -177,7 +177,8 @@ class DeftAttention(AttentionMethod):
     16k step 200 74.8 -> 89.9 (rest pieces of 1,024 tokens): the prompt's 64-row programs drop to 44-45 µs, but the
     small tile runs a prompt token at 34-55 ns against the big tile's 25, so the rest costs more than the rows it saves.
     ``small_stages`` (0 = the launch's ``num_stages``): the small tile's gathered loops pipelined this many stages
-    deep (at 5 two K/V blocks are in flight instead of one, in shared memory the big tile has anyway).
+    deep (at 5 two K/V blocks are in flight instead of one, in shared memory the big tile has anyway). ``small_block``
+    (0 = ``block_n``): the small tile's K/V block in tokens, in the one launch (``small_block_n`` is the split launch's).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -218,6 +219,7 @@ class DeftAttention(AttentionMethod):
         small_block_n: int = 32,
         rest_chunk: int = 0,
         small_stages: int = 0,
+        small_block: int = 0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -273,6 +275,9 @@ class DeftAttention(AttentionMethod):
         if int(small_stages) != 0 and not 2 <= int(small_stages) <= 8:
             raise ValueError(f"small_stages must be 0 (the launch's num_stages) or 2..8, got {small_stages}")
         self.small_stages = int(small_stages)
+        if small_block not in (0, 16, 32, 64, 128):
+            raise ValueError(f"small_block must be 0 (block_n) or 16, 32, 64 or 128, got {small_block}")
+        self.small_block = int(small_block)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -426,6 +431,7 @@ class DeftAttention(AttentionMethod):
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
+            "small_block": self.small_block,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -565,7 +571,7 @@ class DeftAttention(AttentionMethod):
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
                 plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop,
                 self.small_m, self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
-                affine_big=plan.affine_big, small_stages=self.small_stages,
+                affine_big=plan.affine_big, small_stages=self.small_stages, small_block_n=self.small_block,
             )  # fmt: skip
         launch_reduce(
             out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
@@ -626,7 +632,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
             self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
-            self.small_stages,
+            self.small_stages, self.small_block,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -645,6 +651,7 @@ class DeftAttention(AttentionMethod):
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
                     pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
+                    small_block_n=self.small_block,
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches

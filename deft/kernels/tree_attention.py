@@ -194,6 +194,7 @@ def deft_partial_kernel(
     UNIFIED: tl.constexpr = False,
     AFFINE_BIG: tl.constexpr = False,
     SMALL_STAGES: tl.constexpr = None,
+    SMALL_BLOCK_N: tl.constexpr = 0,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -233,8 +234,8 @@ def deft_partial_kernel(
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
-            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED,
-            UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
+            kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, SMALL_BLOCK_N,
+            HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED, UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
         )  # fmt: skip
     else:
         _tile(
@@ -370,6 +371,7 @@ def launch_partials(
     unified: bool = False,
     affine_big: bool = False,
     small_stages: int = 0,
+    small_block_n: int = 0,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -406,7 +408,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
