@@ -152,6 +152,7 @@ ALL_SWEEP = {
     "sb32": {"small_block": 32},
     "sb32_ss5": {"small_block": 32, "small_stages": 5},
     "sb16_ss5": {"small_block": 16, "small_stages": 5},
+    "sb32_ss5_again": {"small_block": 32, "small_stages": 5},  # the same, swept twice against default and wide0.9 (= default)
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
