@@ -24,7 +24,7 @@ from scripts.kernel_aot import DEFT_SIG, compile_for_hopper, report
 k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
     GROUP=4, BLOCK_M=64, SMALL_M=16, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
     IDX_INLOOP=True, CONTIG=True, HEAD_FASTEST=True, N_KV=8, TIMELINE=False, PDL_TRIGGER=True,
-    UNIFIED=sys.argv[2] == "1", AFFINE_BIG=sys.argv[3] == "1"))
+    UNIFIED=sys.argv[2] == "1", AFFINE_BIG=sys.argv[3] == "1", SMALL_STAGES=5, SMALL_BLOCK_N=32))
 r = report("deft", k, Path(sys.argv[1]))
 r["spill_stores"] = (Path(sys.argv[1]) / "deft.sass").read_text().count("STL")
 print(json.dumps(r))
@@ -44,3 +44,6 @@ def test_deft_kernel_compiles_for_hopper_with_pipelined_loads_and_no_spills(tmp_
     assert 0 < r["regs"] <= 255
     assert r["spill_stores"] == 0  # no spill stores to local memory
     assert r["async_copies"] > 0 and r["wgmma"] > 0  # K/V staged asynchronously into shared memory for wgmma
+    # two programs per SM (228 KB of shared memory on Hopper): the small tile's deeper pipeline (small_stages=5) must
+    # reuse the big tile's K/V buffers, not add its own
+    assert r["smem"] <= 116 * 1024

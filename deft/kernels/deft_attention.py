@@ -176,9 +176,12 @@ class DeftAttention(AttentionMethod):
     ``fill_tiles``, slower: H100, session 13, 9 snapshots, geomean 47.8 -> 53.3-53.5 µs (``fill_tiles`` alone 56.6), few-shot
     16k step 200 74.8 -> 89.9 (rest pieces of 1,024 tokens): the prompt's 64-row programs drop to 44-45 µs, but the
     small tile runs a prompt token at 34-55 ns against the big tile's 25, so the rest costs more than the rows it saves.
-    ``small_stages`` (0 = the launch's ``num_stages``): the small tile's gathered loops pipelined this many stages
-    deep (at 5 two K/V blocks are in flight instead of one, in shared memory the big tile has anyway). ``small_block``
-    (0 = ``block_n``): the small tile's K/V block in tokens, in the one launch (``small_block_n`` is the split launch's).
+    ``small_stages`` (5 by default since session 13; 0 = the launch's ``num_stages``) and ``small_block`` (32 by
+    default; 0 = ``block_n``): the small tile's gathered loops pipelined 5 stages deep (two K/V blocks in flight instead
+    of one, in shared memory the big tile has anyway) over 32-token K/V blocks (``small_block_n`` is the split launch's).
+    H100, session 13, two calls, 9 snapshots, graph µs, each setting swept twice in the second: geomean 47.9 / 48.0 ->
+    47.1 / 47.2 (few-shot 4k step 200 50.4 -> 47.8, 16k step 200 75.2 -> 73.2, step 399 92.5 -> 90.7, sorting128ToT
+    32.9 -> 32.3; none slower by more than 0.3); 5 stages alone 47.6 -> 47.6, 32-token blocks alone 47.9 -> 50.0.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -218,8 +221,8 @@ class DeftAttention(AttentionMethod):
         split_launch: bool = False,
         small_block_n: int = 32,
         rest_chunk: int = 0,
-        small_stages: int = 0,
-        small_block: int = 0,
+        small_stages: int = 5,
+        small_block: int = 32,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)

@@ -193,8 +193,8 @@ def deft_partial_kernel(
     PDL_TRIGGER: tl.constexpr,
     UNIFIED: tl.constexpr = False,
     AFFINE_BIG: tl.constexpr = False,
-    SMALL_STAGES: tl.constexpr = None,
-    SMALL_BLOCK_N: tl.constexpr = 0,
+    SMALL_STAGES: tl.constexpr = 5,
+    SMALL_BLOCK_N: tl.constexpr = 32,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
