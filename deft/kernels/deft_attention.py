@@ -173,8 +173,8 @@ class DeftAttention(AttentionMethod):
     ``rest_chunk`` (0 = off; session 13): small tiles without a masked phase longer than this many tokens run in
     pieces of at most that many, each with partial rows of its own (:func:`~deft.kernels.kv_groups.split_long_small_tiles`;
     with ``fill_tiles``, a shared prompt's rest queries then run beside the big tiles, not after them). Measured with
-    ``fill_tiles``, slower: H100, session 13, 9 snapshots, geomean 47.8 -> 53.3-53.5 µs (``fill_tiles`` alone 56.6), few-shot
-    16k step 200 74.8 -> 89.9 (rest pieces of 1,024 tokens): the prompt's 64-row programs drop to 44-45 µs, but the
+    ``fill_tiles``, slower: H100, session 13, 9 snapshots, graph µs, geomean 47.8 -> 53.3-53.5 (``fill_tiles`` alone 56.6),
+    few-shot 16k step 200 74.5 -> 90.0 (rest pieces of 1,024 tokens): the prompt's 64-row programs drop to 44-45 µs, but the
     small tile runs a prompt token at 34-55 ns against the big tile's 25, so the rest costs more than the rows it saves.
     ``small_stages`` (5 by default since session 13; 0 = the launch's ``num_stages``) and ``small_block`` (32 by
     default; 0 = ``block_n``): the small tile's gathered loops pipelined 5 stages deep (two K/V blocks in flight instead
