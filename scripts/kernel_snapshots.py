@@ -153,6 +153,8 @@ ALL_SWEEP = {
     "sb32_ss5": {"small_block": 32, "small_stages": 5},
     "sb16_ss5": {"small_block": 16, "small_stages": 5},
     "sb32_ss5_again": {"small_block": 32, "small_stages": 5},  # the same, swept twice against default and wide0.9 (= default)
+    # session 13, not yet measured: the prompt's share of the wave picked per tree by the launch model
+    "wpick": {"wide_pick": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -11,8 +11,8 @@ session-6 H100 rows it ranked Flatten against Node-Chunk as measured on 8 of 9 s
 
     python -m scripts.schedule_model        # SLOTS=264 (132 SMs x 2 resident programs) by default
 
-Calibrated mode (session 13): ``program_us`` prices a program in µs by its class (big affine, big gathered, big
-masked, small) with a fixed cost and a per-token rate, ``fit_rates`` fits those from per-program timelines
+Calibrated mode (session 13): :mod:`deft.kernels.launch_model` prices a program in µs by its class (big affine, big
+gathered, big masked, small) with a fixed cost and a per-token rate, ``fit_rates`` fits those from per-program timelines
 (``scripts/timeline_probe.py``'s CSVs), and ``share_table`` models the makespan of each share of the wave the shared
 prompt may take (``wide_waves``) next to the graph µs measured for it (``kernel_snapshots`` sweep rows). On session
 13's H100 rows (``results/h100/kernel_snapshots_2026-12-05_s13c_wide.csv``, five shares) the model's best share is
@@ -27,14 +27,14 @@ small-tile defaults) it picks the measured best on all 7 snapshots where its pic
 
 from __future__ import annotations
 
-import heapq
 import os
 
 import numpy as np
 
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNodeChunk
-from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, FLAG_SHIFT, TILE_FIELDS, KVGroups, tile_tokens
+from deft.kernels.kv_groups import TILE_FIELDS, KVGroups, tile_tokens
+from deft.kernels.launch_model import US_RATES, makespan, program_class, program_us  # noqa: F401 (re-exported)
 
 #: model costs: per program, per 64 tokens for a big / small tile, and the factor for masked tokens
 PROGRAM, BIG, SMALL, MASKED = 2.0, 1.5, 1.0, 1.8
@@ -48,44 +48,8 @@ def program_cost(g: KVGroups, group: int, small_rows: int = 16) -> np.ndarray:
     return PROGRAM + per * (n_tok - masked + MASKED * masked) / 64
 
 
-#: µs per program by class: (fixed, per unmasked token, per masked token); H100, fitted with :func:`fit_rates` on session
-#: 13's timelines (``results/h100/timeline/timeline_2026-12-05_s13*.csv.gz``, 11,400 programs): big affine r = 0.98,
-#: big gathered r = 0.99, small r = 0.61 (a small program's time varies with what runs beside it); the big masked
-#: tiles measured (Medusa's, about one 64-token block each) cost their fixed 10.8 µs whatever their length, so the fit
-#: prices their masked tokens at nothing: a fit to tiles of a single length, not a claim about longer ones
-US_RATES = {
-    "big_affine": (7.7, 0.0192, 0.0472),
-    "big_gathered": (5.8, 0.0472, 0.0472),
-    "big_masked": (10.8, 0.0192, 0.0),
-    "small": (3.6, 0.0435, 0.0435),
-}
 #: the wide shares ``share_table`` compares, and the sweep variants that measured them (``kernel_snapshots.ALL_SWEEP``)
 SHARES = {"wide0.7": 0.7, "wide0.75": 0.75, "wide0.8": 0.8, "default": 0.9, "wide1": 1.0}
-
-
-def program_class(g: KVGroups, group: int, small_rows: int = 16) -> np.ndarray:
-    """Each tile's class (a key of :data:`US_RATES`), in tile order. A big tile is affine when its first phase is over
-    consecutive slots (``FLAG_CONTIG``) and it has no masked phase."""
-    t = g.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
-    big = (t[:, 3] - t[:, 2]) * group > small_rows
-    masked = (t[:, 5] & FLAG_MASK) != 0
-    affine = (t[:, 5] & FLAG_CONTIG) != 0
-    return np.where(~big, "small", np.where(masked, "big_masked", np.where(affine, "big_affine", "big_gathered")))
-
-
-def program_us(g: KVGroups, group: int, small_rows: int = 16, rates: dict | None = None) -> np.ndarray:
-    """Modelled µs of each tile's program (the same for every KV head), in tile order: fixed + per-token costs of
-    its class, its unmasked and masked phases priced apart."""
-    rates = US_RATES if rates is None else rates
-    t = g.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
-    n_tok = t[:, 1] - t[:, 0]
-    unmasked = t[:, 5] >> FLAG_SHIFT
-    cls = program_class(g, group, small_rows)
-    out = np.empty(len(t))
-    for name, (fixed, per_tok, per_masked) in rates.items():
-        sel = cls == name
-        out[sel] = fixed + per_tok * unmasked[sel] + per_masked * (n_tok - unmasked)[sel]
-    return out
 
 
 def fit_rates(timeline) -> dict:
@@ -127,16 +91,6 @@ def share_table(snaps, measured=None, slots: int = 264, shares=SHARES):
                 row["measured_us"] = float(got.median()) if len(got) else float("nan")
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def makespan(costs: np.ndarray, slots: int) -> float:
-    """Greedy list scheduling of ``costs`` in order onto ``slots`` identical slots: when the last one ends."""
-    if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
-    free = [0.0] * slots
-    for c in costs:
-        heapq.heappush(free, heapq.heappop(free) + float(c))
-    return max(free)
 
 
 def launch_order(costs: np.ndarray, n_kv_heads: int, head_fastest: bool) -> np.ndarray:

@@ -593,6 +593,44 @@ def test_filled_tiles_count_only_big_tiles_against_the_wide_budget(mode):
         check(m, tree)
 
 
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_wide_pick_takes_the_share_the_launch_model_prices_fastest(mode):
+    """``wide_pick``: the plan is the candidate share's (``wide_waves`` or WIDE_PICK_SHARES) that the launch model
+    prices fastest, ``wide_waves``' unless another is a margin faster; the picked plan is that share's plan exactly,
+    copied into the caller's buffer, and matches the fp64 reference."""
+    from deft.kernels.launch_model import lpt_makespan
+
+    shape = AttentionShape(32, 8, 128, "bfloat16")  # Llama-3-8B's heads on an H100's 132 SMs: the session-13 picks
+    picks = {}
+    for name, tree in (("16k_step1", fan_tree(16000, 50, 1)), ("4k_step200", fan_tree(4000, 50, 200))):
+        m = METHODS[mode](n_sms=132, wide_pick=True)
+        bufs: list[np.ndarray] = []
+
+        def alloc(n: int, bufs=bufs) -> np.ndarray:  # a staging buffer's stand-in
+            bufs.append(np.empty(n, dtype=np.int32))
+            return bufs[-1]
+
+        g = m.groups(tree, shape, out_alloc=alloc)
+        assert len(bufs) == 1 and g.packed is bufs[0]
+        cost = {}
+        for share in dict.fromkeys((0.9, *deft_attention.WIDE_PICK_SHARES)):
+            c = METHODS[mode](n_sms=132, wide_waves=share).groups(tree, shape)
+            cost[share] = (lpt_makespan(c, shape.group_size, 16, 2 * 132 / 8), c)
+        best = min(cost, key=lambda s: cost[s][0])
+        if cost[best][0] > (1 - deft_attention.WIDE_PICK_MARGIN) * cost[0.9][0]:
+            best = 0.9
+        assert np.array_equal(g.packed, cost[best][1].packed)
+        picks[name] = best
+    # Flatten's step-1 tree (its 50 one-token branches in one chunk: 4 tiles per KV head) costs little past one wave,
+    # so the prompt gets the whole wave; Node-Chunk cuts the branches into 50 tiles, which a second wave would cost. A
+    # prompt beside 50 branches of 200 tokens gets less than 0.9 in both.
+    assert picks == {"16k_step1": 1.0 if mode == "flatten" else 0.9, "4k_step200": 0.75}
+    # small trees: whatever it picks runs correctly
+    check(METHODS[mode](chunk_size=40, block_m=32, block_n=16, wide_pick=True, n_sms=20), fan_tree(600, 12, 20))
+    check(METHODS[mode](chunk_size=30, block_m=32, block_n=16, wide_pick=True, n_sms=8),
+          speculative_tree(200, 40, np.random.default_rng(3)), dtype=torch.bfloat16)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU")
 def test_first_run_compiles_every_variant_so_later_plans_compile_nothing():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from deft.kernels.kv_groups import (
     split_long_small_tiles,
     tile_classes,
 )
+from deft.kernels.launch_model import lpt_makespan
 from deft.kernels.staging import PinnedStaging
 from deft.kernels.tree_attention import launch_partials
 from deft.tree import DecodingTree
@@ -93,6 +94,13 @@ class _PlanContext:
         self.launch: dict[int, tuple[int, int]] = {}  # tile rows -> (warps, stages)
         self.heads: dict[int, int] = {}  # reduction width -> query heads per program
         self.compiled = False  # every kernel variant compiled (DeftAttention._precompile) in this process
+
+
+#: the shares of a wave ``wide_pick`` chooses the wide nodes' budget from (besides ``wide_waves``'): on session 13's H100
+#: sweep the best of 0.7-1.0 was one of these, or within 1 % of one, on all 9 snapshots
+WIDE_PICK_SHARES = (0.75, 0.9, 1.0)
+#: ``wide_pick`` leaves ``wide_waves``' share only for one the launch model prices at least this much faster
+WIDE_PICK_MARGIN = 0.01
 
 
 class DeftAttention(AttentionMethod):
@@ -182,6 +190,13 @@ class DeftAttention(AttentionMethod):
     H100, session 13, two calls, 9 snapshots, graph µs, each setting swept twice in the second: geomean 47.9 / 48.0 ->
     47.1 / 47.2 (few-shot 4k step 200 50.4 -> 47.8, 16k step 200 75.2 -> 73.2, step 399 92.5 -> 90.7, sorting128ToT
     32.9 -> 32.3; none slower by more than 0.3); 5 stages alone 47.6 -> 47.6, 32-token blocks alone 47.9 -> 50.0.
+    ``wide_pick`` (off by default; session 13, not yet measured as a rule): the wide nodes' share of the wave chosen per
+    tree, among ``wide_waves`` and :data:`WIDE_PICK_SHARES`, by the launch model (:mod:`deft.kernels.launch_model`: each
+    candidate plan's programs priced in µs by class, longest first on the resident slots); a candidate replaces
+    ``wide_waves``' share only when modelled :data:`WIDE_PICK_MARGIN` faster. Each candidate is a whole plan, so the
+    plan's host time grows about threefold with it. On session 13's H100 sweep of fixed shares the model's choice was
+    the measured best, or within 0.5 %, on 7 of 9 snapshots (2-3.5 % behind on few-shot 16k steps 200 and 399) and
+    would have made the geomean about 2 % lower than 0.9 alone (few-shot 16k step 1 and 4k step 200 7-8 % faster).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -223,6 +238,7 @@ class DeftAttention(AttentionMethod):
         rest_chunk: int = 0,
         small_stages: int = 5,
         small_block: int = 32,
+        wide_pick: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -281,6 +297,7 @@ class DeftAttention(AttentionMethod):
         if small_block not in (0, 16, 32, 64, 128):
             raise ValueError(f"small_block must be 0 (block_n) or 16, 32, 64 or 128, got {small_block}")
         self.small_block = int(small_block)
+        self.wide_pick = bool(wide_pick)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -323,14 +340,42 @@ class DeftAttention(AttentionMethod):
 
     def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
         """The KV-guided grouping of ``tree`` (host only)."""
-        kw, prep = self._group_args(shape)
+        if self.wide_pick and self.mode != "node" and self.wide_waves > 0:
+            g = self._pick_wide(tree, shape, out_alloc)
+        else:
+            g = self._build(tree, shape, out_alloc)
+        if self.rest_chunk > 0:
+            g = self._cut_rest(g, shape, out_alloc)
+        return g
+
+    def _build(self, tree: DecodingTree, shape: AttentionShape, out_alloc, share: float | None = None) -> KVGroups:
+        """The grouping with the wide nodes' budget of ``share`` of a wave (None: ``wide_waves``)."""
+        kw, prep = self._group_args(shape, share)
         g = None
         if prep is not None:  # the C plan with arguments checked once per shape (the usual case)
             g = plan_native.build_prepared(tree, prep, out_alloc)
         if g is None:
             g = build_groups(tree, out_alloc=out_alloc, **kw)
-        if self.rest_chunk > 0:
-            g = self._cut_rest(g, shape, out_alloc)
+        return g
+
+    def _pick_wide(self, tree: DecodingTree, shape: AttentionShape, out_alloc) -> KVGroups:
+        """``wide_pick``: the plan of the share (``wide_waves`` or one of :data:`WIDE_PICK_SHARES`) whose launch the
+        model prices fastest, ``wide_waves``' unless another is :data:`WIDE_PICK_MARGIN` faster; the candidates are
+        built apart and the chosen one copied into ``out_alloc``'s buffer."""
+        slots = self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads
+        plans, cost = {}, {}
+        for share in dict.fromkeys((self.wide_waves, *WIDE_PICK_SHARES)):
+            g = plans[share] = self._build(tree, shape, None, share)
+            small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+            cost[share] = lpt_makespan(g, shape.group_size, small if small < g.rows else 0, slots)
+        best = min(cost, key=cost.get)
+        if cost[best] > (1.0 - WIDE_PICK_MARGIN) * cost[self.wide_waves]:
+            best = self.wide_waves
+        g = plans[best]
+        if out_alloc is not None:
+            buf = out_alloc(g.packed.size)
+            buf[:] = g.packed
+            g = replace(g, packed=buf)
         return g
 
     def _cut_rest(self, g: KVGroups, shape: AttentionShape, out_alloc) -> KVGroups:
@@ -344,12 +389,15 @@ class DeftAttention(AttentionMethod):
             order_tiles_longest_first(cut, shape.group_size, small, self.mix, self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads)
         return cut
 
-    def _group_args(self, shape: AttentionShape) -> tuple[dict[str, Any], plan_native.NativePlanArgs | None]:
+    def _group_args(
+        self, shape: AttentionShape, share: float | None = None
+    ) -> tuple[dict[str, Any], plan_native.NativePlanArgs | None]:
         """:func:`~deft.kernels.kv_groups.build_groups`'s keyword arguments for ``shape`` and their C form (None
-        when the C plan is off or declines them), made once per shape: a method plans every step with the same
-        ones, and on a slow host their Python costs as much as the C plan itself. Setting a knob drops them
-        (:meth:`__setattr__`)."""
-        got = self._gargs.get(shape)
+        when the C plan is off or declines them), made once per shape (and wide share, for ``wide_pick``'s candidates;
+        None: ``wide_waves``): a method plans every step with the same ones, and on a slow host their Python costs as
+        much as the C plan itself. Setting a knob drops them (:meth:`__setattr__`)."""
+        key = shape if share is None or share == self.wide_waves else (shape, float(share))
+        got = self._gargs.get(key)
         if got is not None:
             return got
         _check_shape(shape)
@@ -358,7 +406,7 @@ class DeftAttention(AttentionMethod):
         kw = dict(
             group=shape.group_size, mode=self.mode, chunk_size=0 if auto else self.chunk_for(None, shape),
             block_m_max=self.block_m, snap=snap, few_split=self.few_split if self.mode == "flatten" else 0,
-            wide_budget=self.wide_budget(shape) if self.mode != "node" else 0,
+            wide_budget=self.wide_budget(shape, share) if self.mode != "node" else 0,
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
             lpt_mix=(self.mix, self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
             fill_small=self.fill_small(shape),
@@ -366,7 +414,7 @@ class DeftAttention(AttentionMethod):
         prep = None
         if kw["mode"] in MODES and (kw["mode"] == "node" or kw["chunk_size"] > 0 or auto):
             prep = plan_native.prepare_plan(**kw) if plan_native.ENABLED else None
-        got = self._gargs[shape] = (kw, prep)
+        got = self._gargs[key] = (kw, prep)
         return got
 
     def fill_small(self, shape: AttentionShape) -> int:
@@ -381,11 +429,12 @@ class DeftAttention(AttentionMethod):
         tree's seen tokens (:func:`~deft.kernels.kv_groups.auto_chunk_size`); the C plan applies it itself."""
         return (shape.n_kv_heads, self.chunk_min, self.chunk_max, int(self.ctas_per_sm * self.n_sms))
 
-    def wide_budget(self, shape: AttentionShape) -> int:
-        """(chunk x tile) programs per KV head that ``wide_waves`` allows the wide nodes (0: off)."""
-        if self.wide_waves <= 0 or self.mode == "node":
+    def wide_budget(self, shape: AttentionShape, share: float | None = None) -> int:
+        """(chunk x tile) programs per KV head that ``wide_waves`` (or ``share`` of a wave) allows the wide nodes (0: off)."""
+        share = self.wide_waves if share is None else share
+        if share <= 0 or self.mode == "node":
             return 0
-        return max(1, int(self.wide_waves * self.wide_ctas_per_sm * self.n_sms) // shape.n_kv_heads)
+        return max(1, int(share * self.wide_ctas_per_sm * self.n_sms) // shape.n_kv_heads)
 
     def _launch_config(self, rows: int, head_dim: int) -> tuple[int, int]:
         warps = self.num_warps or (8 if rows * head_dim >= 128 * 128 else 4)
@@ -435,6 +484,7 @@ class DeftAttention(AttentionMethod):
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
             "small_block": self.small_block,
+            "wide_pick": self.wide_pick,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
