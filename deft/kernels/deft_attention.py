@@ -194,9 +194,10 @@ class DeftAttention(AttentionMethod):
     tree, among ``wide_waves`` and :data:`WIDE_PICK_SHARES`, by the launch model (:mod:`deft.kernels.launch_model`: each
     candidate plan's programs priced in µs by class, longest first on the resident slots); a candidate replaces
     ``wide_waves``' share only when modelled :data:`WIDE_PICK_MARGIN` faster. Each candidate is a whole plan, so the
-    plan's host time grows about threefold with it. On session 13's H100 sweep of fixed shares the model's choice was
-    the measured best, or within 0.5 %, on 7 of 9 snapshots (2-3.5 % behind on few-shot 16k steps 200 and 399) and
-    would have made the geomean about 2 % lower than 0.9 alone (few-shot 16k step 1 and 4k step 200 7-8 % faster).
+    plan's host time grows six- to eightfold with it (17-31 -> 130-210 µs on the development CPU). Against session 13's
+    H100 sweep of fixed shares (0.7-1.0, graph µs) its choice was the measured best, or within 0.5 % of it, on 6 of 9
+    snapshots and 1.5-3.5 % behind on three; the geomean at its choices 46.7 against 0.9's 47.5 (few-shot 16k step 1
+    7 % and 4k step 200 6 % faster, none slower). Not yet run as a rule on a GPU.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
