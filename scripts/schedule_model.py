@@ -34,7 +34,14 @@ import numpy as np
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNodeChunk
 from deft.kernels.kv_groups import TILE_FIELDS, KVGroups, tile_tokens
-from deft.kernels.launch_model import US_RATES, makespan, program_class, program_us  # noqa: F401 (re-exported)
+from deft.kernels.launch_model import (  # noqa: F401 (makespan, program_class, program_us re-exported)
+    CLASSES,
+    US_RATES,
+    class_codes,
+    makespan,
+    program_class,
+    program_us,
+)
 
 #: model costs: per program, per 64 tokens for a big / small tile, and the factor for masked tokens
 PROGRAM, BIG, SMALL, MASKED = 2.0, 1.5, 1.0, 1.8
@@ -56,8 +63,7 @@ def fit_rates(timeline) -> dict:
     """Least-squares ``(fixed, per unmasked token, per masked token)`` per class from timeline rows (a DataFrame with
     ``start_us, end_us, small, affine, masked, unmasked_tokens, masked_tokens``); a class without masked tokens gets its
     unmasked rate for them."""
-    cls = np.where(timeline["small"] == 1, "small", np.where(timeline["masked"] == 1, "big_masked",
-                   np.where(timeline["affine"] == 1, "big_affine", "big_gathered")))  # fmt: skip
+    cls = np.asarray(CLASSES)[class_codes(timeline["small"] == 1, timeline["masked"] == 1, timeline["affine"] == 1)]
     out = {}
     for name in US_RATES:
         sel = cls == name

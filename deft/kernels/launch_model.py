@@ -32,16 +32,19 @@ US_RATES: dict[str, tuple[float, float, float]] = {
 CLASSES = tuple(US_RATES)
 
 
+def class_codes(small: np.ndarray, masked: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Class indices into :data:`CLASSES` from per-program flags: small, else masked, else affine or gathered."""
+    code = np.where(np.asarray(masked, dtype=bool), 2, 1 - np.asarray(affine, dtype=np.int64))
+    code[np.asarray(small, dtype=bool)] = 3
+    return code
+
+
 def program_codes(g: KVGroups, group: int, small_rows: int = 16) -> np.ndarray:
     """Each tile's class as an index into :data:`CLASSES`, in tile order: a big tile (rows over ``small_rows``) is
     affine when its first phase is over consecutive slots (``FLAG_CONTIG``) and it has no masked phase."""
     t = g.section("tiles").reshape(-1, len(TILE_FIELDS))
-    big = (t[:, 3] - t[:, 2]).astype(np.int64) * group > small_rows
-    masked = (t[:, 5] & FLAG_MASK) != 0
-    gathered = (t[:, 5] & FLAG_CONTIG) == 0
-    code = np.where(masked, 2, gathered.astype(np.int64))  # big_affine 0, big_gathered 1, big_masked 2
-    code[~big] = 3  # small
-    return code
+    small = (t[:, 3] - t[:, 2]).astype(np.int64) * group <= small_rows
+    return class_codes(small, (t[:, 5] & FLAG_MASK) != 0, (t[:, 5] & FLAG_CONTIG) != 0)
 
 
 def program_class(g: KVGroups, group: int, small_rows: int = 16) -> np.ndarray:
