@@ -155,6 +155,11 @@ ALL_SWEEP = {
     "sb32_ss5_again": {"small_block": 32, "small_stages": 5},  # the same, swept twice against default and wide0.9 (= default)
     # session 13, not yet measured: the prompt's share of the wave picked per tree by the launch model
     "wpick": {"wide_pick": True},
+    # session 14: filled tiles again, the rest tile over the prompt's consecutive slots on the small tile's affine loop
+    "fill_sa": {"fill_tiles": True, "small_affine": True},
+    "fill_rc512_sa": {"fill_tiles": True, "rest_chunk": 512, "small_affine": True},
+    "fill_rc1024_sa": {"fill_tiles": True, "rest_chunk": 1024, "small_affine": True},
+    "sa": {"small_affine": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

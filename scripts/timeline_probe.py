@@ -68,6 +68,7 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
         q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
         head_fastest=m.lpt, timeline=timeline, pdl_trigger=plan.pdl, unified=plan.unified, affine_big=plan.affine_big,
+        small_stages=m.small_stages, small_block_n=m.small_block, small_affine=m.small_affine and m.contiguous,
     )  # fmt: skip
     ev[1].record()
     launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl)

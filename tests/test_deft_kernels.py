@@ -171,6 +171,38 @@ def test_rest_tiles_cut_into_pieces_match_reference(mode, dtype):
     assert (t["flags"][rest] >> 2).tolist() == (t["tok_hi"] - t["tok_lo"])[rest].tolist()  # unmasked, whole
 
 
+@pytest.mark.parametrize("rest_chunk", [0, 20])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_affine_rest_tiles_take_the_affine_loop(rest_chunk, dtype):
+    """``small_affine``: a filled chunk's rest tile (2 of 18 queries) over the prompt's consecutive slots runs the
+    affine loop, which reads only a tile's first slot. Every other prompt slot in the plan is overwritten with slot 0
+    before the run, so a tile that gathers the prompt gets wrong K/V and fails the fp64 check."""
+    tree = fan_tree(96, 18, 5)  # consecutive slots
+    m = DeftFlatten(chunk_size=48, block_n=16, fill_tiles=True, rest_chunk=rest_chunk, small_affine=True)
+    q, k, v = tensors(tree, 8, 2, 16, dtype)
+    shape = AttentionShape(8, 2, 16, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
+    plan = m.plan(tree, shape, DEVICE)
+    t = plan.groups.records("tiles")
+    small = (t["q_hi"] - t["q_lo"]) * shape.group_size <= small_tile_rows(shape.group_size, plan.block_m, m.small_m)
+    prompt = t["tok_hi"] <= 96
+    assert (small & prompt).sum() == (2 if rest_chunk == 0 else 6)  # the rest tiles, whole or in pieces of 16
+    assert ((t["flags"][small & prompt] & 2) != 0).all()  # flagged consecutive by the plan
+    a = plan.groups.offsets["tok_slot"][0]
+    keep = np.zeros(96, dtype=bool)
+    keep[t["tok_lo"][prompt]] = True
+    plan.meta[a : a + 96][torch.from_numpy(~keep)] = 0
+    plan.part_o.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    m.run(q, k, v, plan, out=out)
+    assert relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[dtype]
+    gather = DeftFlatten(chunk_size=48, block_n=16, fill_tiles=True, rest_chunk=rest_chunk)  # the same poison fails
+    plan = gather.plan(tree, shape, DEVICE)
+    plan.meta[a : a + 96][torch.from_numpy(~keep)] = 0
+    out = gather.run(q, k, v, plan)
+    assert not relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("mode", list(METHODS))
 def test_deep_chain_with_partial_visibility_matches_reference(mode):
     check(METHODS[mode](chunk_size=7, block_n=16), chain_tree(30, 3, np.random.default_rng(3)), dtype=torch.bfloat16)

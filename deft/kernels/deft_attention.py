@@ -198,6 +198,9 @@ class DeftAttention(AttentionMethod):
     H100 sweep of fixed shares (0.7-1.0, graph µs) its choice was the measured best, or within 0.5 % of it, on 6 of 9
     snapshots and 1.5-3.5 % behind on three; the geomean at its choices 46.7 against 0.9's 47.5 (few-shot 16k step 1
     7 % and 4k step 200 6 % faster, none slower). Not yet run as a rule on a GPU.
+    ``small_affine`` (off by default; session 14): the small tile compiles the affine loop as well and runs a tile over
+    consecutive slots with it (with ``contiguous``): what a filled prompt chunk's rest rows (``fill_tiles``) need,
+    which session 13 saw gather a prompt token at 40-55 ns against the big tile's 25.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -240,6 +243,7 @@ class DeftAttention(AttentionMethod):
         small_stages: int = 5,
         small_block: int = 32,
         wide_pick: bool = False,
+        small_affine: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -299,6 +303,7 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"small_block must be 0 (block_n) or 16, 32, 64 or 128, got {small_block}")
         self.small_block = int(small_block)
         self.wide_pick = bool(wide_pick)
+        self.small_affine = bool(small_affine)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -486,6 +491,7 @@ class DeftAttention(AttentionMethod):
             "small_stages": self.small_stages,
             "small_block": self.small_block,
             "wide_pick": self.wide_pick,
+            "small_affine": self.small_affine,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -626,6 +632,7 @@ class DeftAttention(AttentionMethod):
                 plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop,
                 self.small_m, self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
                 affine_big=plan.affine_big, small_stages=self.small_stages, small_block_n=self.small_block,
+                small_affine=self.small_affine and self.contiguous,
             )  # fmt: skip
         launch_reduce(
             out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
@@ -686,7 +693,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
             self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
-            self.small_stages, self.small_block,
+            self.small_stages, self.small_block, self.small_affine,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -705,7 +712,7 @@ class DeftAttention(AttentionMethod):
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
                     pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
-                    small_block_n=self.small_block,
+                    small_block_n=self.small_block, small_affine=self.small_affine and self.contiguous,
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches

@@ -195,6 +195,7 @@ def deft_partial_kernel(
     AFFINE_BIG: tl.constexpr = False,
     SMALL_STAGES: tl.constexpr = 5,
     SMALL_BLOCK_N: tl.constexpr = 32,
+    SMALL_AFFINE: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -235,7 +236,7 @@ def deft_partial_kernel(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, SMALL_BLOCK_N,
-            HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, False, UNIFIED, UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
+            HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, SMALL_AFFINE, UNIFIED, UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
         )  # fmt: skip
     else:
         _tile(
@@ -294,11 +295,25 @@ def _tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
             row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
         )  # fmt: skip
-    elif PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test
-        acc, m_i, l_i = _attend_chunk(
-            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
-            row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
-        )  # fmt: skip
+    elif PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test, or with CONTIG the affine one
+        if CONTIG:
+            if (flags & 2) != 0:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
+                    STAGES=STAGES,
+                )  # fmt: skip
+            else:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
+                    STAGES=STAGES,
+                )  # fmt: skip
+        else:
+            acc, m_i, l_i = _attend_chunk(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
+                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
+            )  # fmt: skip
     elif UNIFIED:  # one gathered loop for both phases (the test from t_mid on); the affine copy stays separate
         t_gather = t_lo
         if CONTIG:
@@ -372,6 +387,7 @@ def launch_partials(
     affine_big: bool = False,
     small_stages: int = 0,
     small_block_n: int = 0,
+    small_affine: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -392,12 +408,14 @@ def launch_partials(
     K and V, so at ``num_stages=3`` only one K/V block is in flight while a block is computed, and a short,
     latency-bound program (a branch's one query) waits a full HBM round trip per block; at 5 two are, in K/V buffers
     the big tile's affine loop has anyway (Hopper, 64-token blocks: the same 112 KB of shared memory; the big tile's
-    gathered loops at 5 stages would need 117 KB, one program per SM). Returns the compiled kernel (registers, spills, shared memory are
+    gathered loops at 5 stages would need 117 KB, one program per SM). ``small_affine`` (needs ``contiguous``): the small
+    tile compiles the affine loop too and takes it for tiles the plan flagged as over consecutive slots (a filled
+    prompt chunk's rest rows, ``fill_tiles``); without it the small tile gathers. Returns the compiled kernel (registers, spills, shared memory are
     on it)."""
     if unified not in (False, True) or affine_big not in (False, True):  # the plan's choices, not the method's "auto"
         raise ValueError(f"unified and affine_big must be bools, got {unified!r}, {affine_big!r}")
-    if affine_big and not contiguous:
-        raise ValueError("affine_big needs contiguous (the affine loop)")
+    if (affine_big or small_affine) and not contiguous:
+        raise ValueError("affine_big and small_affine need contiguous (the affine loop)")
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta,
@@ -408,7 +426,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
