@@ -40,11 +40,13 @@ DEFT_SIG = {
     "off_tok_slot": "i32", "off_tok_node": "i32", "off_nodes": "i32", "off_queries": "i32",
     "stride_qn": "i32", "stride_qh": "i32", "stride_ks": "i32", "stride_kh": "i32", "stride_vs": "i32",
     "stride_vh": "i32", "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32",
-    "timeline": "*i64", "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
+    "timeline": "*i64", "out_ptr": "*bf16", "counters": "*i32", "off_red_ptr": "i32", "off_red_idx": "i32",
+    "stride_on": "i32", "stride_oh": "i32", "GROUP": "constexpr", "BLOCK_M": "constexpr", "SMALL_M": "constexpr", "BLOCK_N": "constexpr",
     "HEAD_DIM": "constexpr", "PREFETCH": "constexpr", "DOT_F32": "constexpr", "IDX_INLOOP": "constexpr",
     "CONTIG": "constexpr", "HEAD_FASTEST": "constexpr", "N_KV": "constexpr", "TIMELINE": "constexpr",
     "PDL_TRIGGER": "constexpr", "UNIFIED": "constexpr", "AFFINE_BIG": "constexpr", "SMALL_STAGES": "constexpr",
     "SMALL_BLOCK_N": "constexpr", "SMALL_AFFINE": "constexpr",
+    "FUSED_REDUCE": "constexpr",
 }  # fmt: skip
 
 
@@ -91,7 +93,7 @@ def main() -> None:
         k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
             GROUP=4, BLOCK_M=64, SMALL_M=small, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
             IDX_INLOOP=True, CONTIG=contig, HEAD_FASTEST=True, N_KV=8, TIMELINE=timeline, PDL_TRIGGER=True,
-            UNIFIED=False, AFFINE_BIG=False, SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False))  # fmt: skip
+            UNIFIED=False, AFFINE_BIG=False, SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False, FUSED_REDUCE=False))  # fmt: skip
         rows.append(report(f"deft_small{small}_contig{int(contig)}" + ("_timeline" if timeline else ""), k, out))
     print(f"{'kernel':26s} {'regs':>5s} {'smem':>7s} {'sass':>6s} {'async':>6s} {'wgmma':>6s}")
     for r in rows:

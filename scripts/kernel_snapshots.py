@@ -160,6 +160,9 @@ ALL_SWEEP = {
     "fill_rc512_sa": {"fill_tiles": True, "rest_chunk": 512, "small_affine": True},
     "fill_rc1024_sa": {"fill_tiles": True, "rest_chunk": 1024, "small_affine": True},
     "sa": {"small_affine": True},
+    # session 14: the global reduction inside the partial launch (the last program to store a row's partial merges it)
+    "fused": {"fused_reduce": True},
+    "fused_fill_rc1024_sa": {"fused_reduce": True, "fill_tiles": True, "rest_chunk": 1024, "small_affine": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

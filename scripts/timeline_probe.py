@@ -56,7 +56,7 @@ def parse_variants(spec: str) -> dict[str, tuple[type, dict]]:
 
 
 def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) -> tuple[np.ndarray, float, float]:
-    """One cold-L2 repetition: the partial kernel with the timeline on, then the reduction. Returns the
+    """One cold-L2 repetition: the partial kernel with the timeline on, then the reduction (none with ``fused_reduce``). Returns the
     timeline (programs x 4 int64), and the partial kernel's and the reduction's CUDA-event times in µs."""
     g = plan.groups
     timeline.fill_(-1)
@@ -69,9 +69,11 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
         head_fastest=m.lpt, timeline=timeline, pdl_trigger=plan.pdl, unified=plan.unified, affine_big=plan.affine_big,
         small_stages=m.small_stages, small_block_n=m.small_block, small_affine=m.small_affine and m.contiguous,
+        fused_out=out if plan.counters is not None else None, counters=plan.counters,
     )  # fmt: skip
     ev[1].record()
-    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl)
+    if plan.counters is None:  # fused_reduce: the partial kernel merged the rows itself
+        launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl)
     ev[2].record()
     torch.cuda.synchronize()
     return timeline.view(-1, 4).cpu().numpy(), ev[0].elapsed_time(ev[1]) * 1e3, ev[1].elapsed_time(ev[2]) * 1e3

@@ -204,6 +204,30 @@ def test_small_affine_rest_tiles_take_the_affine_loop(rest_chunk, dtype):
 
 
 @pytest.mark.parametrize("mode", list(METHODS))
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_reduce_matches_reference_and_leaves_counters_zero(mode, seed):
+    """``fused_reduce``: no reduction launch; the last program to store each (query, head)'s partial merges it.
+    Output and partials poisoned; random trees, a wide fan (many partials per query: small chunks), GQA 4; the
+    counters are zero after every run, and a second plan on the same method (counters reused) is right too."""
+    rng = np.random.default_rng(40 + seed)
+    trees = [
+        random_tree(rng, n_nodes=int(rng.integers(2, 12)), max_len=30, extra_queries=3),
+        fan_tree(int(rng.integers(20, 90)), int(rng.integers(2, 20)), int(rng.integers(1, 6)), rng),
+    ]
+    m = METHODS[mode](chunk_size=int(rng.integers(5, 24)), block_n=16, fused_reduce=True)
+    dtype = (torch.float16, torch.bfloat16)[seed % 2]
+    for tree in trees:
+        plan = check(m, tree, dtype=dtype, seed=seed)
+        assert plan.counters is not None and not plan.counters.any()
+        assert np.diff(plan.groups.section("red_ptr")).max() > 1  # some query merges several partials
+
+
+def test_fused_reduce_with_split_launch_is_refused():
+    with pytest.raises(ValueError, match="fused_reduce"):
+        DeftFlatten(fused_reduce=True, split_launch=True)
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
 def test_deep_chain_with_partial_visibility_matches_reference(mode):
     check(METHODS[mode](chunk_size=7, block_n=16), chain_tree(30, 3, np.random.default_rng(3)), dtype=torch.bfloat16)
 

@@ -24,7 +24,7 @@ from scripts.kernel_aot import DEFT_SIG, compile_for_hopper, report
 k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
     GROUP=4, BLOCK_M=64, SMALL_M=16, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
     IDX_INLOOP=True, CONTIG=True, HEAD_FASTEST=True, N_KV=8, TIMELINE=False, PDL_TRIGGER=True,
-    UNIFIED=sys.argv[2] == "1", AFFINE_BIG=sys.argv[3] == "1", SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False))
+    UNIFIED=sys.argv[2] == "1", AFFINE_BIG=sys.argv[3] == "1", SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False, FUSED_REDUCE=False))
 r = report("deft", k, Path(sys.argv[1]))
 r["spill_stores"] = (Path(sys.argv[1]) / "deft.sass").read_text().count("STL")
 print(json.dumps(r))

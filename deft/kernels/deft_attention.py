@@ -80,6 +80,7 @@ class DeftPlan(Plan):
     n_big: int = -1  # split_launch: tiles [0, n_big) run in the big tiles' launch, the rest in the small one; -1: one
     small_rows: int = 0  # split_launch: the small launch's tile rows
     split: tuple = ()  # split_launch: the launches (DeftAttention._split_launches), made once per plan, not per layer
+    counters: torch.Tensor | None = None  # fused_reduce: per (query, head) int32 counters, zero between launches
 
 
 class _PlanContext:
@@ -201,6 +202,11 @@ class DeftAttention(AttentionMethod):
     ``small_affine`` (off by default; session 14): the small tile compiles the affine loop as well and runs a tile over
     consecutive slots with it (with ``contiguous``): what a filled prompt chunk's rest rows (``fill_tiles``) need,
     which session 13 saw gather a prompt token at 40-55 ns against the big tile's 25.
+    ``fused_reduce`` (off by default; session 14, not yet measured on a GPU): no reduction launch; each program counts
+    its stored partial rows on per-(query, head) counters and the one that completes a row's count merges that row
+    (:func:`~deft.kernels.tree_attention._merge_if_last`). The separate reduction added 5.2-7.6 µs after the partial
+    kernel in session 12-13's H100 timelines (a sixth of a Medusa step); the fused one adds an atomic round trip to
+    every program and a merge to the last ones.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -244,6 +250,7 @@ class DeftAttention(AttentionMethod):
         small_block: int = 32,
         wide_pick: bool = False,
         small_affine: bool = False,
+        fused_reduce: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -304,10 +311,14 @@ class DeftAttention(AttentionMethod):
         self.small_block = int(small_block)
         self.wide_pick = bool(wide_pick)
         self.small_affine = bool(small_affine)
+        if fused_reduce and split_launch:
+            raise ValueError("fused_reduce runs the reduction inside the one partial launch; split_launch has two")
+        self.fused_reduce = bool(fused_reduce)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
         self._ws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._counters: dict[torch.device, torch.Tensor] = {}  # fused_reduce: zero between launches
         self._side: dict[torch.device, torch.cuda.Stream] = {}  # split_launch: the small tiles' stream
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -492,6 +503,7 @@ class DeftAttention(AttentionMethod):
             "small_block": self.small_block,
             "wide_pick": self.wide_pick,
             "small_affine": self.small_affine,
+            "fused_reduce": self.fused_reduce,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -513,6 +525,14 @@ class DeftAttention(AttentionMethod):
             )
             self._ws[key] = ws
         return ws
+
+    def _counter_space(self, n: int, device: torch.device) -> torch.Tensor:
+        """``fused_reduce``'s per-(query, head) counters: zeros, grown geometrically; every launch leaves the ones it
+        used at zero again (the program that completes a count resets it), so consecutive plans share them."""
+        c = self._counters.get(device)
+        if c is None or c.numel() < n:
+            c = self._counters[device] = torch.zeros(max(n, 2 * c.numel() if c is not None else 0), dtype=torch.int32, device=device)
+        return c
 
     # ------------------------------------------------------------------ plan / run / io
     def plan(self, tree: DecodingTree, shape: AttentionShape, device: str | torch.device = "cuda") -> DeftPlan:
@@ -540,10 +560,11 @@ class DeftAttention(AttentionMethod):
             n_queries=tree.n_queries, shape=shape, device=ctx.device_name, groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads,
-            pdl=ctx.pdl and n_big < 0, unified=self.unified_for(g, shape),
+            pdl=ctx.pdl and n_big < 0 and not self.fused_reduce, unified=self.unified_for(g, shape),
             affine_big=self.specialise and n_big < 0 and self.affine_for(g, shape), n_big=n_big,
             small_rows=small if n_big >= 0 else 0,
             split=self._split_launches(g, meta, n_big, small, shape.head_dim, launch) if n_big >= 0 else (),
+            counters=self._counter_space(tree.n_queries * shape.n_heads, device) if self.fused_reduce else None,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -633,10 +654,12 @@ class DeftAttention(AttentionMethod):
                 self.small_m, self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
                 affine_big=plan.affine_big, small_stages=self.small_stages, small_block_n=self.small_block,
                 small_affine=self.small_affine and self.contiguous,
+                fused_out=out if plan.counters is not None else None, counters=plan.counters,
             )  # fmt: skip
-        launch_reduce(
-            out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
-        )
+        if plan.counters is None:
+            launch_reduce(
+                out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
+            )
         return out
 
     def _split_launches(
@@ -693,7 +716,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
             self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
-            self.small_stages, self.small_block, self.small_affine,
+            self.small_stages, self.small_block, self.small_affine, self.fused_reduce,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -703,7 +726,8 @@ class DeftAttention(AttentionMethod):
         variants = [(u, False) for u in ((False, True) if self.unified_mask == "auto" else (bool(self.unified_mask),))]
         if self.specialise and self.contiguous:  # an AFFINE_BIG plan has no plain big tile: UNIFIED unless it is off
             variants.append((self.unified_mask is not False, True))
-        pdl = self.pdl and pdl_supported(device)  # a split plan's launches have none; the method's other plans do
+        # a split plan's launches have none, nor has a fused reduction (no second launch); the method's other plans do
+        pdl = self.pdl and pdl_supported(device) and not self.fused_reduce
         for unified, affine_big in variants:
             rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
             while True:
@@ -713,6 +737,7 @@ class DeftAttention(AttentionMethod):
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
                     pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
                     small_block_n=self.small_block, small_affine=self.small_affine and self.contiguous,
+                    fused_out=q if self.fused_reduce else None, counters=plan.counters,
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches

@@ -155,7 +155,7 @@ def _smid(anchor):
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [anchor], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries"])
+@triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries", "off_red_ptr", "off_red_idx"])
 def deft_partial_kernel(
     q_ptr,
     k_ptr,
@@ -178,6 +178,12 @@ def deft_partial_kernel(
     stride_ln,
     qk_scale,
     timeline,
+    out_ptr,
+    counters,
+    off_red_ptr,
+    off_red_idx,
+    stride_on,
+    stride_oh,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SMALL_M: tl.constexpr,
@@ -196,6 +202,7 @@ def deft_partial_kernel(
     SMALL_STAGES: tl.constexpr = 5,
     SMALL_BLOCK_N: tl.constexpr = 32,
     SMALL_AFFINE: tl.constexpr = False,
+    FUSED_REDUCE: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -237,13 +244,16 @@ def deft_partial_kernel(
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, SMALL_BLOCK_N,
             HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, SMALL_AFFINE, UNIFIED, UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
+            out_ptr=out_ptr, counters=counters, off_red_ptr=off_red_ptr, off_red_idx=off_red_idx, stride_on=stride_on,
+            stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE,
         )  # fmt: skip
     else:
         _tile(
             q_ptr, k_base, v_base, part_o, part_lse, meta, off_tok_slot, off_tok_node, off_nodes, off_queries,
             stride_qn, stride_qh, stride_ks, stride_vs, stride_pn, stride_ph, stride_ln, qk_scale,
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG, UNIFIED,
-            False, AFFINE_BIG,
+            False, AFFINE_BIG, out_ptr=out_ptr, counters=counters, off_red_ptr=off_red_ptr, off_red_idx=off_red_idx,
+            stride_on=stride_on, stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -260,6 +270,8 @@ def _tile(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
     UNIFIED: tl.constexpr, PLAIN: tl.constexpr, AFFINE_ONLY: tl.constexpr = False, STAGES: tl.constexpr = None,
+    out_ptr=None, counters=None, off_red_ptr=0, off_red_idx=0, stride_on=0, stride_oh=0, N_HEADS: tl.constexpr = 0,
+    FUSED_REDUCE: tl.constexpr = False,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
@@ -267,7 +279,8 @@ def _tile(
     addresses when the plan flagged its slots consecutive; phase two, ``[t_mid, t_hi)``, tests visibility
     per token (empty for most tiles). With ``UNIFIED`` the gathered tokens of both phases run one loop that tests
     only those from ``t_mid`` on. ``PLAIN``: the caller runs only tiles without a masked phase here, so one plain
-    gathered loop is compiled."""
+    gathered loop is compiled. ``FUSED_REDUCE``: then the global reduction of the rows whose last partial this
+    program wrote (:func:`_merge_if_last`)."""
     rows = tl.arange(0, BLOCK_M)
     lq = rows // GROUP
     head = kvh * GROUP + rows % GROUP
@@ -360,6 +373,59 @@ def _tile(
         mask=row_ok[:, None],
     )
     tl.store(part_lse + prow * stride_ln + head, lse, mask=row_ok)
+    if FUSED_REDUCE:
+        _merge_if_last(
+            out_ptr, part_o, part_lse, meta, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, stride_pn,
+            stride_ph, stride_ln, q_lo + lq, qid, head, row_ok, BLOCK_M, HEAD_DIM, N_HEADS,
+        )  # fmt: skip
+
+
+@triton.jit
+def _merge_if_last(
+    out_ptr, part_o, part_lse, meta, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, stride_pn, stride_ph,
+    stride_ln, s, qid, head, row_ok, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, N_HEADS: tl.constexpr,
+):  # fmt: skip
+    """The global reduction fused into the partial kernel: each of the tile's rows (sorted query ``s``, query head
+    ``head``) counts its stored partial on a per-(query, head) counter, and the program whose increment completes a
+    row's count (its query's partial rows, from the plan's reduction lists) merges that row's partials into ``out``
+    and zeroes the counter for the next launch. Every program's partial stores precede its increments (a CTA barrier,
+    then acquire-release atomics at GPU scope), so the last program sees them all; the partials are read past L1."""
+    p_lo = tl.load(meta + off_red_ptr + s, mask=row_ok, other=0)
+    n_parts = tl.load(meta + off_red_ptr + s + 1, mask=row_ok, other=0) - p_lo
+    cnt = counters + s.to(tl.int64) * N_HEADS + head
+    tl.debug_barrier()  # every thread's partial stores are issued before any of the program's increments
+    old = tl.atomic_add(cnt, 1, mask=row_ok, sem="acq_rel", scope="gpu")
+    last = row_ok & (old == n_parts - 1)
+    n_last = tl.where(last, n_parts, 0)
+    if tl.max(n_last, 0) > 0:
+        tl.debug_barrier()
+        offs_d = tl.arange(0, HEAD_DIM)
+        m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for j in range(0, tl.max(n_last, 0)):
+            ok = j < n_last
+            prow = tl.load(meta + off_red_idx + p_lo + j, mask=ok, other=0).to(tl.int64)
+            lse = tl.load(part_lse + prow * stride_ln + head, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(
+                part_o + prow[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
+                mask=ok[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            m_new = tl.maximum(m, lse)
+            w = tl.exp2(lse - m_new)
+            alpha = tl.exp2(m - m_new)
+            l_sum = l_sum * alpha + w
+            acc = acc * alpha[:, None] + o.to(tl.float32) * w[:, None]
+            m = m_new
+        o_out = acc / tl.where(last, l_sum, 1.0)[:, None]
+        tl.store(
+            out_ptr + qid[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+            o_out.to(out_ptr.dtype.element_ty),
+            mask=last[:, None],
+        )
+        tl.store(cnt, 0, mask=last)
 
 
 def launch_partials(
@@ -388,6 +454,8 @@ def launch_partials(
     small_stages: int = 0,
     small_block_n: int = 0,
     small_affine: bool = False,
+    fused_out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -410,10 +478,15 @@ def launch_partials(
     the big tile's affine loop has anyway (Hopper, 64-token blocks: the same 112 KB of shared memory; the big tile's
     gathered loops at 5 stages would need 117 KB, one program per SM). ``small_affine`` (needs ``contiguous``): the small
     tile compiles the affine loop too and takes it for tiles the plan flagged as over consecutive slots (a filled
-    prompt chunk's rest rows, ``fill_tiles``); without it the small tile gathers. Returns the compiled kernel (registers, spills, shared memory are
+    prompt chunk's rest rows, ``fill_tiles``); without it the small tile gathers. ``fused_out`` and ``counters`` (an
+    int32 tensor of at least queries x heads zeros, left zeroed): the global reduction runs inside this launch, the
+    last program to store a (query, head)'s partial merging it into ``fused_out`` (:func:`_merge_if_last`); no
+    :func:`~deft.kernels.global_reduce.launch_reduce` follows. Returns the compiled kernel (registers, spills, shared memory are
     on it)."""
     if unified not in (False, True) or affine_big not in (False, True):  # the plan's choices, not the method's "auto"
         raise ValueError(f"unified and affine_big must be bools, got {unified!r}, {affine_big!r}")
+    if (fused_out is None) != (counters is None):
+        raise ValueError("fused_out and counters go together (the fused reduction)")
     if (affine_big or small_affine) and not contiguous:
         raise ValueError("affine_big and small_affine need contiguous (the affine loop)")
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
@@ -423,10 +496,13 @@ def launch_partials(
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         LOG2E / math.sqrt(d), part_lse if timeline is None else timeline,
+        part_o if fused_out is None else fused_out, part_lse if counters is None else counters,
+        offsets["red_ptr"][0], offsets["red_idx"][0],
+        0 if fused_out is None else fused_out.stride(0), 0 if fused_out is None else fused_out.stride(1),
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), FUSED_REDUCE=fused_out is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
