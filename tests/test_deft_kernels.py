@@ -203,6 +203,22 @@ def test_small_affine_rest_tiles_take_the_affine_loop(rest_chunk, dtype):
     assert not relative_error(out, reference_attention(q, k, v, tree)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("unified", [False, True])
+@pytest.mark.parametrize("seed", range(2))
+def test_small_affine_on_random_trees_with_consecutive_slots_matches_reference(unified, seed):
+    """``small_affine`` on trees whose slots are consecutive in DFS order (every tile's first phase affine): small
+    tiles with a masked phase too (``unified_mask=False`` keeps them small: affine first phase, tested second)."""
+    rng = np.random.default_rng(60 + seed)
+    t = random_tree(rng, n_nodes=int(rng.integers(3, 12)), max_len=30, extra_queries=4)
+    lens = np.diff(t.slot_ptr)
+    tree = DecodingTree.from_arrays(t.parent, lens, np.arange(int(lens.sum())), t.query_node, t.query_visible)
+    m = DeftFlatten(chunk_size=int(rng.integers(8, 30)), block_n=16, small_affine=True, unified_mask=unified)
+    plan = check(m, tree, dtype=(torch.float16, torch.bfloat16)[seed])
+    rec = plan.groups.records("tiles")
+    small = (rec["q_hi"] - rec["q_lo"]) * 4 <= small_tile_rows(4, plan.block_m, m.small_m)
+    assert (small & ((rec["flags"] & 2) != 0)).any()
+
+
 @pytest.mark.parametrize("mode", list(METHODS))
 @pytest.mark.parametrize("seed", range(3))
 def test_fused_reduce_matches_reference_and_leaves_counters_zero(mode, seed):
@@ -384,7 +400,9 @@ def test_bad_inputs_raise_before_launch(no_launch):
 
 
 # ---------------------------------------------------------------------- plan structure and io
-def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0, unified: bool = False):
+def _plan_counts(
+    g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0, unified: bool = False, small_affine: bool = False
+):
     """Walk the plan tile by tile: check that it covers exactly the visible (query, token) pairs, and
     count what the kernels move."""
     tiles, nodes, queries = g.records("tiles"), g.records("nodes"), g.records("queries")
@@ -413,7 +431,8 @@ def _plan_counts(g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0, un
         # bit 1: the first phase's slots are consecutive; a big tile then reads only its first slot
         contig = mid > lo and bool(np.all(np.diff(tok_slot[lo:mid]) == 1))
         assert bool(flags & 2) == contig
-        affine = contig and (qs.size * g_size > small_rows or (unified and mid < hi))  # unified: masked -> big
+        # unified: masked -> big; small_affine: the small tile takes the affine loop too
+        affine = contig and (qs.size * g_size > small_rows or (unified and mid < hi) or small_affine)
         counts["slot_reads"] += (1 if affine else mid - lo) + hi - mid
         rows_seen.update(range(int(tiles["pbase"][t]), int(tiles["pbase"][t]) + qs.size))
         cols = (flat_of_col >= lo) & (flat_of_col < hi)
@@ -451,14 +470,15 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
         tree = random_tree(rng, n_nodes=int(rng.integers(1, 25)), max_len=30, extra_queries=int(rng.integers(0, 6)))
     elif seed == 3:
         tree = speculative_tree(40, 60, rng)
-    else:
-        tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng)
+    else:  # seed 5: consecutive slots (the prompt's tiles, big and small, affine)
+        tree = fan_tree(int(rng.integers(30, 200)), int(rng.integers(1, 60)), int(rng.integers(1, 9)), rng if seed == 4 else None)
     shape = AttentionShape(32, 8, 128, "bfloat16")
     m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fill_tiles=seed % 2 == 1,
-                      unified_mask=seed % 3 == 2, rest_chunk=int(rng.choice([0, 5, 17])))  # fmt: skip
+                      unified_mask=seed % 3 == 2, rest_chunk=int(rng.choice([0, 5, 17])), small_affine=seed >= 4,
+                      fused_reduce=seed % 2 == 0)  # fmt: skip
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
-    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0, m.unified_mask)
+    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0, m.unified_mask, m.small_affine)
     io = m.io(tree, shape)
     assert io.kv == c["kv_tokens"] * shape.kv_token_bytes
     assert io.q == c["q_rows"] * shape.q_row_bytes
@@ -473,7 +493,11 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     # one reduction program per query and group of query heads (1 by default; 0: as many as fit its tile)
     width = max(2, 1 << max(0, int(parts.max()) - 1).bit_length())
     programs = shape.n_heads // (m.reduce_heads or max(1, min(32, 4096 // (min(width, 64) * shape.head_dim))))
-    assert io.meta == shape.n_kv_heads * tile_meta + programs * (tree.n_queries * 12 + g.n_partials * 4)
+    if m.fused_reduce:  # every tile row: its list bounds and a counter increment; each (query, head) once: its list
+        reduce_meta = c["q_rows"] * shape.n_heads * 16 + shape.n_heads * (tree.n_queries * 4 + g.n_partials * 4)
+    else:  # every reduction program: its query's list bounds and index, then its list
+        reduce_meta = programs * (tree.n_queries * 12 + g.n_partials * 4)
+    assert io.meta == shape.n_kv_heads * tile_meta + reduce_meta
     assert io.kv >= tree.unique_kv_tokens * shape.kv_token_bytes  # never below the floor
     if g.n_tiles == g.n_chunks:
         assert io.kv == tree.unique_kv_tokens * shape.kv_token_bytes

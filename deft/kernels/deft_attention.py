@@ -762,7 +762,7 @@ class DeftAttention(AttentionMethod):
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
-                         self.unified_for(g, shape))  # fmt: skip
+                         self.unified_for(g, shape), self.small_affine, self.fused_reduce)  # fmt: skip
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
@@ -791,6 +791,8 @@ def groups_io(
     small_rows: int = 0,
     reduce_heads: int = 1,
     unified: bool = False,
+    small_affine: bool = False,
+    fused_reduce: bool = False,
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores (``unified``: the
     kernel's ``unified_mask``, under which a masked tile runs the big tile, affine first phase included).
@@ -806,7 +808,10 @@ def groups_io(
     - meta: per program the tile record, one slot index per token (one in all for an affine first
       phase: a big tile over consecutive slots) and its queries' records (index,
       entry, visible); per reduction program (a query and ``reduce_heads`` of its heads) its list pointers,
-      query index and partial-row indices.
+      query index and partial-row indices. With ``fused_reduce`` no reduction program: every tile row (a query
+      and head of a program) reads its list pointers and adds to its counter (4 bytes read, 4 written), and the
+      program that merges a (query, head) reads its partial-row indices and zeroes the counter.
+    ``small_affine``: a small tile whose first phase is over consecutive slots reads its first slot only too.
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -814,20 +819,26 @@ def groups_io(
     masked = (t["flags"] & FLAG_MASK) != 0
     unmasked = t["flags"] >> FLAG_SHIFT  # each tile's first phase; the rest is tested token by token
     masked_tok = ntok - unmasked
-    # a first phase over consecutive slots reads its first slot only (affine addresses; big tiles only)
+    # a first phase over consecutive slots reads its first slot only (affine addresses; big tiles, and small ones
+    # with small_affine)
     small = (nq_t * shape.group_size <= small_rows) & (small_rows < g.rows)
     if unified:
         small &= ~masked
-    affine = ((t["flags"] & FLAG_CONTIG) != 0) & ~small if contiguous else np.zeros_like(masked)
+    takes_affine = np.ones_like(small) if small_affine else ~small
+    affine = ((t["flags"] & FLAG_CONTIG) != 0) & takes_affine if contiguous else np.zeros_like(masked)
     slot_reads = int(np.where(affine, 1, unmasked).sum() + masked_tok.sum())
     kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim
     p_bytes = shape.elem_bytes if partial_dtype == "input" else 4
     per_program_meta = g.n_tiles * TILE_FIELDS * 4 + slot_reads * 4 + int(nq_t.sum()) * 12
+    if fused_reduce:
+        reduce_meta = int(nq_t.sum()) * heads * 16 + heads * (n_queries * 4 + g.n_partials * 4)
+    else:
+        reduce_meta = heads // reduce_heads * (n_queries * 3 * 4 + g.n_partials * 4)
     return IOCounts(
         kv=int(ntok.sum()) * shape.kv_token_bytes,
         q=int(nq_t.sum()) * shape.q_row_bytes,
         o=n_queries * shape.q_row_bytes,
         partial=2 * g.n_partials * heads * (d * p_bytes + 4),
         mask=kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
-        meta=kvh * per_program_meta + heads // reduce_heads * (n_queries * 3 * 4 + g.n_partials * 4),
+        meta=kvh * per_program_meta + reduce_meta,
     )
