@@ -376,14 +376,20 @@ def _tile(
     if FUSED_REDUCE:
         _merge_if_last(
             out_ptr, part_o, part_lse, meta, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, stride_pn,
-            stride_ph, stride_ln, q_lo + lq, qid, head, row_ok, BLOCK_M, HEAD_DIM, N_HEADS,
+            stride_ph, stride_ln, q_lo + lq, qid, head, row_ok, BLOCK_M, HEAD_DIM, N_HEADS, MERGE_ROWS // min(BLOCK_M, MERGE_ROWS),
         )  # fmt: skip
+
+
+#: partials a fused merge loads at once, times the tile's rows (a 64-row tile merges 2 at a time, a 16-row one 8): more
+#: and the big tile's merge runs out of registers (sm_90: 255 and spills at 64 x 4, 233 and none without the merge)
+MERGE_ROWS = tl.constexpr(128)
 
 
 @triton.jit
 def _merge_if_last(
     out_ptr, part_o, part_lse, meta, counters, off_red_ptr, off_red_idx, stride_on, stride_oh, stride_pn, stride_ph,
     stride_ln, s, qid, head, row_ok, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, N_HEADS: tl.constexpr,
+    MERGE_P: tl.constexpr,
 ):  # fmt: skip
     """The global reduction fused into the partial kernel: each of the tile's rows (sorted query ``s``, query head
     ``head``) counts its stored partial on a per-(query, head) counter, and the program whose increment completes a
@@ -400,24 +406,32 @@ def _merge_if_last(
     if tl.max(n_last, 0) > 0:
         tl.debug_barrier()
         offs_d = tl.arange(0, HEAD_DIM)
+        offs_p = tl.arange(0, MERGE_P)
         m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for j in range(0, tl.max(n_last, 0)):
-            ok = j < n_last
-            prow = tl.load(meta + off_red_idx + p_lo + j, mask=ok, other=0).to(tl.int64)
-            lse = tl.load(part_lse + prow * stride_ln + head, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(
-                part_o + prow[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
-                mask=ok[:, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            m_new = tl.maximum(m, lse)
-            w = tl.exp2(lse - m_new)
+        # MERGE_P partials of every merged row at a time: their row indices and LSEs in one load each, then their
+        # outputs in an unrolled loop of loads that depend on registers only (no round trip between them)
+        for p0 in range(0, tl.max(n_last, 0), MERGE_P):
+            ok = last[:, None] & (p0 + offs_p[None, :] < n_last[:, None])
+            prow = tl.load(meta + off_red_idx + p_lo[:, None] + p0 + offs_p[None, :], mask=ok, other=0).to(tl.int64)
+            lse = tl.load(part_lse + prow * stride_ln + head[:, None], mask=ok, other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 1))
+            w = tl.exp2(lse - m_new[:, None])
             alpha = tl.exp2(m - m_new)
-            l_sum = l_sum * alpha + w
-            acc = acc * alpha[:, None] + o.to(tl.float32) * w[:, None]
+            l_sum = l_sum * alpha + tl.sum(w, 1)
+            acc = acc * alpha[:, None]
+            for jj in tl.static_range(MERGE_P):
+                pick = offs_p[None, :] == jj
+                prow_j = tl.sum(tl.where(pick, prow, 0), 1)
+                w_j = tl.sum(tl.where(pick, w, 0.0), 1)
+                o = tl.load(
+                    part_o + prow_j[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
+                    mask=(last & (p0 + jj < n_last))[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                acc += o.to(tl.float32) * w_j[:, None]
             m = m_new
         o_out = acc / tl.where(last, l_sum, 1.0)[:, None]
         tl.store(
