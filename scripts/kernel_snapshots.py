@@ -324,6 +324,7 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
         plan_t = time_host(lambda: m.plan(fresh(tree), SHAPE, dev), reps=30)
         groups_t = time_host(lambda: m.groups(fresh(tree), SHAPE), reps=30)
     io = m.io(tree, SHAPE)
+    flops = m.tensor_flops(tree, SHAPE) if hasattr(m, "tensor_flops") else (0, 0)
     g = plan.groups
     floor = floor_io(tree, SHAPE)
     return {
@@ -340,6 +341,7 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
         "io_floor": floor.total, "n_tiles": g.n_tiles, "n_chunks": g.n_chunks, "rows": g.rows,
         "chunk_size": g.chunk_size, "n_partials": g.n_partials,
         "plan_vs_32_layers": plan_t.median_ms / (32 * eager.median_ms),
+        "mma_gflop": flops[0] / 1e9, "useful_gflop": flops[1] / 1e9, "graph_mma_tflops": flops[0] / (graph.median_ms * 1e-3) / 1e12,
     }  # fmt: skip
 
 

@@ -507,6 +507,20 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
         assert io.kv == tree.unique_kv_tokens * shape.kv_token_bytes
 
 
+@pytest.mark.parametrize("mode", ["flatten", "node_chunk"])
+def test_tensor_flops_count_padded_rows_against_the_tree_s_need(mode):
+    """``tensor_flops``: a prompt under 16 one-query branches at GQA 4 fills a 64-row tile exactly; each branch's
+    4 rows run a 16-row small tile (4x its need); the useful count is every query's visible tokens."""
+    prompt, width, branch = 120, 16, 7
+    tree = fan_tree(prompt, width, branch)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    m = METHODS[mode](chunk_size=40)
+    executed, useful = m.tensor_flops(tree, shape)
+    per_row_token = shape.n_kv_heads * 4 * shape.head_dim
+    assert executed == per_row_token * (prompt * 64 + width * branch * 16)
+    assert useful == shape.n_heads * 4 * shape.head_dim * width * (prompt + branch)
+
+
 def test_flatten_chunks_are_near_equal_and_node_chunks_follow_nodes():
     tree = random_tree(np.random.default_rng(11), n_nodes=20, max_len=50)
     shape = AttentionShape(8, 2, 64, "float16")

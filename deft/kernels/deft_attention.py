@@ -757,6 +757,16 @@ class DeftAttention(AttentionMethod):
                 launch_reduce(q, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, True, heads, p)
         _PRECOMPILED.add(key)
 
+    def tensor_flops(self, tree: DecodingTree, shape: AttentionShape) -> tuple[int, int]:
+        """``(executed, useful)`` tensor-core flops of one layer: what the partial kernel's tiles multiply, rows padded
+        to the tile (:func:`groups_tensor_flops`), and what the tree needs (each query's visible tokens, every head,
+        ``4 x head_dim`` each). Their ratio is the padding's cost; the executed flops over a measured tensor throughput
+        are the compute side of the floor that bytes over bandwidth are the memory side of."""
+        g = self.groups(tree, shape)
+        small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+        executed = groups_tensor_flops(g, shape, small if small < g.rows else 0, self.unified_for(g, shape))
+        return executed, tree.path_kv_tokens * shape.n_heads * 4 * shape.head_dim
+
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
         g = self.groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
@@ -767,6 +777,19 @@ class DeftAttention(AttentionMethod):
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
 _KNOBS = frozenset(inspect.signature(DeftAttention.__init__).parameters) - {"self"} | {"mode", "_n_sms"}
+
+
+def groups_tensor_flops(g: KVGroups, shape: AttentionShape, small_rows: int = 0, unified: bool = False) -> int:
+    """Tensor-core flops of the partial kernel for grouping ``g``: every (tile, KV head) program multiplies its tile's
+    rows, padded to its height (a big tile's ``g.rows``, a small one's ``small_rows``), by each of its tokens twice
+    (QK^T and PV: ``4 x head_dim`` flops per row and token). A K/V block's masked tail is not counted."""
+    t = g.records("tiles")
+    ntok = (t["tok_hi"] - t["tok_lo"]).astype(np.int64)
+    small = ((t["q_hi"] - t["q_lo"]) * shape.group_size <= small_rows) & (small_rows < g.rows)
+    if unified:
+        small &= (t["flags"] & FLAG_MASK) == 0
+    rows = np.where(small, small_rows, g.rows)
+    return int((rows * ntok).sum()) * shape.n_kv_heads * 4 * shape.head_dim
 
 
 def reduce_block(max_parts: int) -> int:
