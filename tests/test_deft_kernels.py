@@ -848,6 +848,39 @@ def test_longest_first_only_reorders_tiles_most_work_first():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="runs on a GPU")
+def test_fused_reduce_under_contention_on_the_gpu():
+    """``fused_reduce`` where programs really run at once (the interpreter runs them one by one): a few-shot tree
+    of 50 branches over a 4k prompt and a wide random tree at Llama-3-8B's head shape, many partials per query, each
+    run 20 times with poisoned output and partials, eagerly and as CUDA-graph replays; a merge that reads a partial
+    before its store is visible, or a counter left nonzero, fails the fp64 check or the zero check."""
+    shape = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
+    rng = np.random.default_rng(12)
+    trees = [fan_tree(4096, 50, 200, rng), random_tree(rng, 60, 200, 40)]
+    for tree in trees:
+        m = DeftFlatten(fused_reduce=True, chunk_size=256)
+        q, k, v = tensors(tree, 32, 8, 128, torch.bfloat16)
+        ref = reference_attention(q, k, v, tree)
+        plan = m.plan(tree, shape, DEVICE)
+        assert plan.groups.max_parts > 4
+        out = torch.empty_like(q)
+        graph = torch.cuda.CUDAGraph()
+        m.run(q, k, v, plan, out)  # compiled before the capture
+        with torch.cuda.graph(graph):
+            m.run(q, k, v, plan, out)
+        for i in range(40):
+            plan.part_o.fill_(float("nan"))
+            plan.part_lse.fill_(float("nan"))
+            out.fill_(float("nan"))
+            if i % 2:
+                graph.replay()
+            else:
+                m.run(q, k, v, plan, out)
+            torch.cuda.synchronize()
+            assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], i
+            assert not plan.counters.any()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for a GPU")
 @pytest.mark.parametrize("mode", list(METHODS))
 def test_plans_through_pinned_staging_in_both_launch_orders_match_reference_on_the_gpu(mode):
