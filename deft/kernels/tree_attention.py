@@ -380,8 +380,8 @@ def _tile(
         )  # fmt: skip
 
 
-#: partials a fused merge loads at once, times the tile's rows (a 64-row tile merges 2 at a time, a 16-row one 8): more
-#: and the big tile's merge runs out of registers (sm_90: 255 and spills at 64 x 4, 233 and none without the merge)
+#: partials a fused merge loads at once, times the tile's rows (a 64-row tile merges 2 at a time, a 16-row one 8). sm_90,
+#: UNIFIED kernel: 2 at 64 rows takes 237 registers and no spills; 4 or 8 take all 255 and spill
 MERGE_ROWS = tl.constexpr(128)
 
 
