@@ -180,9 +180,27 @@ def snapshot_table(df: pd.DataFrame, ref: str = REF) -> pd.DataFrame:
     piv = s.pivot_table(index=["label", "prompt_len", "step"], columns="method", values="latency_ms", aggfunc="first") * 1e3
     piv = piv[_methods(piv.columns)]
     out = pd.concat([piv.rename(columns=lambda m: f"{DISPLAY.get(m, m)} (µs)"), speedup_frame(piv, ref)], axis=1)
+    same = same_launch(s, ref)
+    if same is not None:
+        out["same launch as ref"] = same.reindex(out.index).fillna("")
     out = out.reset_index()
     out["step"] = out["step"].astype(int)
     return out.sort_values(["label", "prompt_len", "step"], kind="stable").reset_index(drop=True)
+
+
+def same_launch(s: pd.DataFrame, ref: str = REF) -> pd.Series | None:
+    """Per snapshot step, the methods whose ``launch_digest`` equals ``ref``'s (the same kernels on the same plan, so
+    their latency gap is run-to-run spread); None when the rows carry no digests (rows before session 14)."""
+    if "launch_digest" not in s or s["launch_digest"].isna().all():
+        return None
+    keys = ["label", "prompt_len", "step"]
+    d = s.dropna(subset=["launch_digest"]).set_index([*keys, "method"])["launch_digest"]
+    if ref not in d.index.get_level_values("method"):
+        return None
+    r = d.xs(ref, level="method")
+    others = d.drop(index=ref, level="method").reset_index()
+    others = others[others["launch_digest"].to_numpy() == r.reindex(pd.MultiIndex.from_frame(others[keys])).to_numpy()]
+    return others.groupby(keys)["method"].agg(lambda m: ", ".join(DISPLAY.get(x, x) for x in sorted(m)))
 
 
 def bandwidth_table(df: pd.DataFrame, method: str = REF) -> pd.DataFrame:
@@ -331,7 +349,9 @@ def build_all(results_dir: str | Path, out_dir: str | Path | None = None) -> lis
                         ["x M: M's time / DeFT-Flatten's time (above 1: DeFT-Flatten faster). The paper's per-setting "
                          "attention tables could not be retrieved here, so no paper column is shown."]),
             write_table(out / f"snapshots_{gpu}.md", f"Snapshot latency of one layer, {gpu}", snapshot_table(df), snapshot_rows(df),
-                        ["x M: M's latency / DeFT-Flatten's latency."]),
+                        ["x M: M's latency / DeFT-Flatten's latency. same launch as ref: methods whose kernels and plan "
+                         "were byte-identical to DeFT-Flatten's at that step (their gap is run-to-run spread; rows "
+                         "from session 14 on)."]),
             write_table(out / f"bandwidth_{gpu}.md", f"DeFT-Flatten at the snapshot steps, {gpu}", bandwidth_table(df), att[att["method"] == REF],
                         ["Achieved bandwidth: unique K/V bytes of the step / latency; fraction of the measured device copy bandwidth."]),
             write_table(out / f"e2e_{gpu}.md", f"End-to-end tree decoding, {gpu}", e2e_table(df), e2e,

@@ -58,6 +58,21 @@ def test_attention_table_speedups_from_fixture_rows(tmp_path):
     assert (bw["fraction of copy BW"].round(6) == 0.69).all()
 
 
+def test_snapshot_table_names_the_methods_with_deft_flatten_s_launch(tmp_path):
+    """Rows with ``launch_digest``: a method whose digest equals DeFT-Flatten's at a step is listed there (the same
+    kernels on the same plan); rows without digests (older runs) add no column."""
+    rows = _attention_rows()
+    for r in rows:
+        if r["kind"] == "step" and r["method"] != "radix":  # cascade shares Flatten's digest at step 200 only
+            r["launch_digest"] = "a" if r["method"] == "deft_flatten" or r["step"] == 200 else "b"
+    _write(tmp_path, rows, "h100")
+    snap = tables.snapshot_table(results.load_results(tmp_path, gpu="h100"))
+    same = snap.set_index("step")["same launch as ref"]
+    assert set(same.loc[200]) == {"FlashInfer cascade"} and set(same.loc[1]) == {""}
+    _write(tmp_path / "old", _attention_rows(), "h100")
+    assert "same launch as ref" not in tables.snapshot_table(results.load_results(tmp_path / "old", gpu="h100"))
+
+
 def test_io_table_reductions(tmp_path):
     _write(tmp_path, _io_rows(), "cpu")
     df = results.load_results(tmp_path, bench="io")

@@ -521,6 +521,21 @@ def test_tensor_flops_count_padded_rows_against_the_tree_s_need(mode):
     assert useful == shape.n_heads * 4 * shape.head_dim * width * (prompt + branch)
 
 
+def test_launch_digest_is_equal_for_identical_launches_only():
+    """Flatten and Node-Chunk build byte-identical plans for a few-shot tree of 50 branches of 200 tokens over a 4k
+    prompt (Flatten cuts few-query runs as Node-Chunk does), so their digests match; a kernel knob, or one entry of
+    the packed plan, changes it."""
+    tree = fan_tree(4000, 50, 200)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    fl, nc = DeftFlatten(), DeftNodeChunk()
+    pf, pn = fl.plan(tree, shape, "cpu"), nc.plan(tree, shape, "cpu")
+    assert np.array_equal(pf.groups.packed, pn.groups.packed)
+    assert fl.launch_digest(pf) == nc.launch_digest(pn)
+    assert DeftFlatten(small_stages=3).launch_digest(pf) != fl.launch_digest(pf)
+    pf.groups.packed[-1] += 1
+    assert fl.launch_digest(pf) != nc.launch_digest(pn)
+
+
 def test_flatten_chunks_are_near_equal_and_node_chunks_follow_nodes():
     tree = random_tree(np.random.default_rng(11), n_nodes=20, max_len=50)
     shape = AttentionShape(8, 2, 64, "float16")

@@ -99,6 +99,9 @@ def attention_rows(
                 **io.as_dict(), **fl.as_dict(prefix="floor_"),
                 "tolerance": TOLERANCE[dtype],
             }  # fmt: skip
+            digest = getattr(method, "launch_digest", None)  # DeFT: equal digests, identical launches
+            if digest is not None:
+                row["launch_digest"] = digest(plan)
             if step in to_check:
                 out = method.run(q, k_pool, v_pool, plan)
                 ref = reference_attention(q, k_pool, v_pool, tree)

@@ -8,6 +8,7 @@ grouping mode; see ``deft_flatten.py`` and ``deft_node.py``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 from dataclasses import dataclass, replace
@@ -570,6 +571,23 @@ class DeftAttention(AttentionMethod):
             self._precompile(plan, device)
             ctx.compiled = True
         return plan
+
+    def launch_digest(self, plan: DeftPlan) -> str:
+        """A short hash of everything ``run`` launches for ``plan``: its packed index array (call it before the next
+        plan reuses a staging buffer) and the launch's parameters and kernel knobs. Two methods (DeFT-Flatten and
+        DeFT-Node-Chunk on a few-shot tree past its first step, say) with equal digests run the same kernels on the
+        same data, so a latency gap between them is run-to-run spread."""
+        g = plan.groups
+        launch = (
+            plan.n_queries, plan.shape, plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.block_p,
+            plan.reduce_heads, plan.pdl, plan.unified, plan.affine_big, plan.n_big, plan.small_rows,
+            plan.counters is not None, sorted(g.offsets.items()), g.n_tiles, g.n_partials, self.prefetch,
+            self.idx_inloop, self.small_m, self.contiguous, self.lpt, self.small_stages, self.small_block,
+            self.small_affine and self.contiguous, self.partial_dtype, self.small_block_n if plan.n_big >= 0 else 0,
+        )  # fmt: skip
+        h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
+        h.update(memoryview(np.ascontiguousarray(g.packed)).cast("B"))
+        return h.hexdigest()
 
     def classes_of(self, g: KVGroups, shape: AttentionShape) -> int:
         """The tile classes plan ``g`` holds (:func:`~deft.kernels.kv_groups.tile_classes`), as the C plan found
