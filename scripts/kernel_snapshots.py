@@ -163,6 +163,9 @@ ALL_SWEEP = {
     # session 14: the global reduction inside the partial launch (the last program to store a row's partial merges it)
     "fused": {"fused_reduce": True},
     "fused_fill_rc1024_sa": {"fused_reduce": True, "fill_tiles": True, "rest_chunk": 1024, "small_affine": True},
+    # session 14: the first two K/V blocks prefetched into L2 beside the query loads (the query chain ran first)
+    "l2pf": {"l2_prefetch": True},
+    "l2pf_fused": {"l2_prefetch": True, "fused_reduce": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

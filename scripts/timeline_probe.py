@@ -69,7 +69,7 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
         plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
         head_fastest=m.lpt, timeline=timeline, pdl_trigger=plan.pdl, unified=plan.unified, affine_big=plan.affine_big,
         small_stages=m.small_stages, small_block_n=m.small_block, small_affine=m.small_affine and m.contiguous,
-        fused_out=out if plan.counters is not None else None, counters=plan.counters,
+        fused_out=out if plan.counters is not None else None, counters=plan.counters, l2_prefetch=m.l2_prefetch,
     )  # fmt: skip
     ev[1].record()
     if plan.counters is None:  # fused_reduce: the partial kernel merged the rows itself

@@ -110,8 +110,9 @@ def test_random_trees_chunk_boundaries_inside_and_across_nodes_match_reference(m
     dtype = (torch.float16, torch.bfloat16)[seed % 2]
     # small_stages: the small tile's loops pipelined deeper (on the GPU; the interpreter checks the plumbing)
     # small_block: the small tile's own K/V block (32 tokens against the big tile's 16 here)
+    # l2_prefetch: a hint the interpreter skips; on a GPU this runs the prefetching kernel against fp64
     m = METHODS[mode](chunk_size=int(rng.integers(5, 40)), block_n=16, small_stages=(0, 5)[seed // 2],
-                      small_block=(0, 32)[seed % 2])  # fmt: skip
+                      small_block=(0, 32)[seed % 2], l2_prefetch=seed % 2 == 1)  # fmt: skip
     check(m, tree, dtype=dtype, seed=seed)
 
 
@@ -873,7 +874,7 @@ def test_fused_reduce_under_contention_on_the_gpu():
     rng = np.random.default_rng(12)
     trees = [fan_tree(4096, 50, 200, rng), random_tree(rng, 60, 200, 40)]
     for tree in trees:
-        m = DeftFlatten(fused_reduce=True, chunk_size=256)
+        m = DeftFlatten(fused_reduce=True, chunk_size=256, l2_prefetch=True)
         q, k, v = tensors(tree, 32, 8, 128, torch.bfloat16)
         ref = reference_attention(q, k, v, tree)
         plan = m.plan(tree, shape, DEVICE)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
-import json, sys
+import json, re, sys
 from pathlib import Path
 from deft.kernels.tree_attention import deft_partial_kernel
 from scripts.kernel_aot import DEFT_SIG, compile_for_hopper, report
@@ -25,33 +25,36 @@ k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
     GROUP=4, BLOCK_M=64, SMALL_M=16, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
     IDX_INLOOP=True, CONTIG=True, HEAD_FASTEST=True, N_KV=8, TIMELINE=False, PDL_TRIGGER=True,
     UNIFIED=sys.argv[2] == "1", AFFINE_BIG=sys.argv[3] == "1", SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=sys.argv[4] == "1",
-    FUSED_REDUCE=sys.argv[5] == "1"))
+    FUSED_REDUCE=sys.argv[5] == "1", L2_PREFETCH=sys.argv[6] == "1"))
 r = report("deft", k, Path(sys.argv[1]))
-r["spill_stores"] = (Path(sys.argv[1]) / "deft.sass").read_text().count("STL")
+sass = (Path(sys.argv[1]) / "deft.sass").read_text()
+r["spill_stores"] = sass.count("STL")
+r["l2_prefetches"] = len(re.findall(r"CCTL[^;]*PF2", sass))
 print(json.dumps(r))
 """
 
 
 @pytest.mark.parametrize(
-    "unified,affine_big,small_affine,fused",
-    [(False, False, False, False), (True, False, False, False), (True, True, False, False), (True, False, True, True),
-     (False, False, True, True)],
+    "unified,affine_big,small_affine,fused,l2_prefetch",
+    [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False),
+     (True, False, True, True, True), (False, False, True, True, False)],
 )  # fmt: skip
 def test_deft_kernel_compiles_for_hopper_with_pipelined_loads_and_no_spills(
-    tmp_path, unified, affine_big, small_affine, fused
+    tmp_path, unified, affine_big, small_affine, fused, l2_prefetch
 ):
     """Each variant a plan can pick (``DeftPlan.unified``, ``DeftPlan.affine_big``), and the ``small_affine`` and
     ``fused_reduce`` knobs' (the fused merge's partials per step are sized to the tile so that it fits), for sm_90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    flags = [str(int(x)) for x in (unified, affine_big, small_affine, fused)]
+    flags = [str(int(x)) for x in (unified, affine_big, small_affine, fused, l2_prefetch)]
     args = [sys.executable, "-c", CHILD, str(tmp_path), *flags]
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert 0 < r["regs"] <= 255
     assert r["spill_stores"] == 0  # no spill stores to local memory
+    assert (r["l2_prefetches"] > 0) == l2_prefetch  # l2_prefetch: prefetch.global.L2 in both tiles, none otherwise
     assert r["async_copies"] > 0 and r["wgmma"] > 0  # K/V staged asynchronously into shared memory for wgmma
     # two programs per SM (228 KB of shared memory on Hopper): the small tile's deeper pipeline (small_stages=5) must
     # reuse the big tile's K/V buffers, not add its own

@@ -208,6 +208,11 @@ class DeftAttention(AttentionMethod):
     (:func:`~deft.kernels.tree_attention._merge_if_last`). The separate reduction added 5.2-7.6 µs after the partial
     kernel in session 12-13's H100 timelines (a sixth of a Medusa step); the fused one adds an atomic round trip to
     every program and a merge to the last ones.
+    ``l2_prefetch`` (off by default; session 14, not yet measured): each program asks L2 for its first two K/V blocks
+    (``prefetch.global.L2``) between loading its query records and its queries. In the compiled kernel the queries'
+    store to shared memory comes before the loop's first K/V copy, so a tile waited for the query chain and then for
+    the K/V chain; with the prefetch the two run side by side (sm_90 SASS: the prefetches issue beside the query
+    loads). A hint: results do not change, and the interpreter skips it.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -252,6 +257,7 @@ class DeftAttention(AttentionMethod):
         wide_pick: bool = False,
         small_affine: bool = False,
         fused_reduce: bool = False,
+        l2_prefetch: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -315,6 +321,7 @@ class DeftAttention(AttentionMethod):
         if fused_reduce and split_launch:
             raise ValueError("fused_reduce runs the reduction inside the one partial launch; split_launch has two")
         self.fused_reduce = bool(fused_reduce)
+        self.l2_prefetch = bool(l2_prefetch)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -505,6 +512,7 @@ class DeftAttention(AttentionMethod):
             "wide_pick": self.wide_pick,
             "small_affine": self.small_affine,
             "fused_reduce": self.fused_reduce,
+            "l2_prefetch": self.l2_prefetch,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -584,6 +592,7 @@ class DeftAttention(AttentionMethod):
             plan.counters is not None, sorted(g.offsets.items()), g.n_tiles, g.n_partials, self.prefetch,
             self.idx_inloop, self.small_m, self.contiguous, self.lpt, self.small_stages, self.small_block,
             self.small_affine and self.contiguous, self.partial_dtype, self.small_block_n if plan.n_big >= 0 else 0,
+            self.l2_prefetch,
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
         h.update(memoryview(np.ascontiguousarray(g.packed)).cast("B"))
@@ -673,6 +682,7 @@ class DeftAttention(AttentionMethod):
                 affine_big=plan.affine_big, small_stages=self.small_stages, small_block_n=self.small_block,
                 small_affine=self.small_affine and self.contiguous,
                 fused_out=out if plan.counters is not None else None, counters=plan.counters,
+                l2_prefetch=self.l2_prefetch,
             )  # fmt: skip
         if plan.counters is None:
             launch_reduce(
@@ -734,7 +744,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
             self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
-            self.small_stages, self.small_block, self.small_affine, self.fused_reduce,
+            self.small_stages, self.small_block, self.small_affine, self.fused_reduce, self.l2_prefetch,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -755,7 +765,7 @@ class DeftAttention(AttentionMethod):
                     self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
                     pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
                     small_block_n=self.small_block, small_affine=self.small_affine and self.contiguous,
-                    fused_out=q if self.fused_reduce else None, counters=plan.counters,
+                    fused_out=q if self.fused_reduce else None, counters=plan.counters, l2_prefetch=self.l2_prefetch,
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches

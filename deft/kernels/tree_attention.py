@@ -150,6 +150,19 @@ def _globaltimer(anchor):
 
 
 @triton.jit
+def _prefetch_kv_l2(k_base, v_base, slot, stride_ks, stride_vs, HEAD_DIM: tl.constexpr):
+    """Ask L2 for the K and V rows of pool ``slot`` (``prefetch.global.L2``, one per 128-byte line; a hint, no result).
+    A tile issues it for its first two K/V blocks between loading its query records and its queries: the query chain
+    (tile record, query records, queries, their store to shared memory) otherwise runs before the first K/V copy is
+    issued, so a short tile waits for the two chains one after the other instead of side by side."""
+    line = tl.arange(0, HEAD_DIM // 64) * 64  # fp16/bf16: 64 elements per 128-byte line
+    kp = k_base + slot[:, None] * stride_ks + line[None, :]
+    vp = v_base + slot[:, None] * stride_vs + line[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [kp], dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [vp], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _smid(anchor):
     """The SM this program runs on; ``anchor`` is unused."""
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [anchor], dtype=tl.int32, is_pure=False, pack=1)
@@ -203,6 +216,7 @@ def deft_partial_kernel(
     SMALL_BLOCK_N: tl.constexpr = 32,
     SMALL_AFFINE: tl.constexpr = False,
     FUSED_REDUCE: tl.constexpr = False,
+    L2_PREFETCH: tl.constexpr = False,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -245,7 +259,7 @@ def deft_partial_kernel(
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, SMALL_M, SMALL_BLOCK_N,
             HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, SMALL_AFFINE, UNIFIED, UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
             out_ptr=out_ptr, counters=counters, off_red_ptr=off_red_ptr, off_red_idx=off_red_idx, stride_on=stride_on,
-            stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE,
+            stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE, L2_PREFETCH=L2_PREFETCH,
         )  # fmt: skip
     else:
         _tile(
@@ -254,6 +268,7 @@ def deft_partial_kernel(
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG, UNIFIED,
             False, AFFINE_BIG, out_ptr=out_ptr, counters=counters, off_red_ptr=off_red_ptr, off_red_idx=off_red_idx,
             stride_on=stride_on, stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE,
+            L2_PREFETCH=L2_PREFETCH,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -271,7 +286,7 @@ def _tile(
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
     UNIFIED: tl.constexpr, PLAIN: tl.constexpr, AFFINE_ONLY: tl.constexpr = False, STAGES: tl.constexpr = None,
     out_ptr=None, counters=None, off_red_ptr=0, off_red_idx=0, stride_on=0, stride_oh=0, N_HEADS: tl.constexpr = 0,
-    FUSED_REDUCE: tl.constexpr = False,
+    FUSED_REDUCE: tl.constexpr = False, L2_PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
@@ -280,7 +295,11 @@ def _tile(
     per token (empty for most tiles). With ``UNIFIED`` the gathered tokens of both phases run one loop that tests
     only those from ``t_mid`` on. ``PLAIN``: the caller runs only tiles without a masked phase here, so one plain
     gathered loop is compiled. ``FUSED_REDUCE``: then the global reduction of the rows whose last partial this
-    program wrote (:func:`_merge_if_last`)."""
+    program wrote (:func:`_merge_if_last`). ``L2_PREFETCH``: the first two K/V blocks' rows are prefetched into L2 before
+    the queries are loaded (:func:`_prefetch_kv_l2`)."""
+    if L2_PREFETCH:  # the first two blocks' slots, loaded beside the query records (the tail past t_hi: pool row 0)
+        pf_t = t_lo + tl.arange(0, 2 * BLOCK_N)
+        pf_slot = tl.load(meta + off_tok_slot + pf_t, mask=pf_t < t_hi, other=0).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     lq = rows // GROUP
     head = kvh * GROUP + rows % GROUP
@@ -289,6 +308,8 @@ def _tile(
     qid = tl.load(qrec, mask=row_ok, other=0).to(tl.int64)
     row_tin = tl.load(qrec + 1, mask=row_ok, other=-1)
     row_vis = tl.load(qrec + 2, mask=row_ok, other=0)
+    if L2_PREFETCH:
+        _prefetch_kv_l2(k_base, v_base, pf_slot, stride_ks, stride_vs, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(
         q_ptr + qid[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
@@ -470,6 +491,7 @@ def launch_partials(
     small_affine: bool = False,
     fused_out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    l2_prefetch: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -495,7 +517,8 @@ def launch_partials(
     prompt chunk's rest rows, ``fill_tiles``); without it the small tile gathers. ``fused_out`` and ``counters`` (an
     int32 tensor of at least queries x heads zeros, left zeroed): the global reduction runs inside this launch, the
     last program to store a (query, head)'s partial merging it into ``fused_out`` (:func:`_merge_if_last`); no
-    :func:`~deft.kernels.global_reduce.launch_reduce` follows. Returns the compiled kernel (registers, spills, shared memory are
+    :func:`~deft.kernels.global_reduce.launch_reduce` follows. ``l2_prefetch``: each program asks L2 for its first two K/V
+    blocks before it loads its queries (a hint, no effect on results; off under the interpreter, which runs no PTX). Returns the compiled kernel (registers, spills, shared memory are
     on it)."""
     if unified not in (False, True) or affine_big not in (False, True):  # the plan's choices, not the method's "auto"
         raise ValueError(f"unified and affine_big must be bools, got {unified!r}, {affine_big!r}")
@@ -516,7 +539,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), FUSED_REDUCE=fused_out is not None, num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), FUSED_REDUCE=fused_out is not None, L2_PREFETCH=bool(l2_prefetch) and os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
