@@ -406,7 +406,8 @@ def test_bad_inputs_raise_before_launch(no_launch):
 
 # ---------------------------------------------------------------------- plan structure and io
 def _plan_counts(
-    g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0, unified: bool = False, small_affine: bool = False
+    g, tree: DecodingTree, g_size: int = 4, small_rows: int = 0, unified: bool = False, small_affine: bool = False,
+    prefetch_blocks: tuple[int, int] | None = None,
 ):
     """Walk the plan tile by tile: check that it covers exactly the visible (query, token) pairs, and
     count what the kernels move."""
@@ -422,7 +423,7 @@ def _plan_counts(
     vis = tree.visibility(node, pos)  # [Q, T_all] in token_table order
     flat_of_col = np.array([slot_to_flat.get(int(s), -1) for s in slot])
     covered = np.zeros((tree.n_queries, n_tok), dtype=np.int64)
-    counts = dict(kv_tokens=0, q_rows=0, masked_tokens=0, slot_reads=0)
+    counts = dict(kv_tokens=0, q_rows=0, masked_tokens=0, slot_reads=0, prefetch_slots=0)
     rows_seen = set()
     for t in range(g.n_tiles):
         lo, hi = tiles["tok_lo"][t], tiles["tok_hi"][t]
@@ -439,6 +440,9 @@ def _plan_counts(
         # unified: masked -> big; small_affine: the small tile takes the affine loop too
         affine = contig and (qs.size * g_size > small_rows or (unified and mid < hi) or small_affine)
         counts["slot_reads"] += (1 if affine else mid - lo) + hi - mid
+        if prefetch_blocks is not None:  # l2_prefetch: the first two blocks' slot indices (the tile's own block size)
+            is_small = qs.size * g_size <= small_rows and not (unified and mid < hi)
+            counts["prefetch_slots"] += min(2 * prefetch_blocks[is_small], hi - lo)
         rows_seen.update(range(int(tiles["pbase"][t]), int(tiles["pbase"][t]) + qs.size))
         cols = (flat_of_col >= lo) & (flat_of_col < hi)
         sub = vis[:, cols]
@@ -480,10 +484,11 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     shape = AttentionShape(32, 8, 128, "bfloat16")
     m = METHODS[mode](chunk_size=int(rng.integers(8, 64)), block_m=int(rng.choice([16, 64, 128])), fill_tiles=seed % 2 == 1,
                       unified_mask=seed % 3 == 2, rest_chunk=int(rng.choice([0, 5, 17])), small_affine=seed >= 4,
-                      fused_reduce=seed % 2 == 0)  # fmt: skip
+                      fused_reduce=seed % 2 == 0, l2_prefetch=seed % 3 == 0)  # fmt: skip
     g = m.groups(tree, shape)
     small = small_tile_rows(shape.group_size, g.rows, m.small_m)
-    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0, m.unified_mask, m.small_affine)
+    blocks = (m.block_n, m.small_block or m.block_n) if m.l2_prefetch else None
+    c = _plan_counts(g, tree, shape.group_size, small if small < g.rows else 0, m.unified_mask, m.small_affine, blocks)
     io = m.io(tree, shape)
     assert io.kv == c["kv_tokens"] * shape.kv_token_bytes
     assert io.q == c["q_rows"] * shape.q_row_bytes
@@ -491,7 +496,7 @@ def test_io_matches_counts_taken_from_the_plan(mode, seed):
     p_bytes = 4 if m.partial_dtype == "float32" else shape.elem_bytes
     row = shape.n_heads * (shape.head_dim * p_bytes + 4)
     assert io.mask >= shape.n_kv_heads * c["masked_tokens"] * 4
-    tile_meta = g.n_tiles * 6 * 4 + c["slot_reads"] * 4 + c["q_rows"] * 12
+    tile_meta = g.n_tiles * 6 * 4 + c["slot_reads"] * 4 + c["q_rows"] * 12 + c["prefetch_slots"] * 4
     parts = c["parts"]
     assert np.array_equal(np.diff(g.section("red_ptr")), parts)  # the reduction's lists agree with the tiles
     assert io.partial == 2 * c["partial_rows"] * row

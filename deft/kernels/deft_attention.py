@@ -799,8 +799,9 @@ class DeftAttention(AttentionMethod):
         g = self.groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
+        prefetch = (self.block_n, self.small_block or self.block_n) if self.l2_prefetch else None
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
-                         self.unified_for(g, shape), self.small_affine, self.fused_reduce)  # fmt: skip
+                         self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch)  # fmt: skip
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
@@ -844,6 +845,7 @@ def groups_io(
     unified: bool = False,
     small_affine: bool = False,
     fused_reduce: bool = False,
+    l2_prefetch: tuple[int, int] | None = None,
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores (``unified``: the
     kernel's ``unified_mask``, under which a masked tile runs the big tile, affine first phase included).
@@ -863,6 +865,8 @@ def groups_io(
       and head of a program) reads its list pointers and adds to its counter (4 bytes read, 4 written), and the
       program that merges a (query, head) reads its partial-row indices and zeroes the counter.
     ``small_affine``: a small tile whose first phase is over consecutive slots reads its first slot only too.
+    ``l2_prefetch`` (the big and the small tile's K/V block): each program also loads the slot indices of its first two
+    blocks (their K/V lines are prefetched, not loaded: the tile's own first rows, counted under kv).
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -881,6 +885,8 @@ def groups_io(
     kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim
     p_bytes = shape.elem_bytes if partial_dtype == "input" else 4
     per_program_meta = g.n_tiles * TILE_FIELDS * 4 + slot_reads * 4 + int(nq_t.sum()) * 12
+    if l2_prefetch is not None:
+        per_program_meta += int(np.minimum(2 * np.where(small, l2_prefetch[1], l2_prefetch[0]), ntok).sum()) * 4
     if fused_reduce:
         reduce_meta = int(nq_t.sum()) * heads * 16 + heads * (n_queries * 4 + g.n_partials * 4)
     else:
