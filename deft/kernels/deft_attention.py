@@ -205,9 +205,9 @@ class DeftAttention(AttentionMethod):
     which session 13 saw gather a prompt token at 40-55 ns against the big tile's 25.
     ``fused_reduce`` (off by default; session 14, not yet measured on a GPU): no reduction launch; each program counts
     its stored partial rows on per-(query, head) counters and the one that completes a row's count merges that row
-    (:func:`~deft.kernels.tree_attention._merge_if_last`). The separate reduction added 5.2-7.6 µs after the partial
-    kernel in session 12-13's H100 timelines (a sixth of a Medusa step); the fused one adds an atomic round trip to
-    every program and a merge to the last ones.
+    (:func:`~deft.kernels.tree_attention._merge_if_last`). Timed after the partial kernel in session 12-13's H100
+    timelines, the separate reduction took 5.2-7.6 µs (a sixth of a Medusa step; the programmatic dependent launch hides
+    part of that in a real step); the fused one adds an atomic round trip to every program and a merge to the last.
     ``l2_prefetch`` (off by default; session 14, not yet measured): each program asks L2 for its first two K/V blocks
     (``prefetch.global.L2``) between loading its query records and its queries. In the compiled kernel the queries'
     store to shared memory comes before the loop's first K/V copy, so a tile waited for the query chain and then for
