@@ -329,26 +329,7 @@ def _tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
             row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
         )  # fmt: skip
-    elif PLAIN:  # no masked phase (t_mid == t_hi): the gathered loop without the test, or with CONTIG the affine one
-        if CONTIG:
-            if (flags & 2) != 0:
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
-                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
-                    STAGES=STAGES,
-                )  # fmt: skip
-            else:
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
-                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False,
-                    STAGES=STAGES,
-                )  # fmt: skip
-        else:
-            acc, m_i, l_i = _attend_chunk(
-                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_hi,
-                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
-            )  # fmt: skip
-    elif UNIFIED:  # one gathered loop for both phases (the test from t_mid on); the affine copy stays separate
+    elif UNIFIED and not PLAIN:  # one gathered loop for both phases (the test from t_mid on); the affine copy apart
         t_gather = t_lo
         if CONTIG:
             if (flags & 2) != 0:
@@ -362,28 +343,24 @@ def _tile(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_gather, t_hi,
                 row_tin, row_vis, qk_scale, t_mid, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, True, STAGES=STAGES,
             )  # fmt: skip
-    else:
-        if CONTIG:  # a constexpr: without it, neither the test nor the affine copy is compiled
-            if (flags & 2) != 0:
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True,
-                )  # fmt: skip
-            else:
-                acc, m_i, l_i = _attend_chunk(
-                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
-                )  # fmt: skip
+    else:  # the first phase, affine or gathered, then the tested one; with PLAIN (no tile here has a masked phase:
+        # t_mid == t_hi) the tested loop is not compiled, nor the affine one without CONTIG (both constexprs)
+        if CONTIG and (flags & 2) != 0:
+            acc, m_i, l_i = _attend_chunk(
+                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
+                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, True, STAGES=STAGES,
+            )  # fmt: skip
         else:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
                 row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
             )  # fmt: skip
-        if t_mid < t_hi:
-            acc, m_i, l_i = _attend_chunk(
-                acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
-                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
-            )  # fmt: skip
+        if not PLAIN:
+            if t_mid < t_hi:
+                acc, m_i, l_i = _attend_chunk(
+                    acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
+                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
+                )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
