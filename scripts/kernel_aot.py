@@ -46,7 +46,8 @@ DEFT_SIG = {
     "CONTIG": "constexpr", "HEAD_FASTEST": "constexpr", "N_KV": "constexpr", "TIMELINE": "constexpr",
     "PDL_TRIGGER": "constexpr", "UNIFIED": "constexpr", "AFFINE_BIG": "constexpr", "SMALL_STAGES": "constexpr",
     "SMALL_BLOCK_N": "constexpr", "SMALL_AFFINE": "constexpr",
-    "FUSED_REDUCE": "constexpr", "L2_PREFETCH": "constexpr",
+    "FUSED_REDUCE": "constexpr", "L2_PREFETCH": "constexpr", "BIG_GATHER_BLOCK_N": "constexpr",
+    "BIG_GATHER_STAGES": "constexpr",
 }  # fmt: skip
 
 
@@ -93,7 +94,8 @@ def main() -> None:
         k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
             GROUP=4, BLOCK_M=64, SMALL_M=small, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
             IDX_INLOOP=True, CONTIG=contig, HEAD_FASTEST=True, N_KV=8, TIMELINE=timeline, PDL_TRIGGER=True,
-            UNIFIED=False, AFFINE_BIG=False, SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False, FUSED_REDUCE=False, L2_PREFETCH=False))  # fmt: skip
+            UNIFIED=False, AFFINE_BIG=False, SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False, FUSED_REDUCE=False, L2_PREFETCH=False,
+            BIG_GATHER_BLOCK_N=64, BIG_GATHER_STAGES=None))  # fmt: skip
         rows.append(report(f"deft_small{small}_contig{int(contig)}" + ("_timeline" if timeline else ""), k, out))
     print(f"{'kernel':26s} {'regs':>5s} {'smem':>7s} {'sass':>6s} {'async':>6s} {'wgmma':>6s}")
     for r in rows:

@@ -166,6 +166,8 @@ ALL_SWEEP = {
     # session 14: the first two K/V blocks prefetched into L2 beside the query loads (the query chain ran first)
     "l2pf": {"l2_prefetch": True},
     "l2pf_fused": {"l2_prefetch": True, "fused_reduce": True},
+    # session 14: the big tile's gathered loops at 32-token blocks, 5 stages (two blocks in flight, as the small tile's)
+    "bg32s5": {"big_gather_block": 32, "big_gather_stages": 5},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

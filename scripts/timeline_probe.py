@@ -70,6 +70,7 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
         head_fastest=m.lpt, timeline=timeline, pdl_trigger=plan.pdl, unified=plan.unified, affine_big=plan.affine_big,
         small_stages=m.small_stages, small_block_n=m.small_block, small_affine=m.small_affine and m.contiguous,
         fused_out=out if plan.counters is not None else None, counters=plan.counters, l2_prefetch=m.l2_prefetch,
+        big_gather_block=m.big_gather_block, big_gather_stages=m.big_gather_stages,
     )  # fmt: skip
     ev[1].record()
     if plan.counters is None:  # fused_reduce: the partial kernel merged the rows itself

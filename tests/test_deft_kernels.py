@@ -111,8 +111,10 @@ def test_random_trees_chunk_boundaries_inside_and_across_nodes_match_reference(m
     # small_stages: the small tile's loops pipelined deeper (on the GPU; the interpreter checks the plumbing)
     # small_block: the small tile's own K/V block (32 tokens against the big tile's 16 here)
     # l2_prefetch: a hint the interpreter skips; on a GPU this runs the prefetching kernel against fp64
+    # big_gather_block/stages: the big tile's gathered loops on their own block (32 against the big tile's 16 here)
     m = METHODS[mode](chunk_size=int(rng.integers(5, 40)), block_n=16, small_stages=(0, 5)[seed // 2],
-                      small_block=(0, 32)[seed % 2], l2_prefetch=seed % 2 == 1)  # fmt: skip
+                      small_block=(0, 32)[seed % 2], l2_prefetch=seed % 2 == 1, big_gather_block=(0, 32)[seed // 2],
+                      big_gather_stages=(0, 5)[seed // 2])  # fmt: skip
     check(m, tree, dtype=dtype, seed=seed)
 
 
@@ -218,6 +220,21 @@ def test_small_affine_on_random_trees_with_consecutive_slots_matches_reference(u
     rec = plan.groups.records("tiles")
     small = (rec["q_hi"] - rec["q_lo"]) * 4 <= small_tile_rows(4, plan.block_m, m.small_m)
     assert (small & ((rec["flags"] & 2) != 0)).any()
+
+
+@pytest.mark.parametrize("unified", [False, True])
+@pytest.mark.parametrize("block,stages", [(32, 5), (64, 0)])
+def test_big_tile_gathered_loops_on_their_own_block_match_reference(unified, block, stages):
+    """``big_gather_block`` / ``big_gather_stages``: a scattered prefix seen by 12 queries (big tiles over gathered
+    slots) and speculative-style queries inside nodes (masked phases), the gathered loops on 32- or 64-token blocks
+    while the tile's own block is 16."""
+    rng = np.random.default_rng(70 + block)
+    tree = random_tree(rng, n_nodes=10, max_len=40, extra_queries=8)
+    m = DeftFlatten(chunk_size=30, block_n=16, big_gather_block=block, big_gather_stages=stages, unified_mask=unified)
+    plan = check(m, tree, dtype=torch.bfloat16)
+    t = plan.groups.records("tiles")
+    big = (t["q_hi"] - t["q_lo"]) * 4 > small_tile_rows(4, plan.block_m, m.small_m)
+    assert (big & ((t["flags"] & 2) == 0)).any() and (big & ((t["flags"] & 1) != 0)).any()
 
 
 @pytest.mark.parametrize("mode", list(METHODS))

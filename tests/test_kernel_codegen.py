@@ -25,7 +25,8 @@ k = compile_for_hopper(deft_partial_kernel, DEFT_SIG, dict(
     GROUP=4, BLOCK_M=64, SMALL_M=16, BLOCK_N=64, HEAD_DIM=128, PREFETCH=False, DOT_F32=False,
     IDX_INLOOP=True, CONTIG=True, HEAD_FASTEST=True, N_KV=8, TIMELINE=False, PDL_TRIGGER=True,
     UNIFIED=sys.argv[2] == "1", AFFINE_BIG=sys.argv[3] == "1", SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=sys.argv[4] == "1",
-    FUSED_REDUCE=sys.argv[5] == "1", L2_PREFETCH=sys.argv[6] == "1"))
+    FUSED_REDUCE=sys.argv[5] == "1", L2_PREFETCH=sys.argv[6] == "1", BIG_GATHER_BLOCK_N=int(sys.argv[7]),
+    BIG_GATHER_STAGES=int(sys.argv[8]) or None))
 r = report("deft", k, Path(sys.argv[1]))
 sass = (Path(sys.argv[1]) / "deft.sass").read_text()
 r["spill_stores"] = sass.count("STL")
@@ -35,19 +36,21 @@ print(json.dumps(r))
 
 
 @pytest.mark.parametrize(
-    "unified,affine_big,small_affine,fused,l2_prefetch",
-    [(False, False, False, False, False), (True, False, False, False, False), (True, True, False, False, False),
-     (True, False, True, True, True), (False, False, True, True, False)],
+    "unified,affine_big,small_affine,fused,l2_prefetch,big_gather",
+    [(False, False, False, False, False, (64, 0)), (True, False, False, False, False, (64, 0)),
+     (True, True, False, False, False, (64, 0)), (True, False, True, True, True, (32, 5)),
+     (False, False, True, True, False, (32, 5))],
 )  # fmt: skip
 def test_deft_kernel_compiles_for_hopper_with_pipelined_loads_and_no_spills(
-    tmp_path, unified, affine_big, small_affine, fused, l2_prefetch
+    tmp_path, unified, affine_big, small_affine, fused, l2_prefetch, big_gather
 ):
-    """Each variant a plan can pick (``DeftPlan.unified``, ``DeftPlan.affine_big``), and the ``small_affine`` and
-    ``fused_reduce`` knobs' (the fused merge's partials per step are sized to the tile so that it fits), for sm_90."""
+    """Each variant a plan can pick (``DeftPlan.unified``, ``DeftPlan.affine_big``), and the ``small_affine``,
+    ``fused_reduce``, ``l2_prefetch`` and ``big_gather_block`` / ``big_gather_stages`` knobs' (the fused merge's partials
+    per step are sized to the tile so that it fits), for sm_90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    flags = [str(int(x)) for x in (unified, affine_big, small_affine, fused, l2_prefetch)]
+    flags = [str(int(x)) for x in (unified, affine_big, small_affine, fused, l2_prefetch, *big_gather)]
     args = [sys.executable, "-c", CHILD, str(tmp_path), *flags]
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

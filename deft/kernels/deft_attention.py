@@ -213,6 +213,12 @@ class DeftAttention(AttentionMethod):
     store to shared memory comes before the loop's first K/V copy, so a tile waited for the query chain and then for
     the K/V chain; with the prefetch the two run side by side (sm_90 SASS: the prefetches issue beside the query
     loads). A hint: results do not change, and the interpreter skips it.
+    ``big_gather_block`` / ``big_gather_stages`` (0: ``block_n`` / the launch's ``num_stages``; session 14, not yet
+    measured): the big tile's loops over gathered slots (a reasoning tree's multi-query branches, masked tiles) with
+    their own K/V block and depth, as ``small_block`` / ``small_stages`` are for the small tile. At 64-token blocks and
+    3 stages such a loop has one block in flight (its slot indices take a stage); session 13's fit prices a big
+    gathered token at 47 ns against an affine one's 19. 32-token blocks at 5 stages compile to the same 112 KB of
+    shared memory (220 registers, sm_90, UNIFIED).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -258,6 +264,8 @@ class DeftAttention(AttentionMethod):
         small_affine: bool = False,
         fused_reduce: bool = False,
         l2_prefetch: bool = False,
+        big_gather_block: int = 0,
+        big_gather_stages: int = 0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -322,6 +330,12 @@ class DeftAttention(AttentionMethod):
             raise ValueError("fused_reduce runs the reduction inside the one partial launch; split_launch has two")
         self.fused_reduce = bool(fused_reduce)
         self.l2_prefetch = bool(l2_prefetch)
+        if big_gather_block not in (0, 16, 32, 64, 128):
+            raise ValueError(f"big_gather_block must be 0 (block_n) or 16, 32, 64 or 128, got {big_gather_block}")
+        if int(big_gather_stages) != 0 and not 2 <= int(big_gather_stages) <= 8:
+            raise ValueError(f"big_gather_stages must be 0 (the launch's num_stages) or 2..8, got {big_gather_stages}")
+        self.big_gather_block = int(big_gather_block)
+        self.big_gather_stages = int(big_gather_stages)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -513,6 +527,8 @@ class DeftAttention(AttentionMethod):
             "small_affine": self.small_affine,
             "fused_reduce": self.fused_reduce,
             "l2_prefetch": self.l2_prefetch,
+            "big_gather_block": self.big_gather_block,
+            "big_gather_stages": self.big_gather_stages,
             "idx_inloop": self.idx_inloop,
             "small_m": self.small_m,
             "config_source": self._config_source,
@@ -592,7 +608,7 @@ class DeftAttention(AttentionMethod):
             plan.counters is not None, sorted(g.offsets.items()), g.n_tiles, g.n_partials, self.prefetch,
             self.idx_inloop, self.small_m, self.contiguous, self.lpt, self.small_stages, self.small_block,
             self.small_affine and self.contiguous, self.partial_dtype, self.small_block_n if plan.n_big >= 0 else 0,
-            self.l2_prefetch,
+            self.l2_prefetch, self.big_gather_block, self.big_gather_stages,
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
         h.update(memoryview(np.ascontiguousarray(g.packed)).cast("B"))
@@ -682,7 +698,8 @@ class DeftAttention(AttentionMethod):
                 affine_big=plan.affine_big, small_stages=self.small_stages, small_block_n=self.small_block,
                 small_affine=self.small_affine and self.contiguous,
                 fused_out=out if plan.counters is not None else None, counters=plan.counters,
-                l2_prefetch=self.l2_prefetch,
+                l2_prefetch=self.l2_prefetch, big_gather_block=self.big_gather_block,
+                big_gather_stages=self.big_gather_stages,
             )  # fmt: skip
         if plan.counters is None:
             launch_reduce(
@@ -745,6 +762,7 @@ class DeftAttention(AttentionMethod):
             self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
             self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
             self.small_stages, self.small_block, self.small_affine, self.fused_reduce, self.l2_prefetch,
+            self.big_gather_block, self.big_gather_stages,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -766,6 +784,7 @@ class DeftAttention(AttentionMethod):
                     pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
                     small_block_n=self.small_block, small_affine=self.small_affine and self.contiguous,
                     fused_out=q if self.fused_reduce else None, counters=plan.counters, l2_prefetch=self.l2_prefetch,
+                    big_gather_block=self.big_gather_block, big_gather_stages=self.big_gather_stages,
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches

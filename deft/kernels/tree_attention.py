@@ -217,6 +217,8 @@ def deft_partial_kernel(
     SMALL_AFFINE: tl.constexpr = False,
     FUSED_REDUCE: tl.constexpr = False,
     L2_PREFETCH: tl.constexpr = False,
+    BIG_GATHER_BLOCK_N: tl.constexpr = 64,
+    BIG_GATHER_STAGES: tl.constexpr = None,
 ):
     if PDL_TRIGGER:  # a reduction launched as a programmatic dependent may start once every program is here
         tl.extra.cuda.gdc_launch_dependents()
@@ -260,6 +262,7 @@ def deft_partial_kernel(
             HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, SMALL_AFFINE, UNIFIED, UNIFIED | AFFINE_BIG, STAGES=SMALL_STAGES,
             out_ptr=out_ptr, counters=counters, off_red_ptr=off_red_ptr, off_red_idx=off_red_idx, stride_on=stride_on,
             stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE, L2_PREFETCH=L2_PREFETCH,
+            GATHER_BLOCK_N=SMALL_BLOCK_N, GATHER_STAGES=SMALL_STAGES,
         )  # fmt: skip
     else:
         _tile(
@@ -268,7 +271,7 @@ def deft_partial_kernel(
             kvh, t_lo, t_mid, t_hi, q_lo, n_q, pbase, flags, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PREFETCH, DOT_F32, IDX_INLOOP, CONTIG, UNIFIED,
             False, AFFINE_BIG, out_ptr=out_ptr, counters=counters, off_red_ptr=off_red_ptr, off_red_idx=off_red_idx,
             stride_on=stride_on, stride_oh=stride_oh, N_HEADS=N_KV * GROUP, FUSED_REDUCE=FUSED_REDUCE,
-            L2_PREFETCH=L2_PREFETCH,
+            L2_PREFETCH=L2_PREFETCH, GATHER_BLOCK_N=BIG_GATHER_BLOCK_N, GATHER_STAGES=BIG_GATHER_STAGES,
         )  # fmt: skip
     if TIMELINE:
         pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
@@ -286,7 +289,8 @@ def _tile(
     PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, IDX_INLOOP: tl.constexpr, CONTIG: tl.constexpr,
     UNIFIED: tl.constexpr, PLAIN: tl.constexpr, AFFINE_ONLY: tl.constexpr = False, STAGES: tl.constexpr = None,
     out_ptr=None, counters=None, off_red_ptr=0, off_red_idx=0, stride_on=0, stride_oh=0, N_HEADS: tl.constexpr = 0,
-    FUSED_REDUCE: tl.constexpr = False, L2_PREFETCH: tl.constexpr = False,
+    FUSED_REDUCE: tl.constexpr = False, L2_PREFETCH: tl.constexpr = False, GATHER_BLOCK_N: tl.constexpr = 0,
+    GATHER_STAGES: tl.constexpr = None,
 ):  # fmt: skip
     """One tile: load its rows' queries, attend over the chunk in two phases, store the normalised partial
     and LSE. Phase one, ``[t_lo, t_mid)``, is seen whole by every row (the plan's unmasked prefix: a
@@ -295,7 +299,8 @@ def _tile(
     per token (empty for most tiles). With ``UNIFIED`` the gathered tokens of both phases run one loop that tests
     only those from ``t_mid`` on. ``PLAIN``: the caller runs only tiles without a masked phase here, so one plain
     gathered loop is compiled. ``FUSED_REDUCE``: then the global reduction of the rows whose last partial this
-    program wrote (:func:`_merge_if_last`). ``L2_PREFETCH``: the first two K/V blocks' rows are prefetched into L2 before
+    program wrote (:func:`_merge_if_last`). ``GATHER_BLOCK_N`` / ``GATHER_STAGES``: the K/V block and pipeline depth of
+    the loops over gathered slots (the affine loop keeps ``BLOCK_N`` / ``STAGES``). ``L2_PREFETCH``: the first two K/V blocks' rows are prefetched into L2 before
     the queries are loaded (:func:`_prefetch_kv_l2`)."""
     if L2_PREFETCH:  # the first two blocks' slots, loaded beside the query records (the tail past t_hi: pool row 0)
         pf_t = t_lo + tl.arange(0, 2 * BLOCK_N)
@@ -341,7 +346,7 @@ def _tile(
         if t_gather < t_hi:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_gather, t_hi,
-                row_tin, row_vis, qk_scale, t_mid, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, True, STAGES=STAGES,
+                row_tin, row_vis, qk_scale, t_mid, GATHER_BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, True, STAGES=GATHER_STAGES,
             )  # fmt: skip
     else:  # the first phase, affine or gathered, then the tested one; with PLAIN (no tile here has a masked phase:
         # t_mid == t_hi) the tested loop is not compiled, nor the affine one without CONTIG (both constexprs)
@@ -353,13 +358,13 @@ def _tile(
         else:
             acc, m_i, l_i = _attend_chunk(
                 acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_lo, t_mid,
-                row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
+                row_tin, row_vis, qk_scale, t_lo, GATHER_BLOCK_N, HEAD_DIM, False, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=GATHER_STAGES,
             )  # fmt: skip
         if not PLAIN:
             if t_mid < t_hi:
                 acc, m_i, l_i = _attend_chunk(
                     acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, tok_slot, tok_node, nodes, t_mid, t_hi,
-                    row_tin, row_vis, qk_scale, t_lo, BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=STAGES,
+                    row_tin, row_vis, qk_scale, t_lo, GATHER_BLOCK_N, HEAD_DIM, True, PREFETCH, DOT_F32, IDX_INLOOP, False, STAGES=GATHER_STAGES,
                 )  # fmt: skip
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -469,6 +474,8 @@ def launch_partials(
     fused_out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     l2_prefetch: bool = False,
+    big_gather_block: int = 0,
+    big_gather_stages: int = 0,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -495,7 +502,9 @@ def launch_partials(
     int32 tensor of at least queries x heads zeros, left zeroed): the global reduction runs inside this launch, the
     last program to store a (query, head)'s partial merging it into ``fused_out`` (:func:`_merge_if_last`); no
     :func:`~deft.kernels.global_reduce.launch_reduce` follows. ``l2_prefetch``: each program asks L2 for its first two K/V
-    blocks before it loads its queries (a hint, no effect on results; off under the interpreter, which runs no PTX). Returns the compiled kernel (registers, spills, shared memory are
+    blocks before it loads its queries (a hint, no effect on results; off under the interpreter, which runs no PTX).
+    ``big_gather_block`` / ``big_gather_stages`` (0: ``block_n`` / ``num_stages``): the big tile's loops over gathered slots
+    with their own K/V block and depth (as ``small_block_n`` / ``small_stages`` for the small tile). Returns the compiled kernel (registers, spills, shared memory are
     on it)."""
     if unified not in (False, True) or affine_big not in (False, True):  # the plan's choices, not the method's "auto"
         raise ValueError(f"unified and affine_big must be bools, got {unified!r}, {affine_big!r}")
@@ -516,7 +525,7 @@ def launch_partials(
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
-        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), FUSED_REDUCE=fused_out is not None, L2_PREFETCH=bool(l2_prefetch) and os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages,
+        CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), FUSED_REDUCE=fused_out is not None, L2_PREFETCH=bool(l2_prefetch) and os.environ.get("TRITON_INTERPRET") != "1", BIG_GATHER_BLOCK_N=int(big_gather_block) or block_n, BIG_GATHER_STAGES=int(big_gather_stages) or None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
