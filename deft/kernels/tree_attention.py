@@ -297,11 +297,12 @@ def _tile(
     shared ancestor's tokens), so it carries no visibility test, and with ``CONTIG`` it takes affine
     addresses when the plan flagged its slots consecutive; phase two, ``[t_mid, t_hi)``, tests visibility
     per token (empty for most tiles). With ``UNIFIED`` the gathered tokens of both phases run one loop that tests
-    only those from ``t_mid`` on. ``PLAIN``: the caller runs only tiles without a masked phase here, so one plain
-    gathered loop is compiled. ``FUSED_REDUCE``: then the global reduction of the rows whose last partial this
-    program wrote (:func:`_merge_if_last`). ``GATHER_BLOCK_N`` / ``GATHER_STAGES``: the K/V block and pipeline depth of
-    the loops over gathered slots (the affine loop keeps ``BLOCK_N`` / ``STAGES``). ``L2_PREFETCH``: the first two K/V blocks' rows are prefetched into L2 before
-    the queries are loaded (:func:`_prefetch_kv_l2`)."""
+    only those from ``t_mid`` on. ``PLAIN``: the caller runs only tiles without a masked phase here, so only the
+    first phase's loop is compiled (gathered, and with ``CONTIG`` the affine one too). ``FUSED_REDUCE``: then the global
+    reduction of the rows whose last partial this program wrote (:func:`_merge_if_last`). ``GATHER_BLOCK_N`` /
+    ``GATHER_STAGES``: the K/V block and pipeline depth of the loops over gathered slots (the affine loop keeps
+    ``BLOCK_N`` / ``STAGES``). ``L2_PREFETCH``: the first two K/V blocks' rows are prefetched into L2 before the
+    queries are loaded (:func:`_prefetch_kv_l2`)."""
     if L2_PREFETCH:  # the first two blocks' slots, loaded beside the query records (the tail past t_hi: pool row 0)
         pf_t = t_lo + tl.arange(0, 2 * BLOCK_N)
         pf_slot = tl.load(meta + off_tok_slot + pf_t, mask=pf_t < t_hi, other=0).to(tl.int64)
