@@ -102,6 +102,10 @@ def attention_rows(
             digest = getattr(method, "launch_digest", None)  # DeFT: equal digests, identical launches
             if digest is not None:
                 row["launch_digest"] = digest(plan)
+            flops = getattr(method, "tensor_flops", None)  # DeFT: tensor work, rows padded to the tile, and the need
+            if flops is not None:
+                executed, useful = flops(tree, shape)
+                row.update(mma_gflop=executed / 1e9, useful_gflop=useful / 1e9, mma_tflops=executed / sec / 1e12)
             if step in to_check:
                 out = method.run(q, k_pool, v_pool, plan)
                 ref = reference_attention(q, k_pool, v_pool, tree)
