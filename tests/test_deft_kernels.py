@@ -248,7 +248,8 @@ def test_fused_reduce_matches_reference_and_leaves_counters_zero(mode, seed):
         random_tree(rng, n_nodes=int(rng.integers(2, 12)), max_len=30, extra_queries=3),
         fan_tree(int(rng.integers(20, 90)), int(rng.integers(2, 20)), int(rng.integers(1, 6)), rng),
     ]
-    m = METHODS[mode](chunk_size=int(rng.integers(5, 24)), block_n=16, fused_reduce=True)
+    # lpt off on one seed: the 2-D grid runs the programs in another order, so another program merges each row
+    m = METHODS[mode](chunk_size=int(rng.integers(5, 24)), block_n=16, fused_reduce=True, lpt=seed != 1)
     dtype = (torch.float16, torch.bfloat16)[seed % 2]
     parts = []
     for tree in trees:
