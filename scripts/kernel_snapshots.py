@@ -497,14 +497,18 @@ def main() -> None:
                 f"  {r['snapshot'][:22]:22s} {r['variant']:9s} {r['median_us']:6.1f} g {r['graph_us']:6.1f} red {r['reduce_us']:4.1f} regs {r['n_regs']:3d} tiles {r['n_tiles']:4d}"
             )
     print(
-        f"{'snapshot':26s} {'variant':15s} {'eager':>7s} {'graph':>7s} {'plan':>6s} {'group':>6s} {'floor':>6s} {'TB/s':>5s} {'frac':>5s} {'gfrac':>5s} {'err':>7s} tiles chunk rows"
+        f"{'snapshot':26s} {'variant':15s} {'eager':>7s} {'graph':>7s} {'plan':>6s} {'group':>6s} {'floor':>6s} {'TB/s':>5s} {'frac':>5s} {'gfrac':>5s} {'err':>7s} tiles chunk rows TFLOP/s"
     )
+    # '=': the same plan and kernels as DeFT-Flatten's at that snapshot (launch_digest), so the gap is run-to-run spread
+    flat = {r["snapshot"]: r["launch_digest"] for r in rows if r["phase"] == "table" and r["variant"] == "flatten"}
     for r in rows:
         if r["phase"] == "table":
+            same = "=" if r["variant"] != "flatten" and r["launch_digest"] == flat.get(r["snapshot"]) else " "
             print(
                 f"{r['snapshot'][:26]:26s} {r['variant']:15s} {r['median_us']:7.1f} {r['graph_us']:7.1f} {r['plan_us']:6.0f} "
                 f"{r['groups_us']:6.0f} {r['floor_us']:6.1f} {r['achieved_TBps']:5.2f} {r['frac_copy_bw']:5.2f} "
-                f"{r['graph_frac_copy_bw']:5.2f} {r['rel_err']:7.1e} {r['n_tiles']:5d} {r['chunk_size']:5d} {r['rows']:4d}"
+                f"{r['graph_frac_copy_bw']:5.2f} {r['rel_err']:7.1e} {r['n_tiles']:5d} {r['chunk_size']:5d} {r['rows']:4d} "
+                f"{r['graph_mma_tflops']:6.0f} {same}"
             )
 
 
