@@ -66,11 +66,9 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
     ev[0].record()
     launch_partials(
         q, k, v, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles, plan.block_m, plan.block_n,
-        plan.num_warps, plan.num_stages, m.prefetch, m.idx_inloop, m.small_m, m.contiguous,
-        head_fastest=m.lpt, timeline=timeline, pdl_trigger=plan.pdl, unified=plan.unified, affine_big=plan.affine_big,
-        small_stages=m.small_stages, small_block_n=m.small_block, small_affine=m.small_affine and m.contiguous,
-        fused_out=out if plan.counters is not None else None, counters=plan.counters, l2_prefetch=m.l2_prefetch,
-        big_gather_block=m.big_gather_block, big_gather_stages=m.big_gather_stages,
+        plan.num_warps, plan.num_stages, timeline=timeline, pdl_trigger=plan.pdl, unified=plan.unified,
+        affine_big=plan.affine_big, fused_out=out if plan.counters is not None else None, counters=plan.counters,
+        **m.kernel_knobs(),  # the method's own kernel settings, as run passes them
     )  # fmt: skip
     ev[1].record()
     if plan.counters is None:  # fused_reduce: the partial kernel merged the rows itself

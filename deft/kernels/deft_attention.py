@@ -596,6 +596,16 @@ class DeftAttention(AttentionMethod):
             ctx.compiled = True
         return plan
 
+    def kernel_knobs(self) -> dict[str, Any]:
+        """:func:`~deft.kernels.tree_attention.launch_partials`' keyword arguments that come from the method's knobs (the
+        plan supplies the rest): one place for ``run``, the up-front compile, :meth:`launch_digest` and the probes."""
+        return dict(
+            prefetch=self.prefetch, idx_inloop=self.idx_inloop, small_m=self.small_m, contiguous=self.contiguous,
+            head_fastest=self.lpt, small_stages=self.small_stages, small_block_n=self.small_block,
+            small_affine=self.small_affine and self.contiguous, l2_prefetch=self.l2_prefetch,
+            big_gather_block=self.big_gather_block, big_gather_stages=self.big_gather_stages,
+        )  # fmt: skip
+
     def launch_digest(self, plan: DeftPlan) -> str:
         """A short hash of everything ``run`` launches for ``plan``: its packed index array (call it before the next
         plan reuses a staging buffer) and the launch's parameters and kernel knobs. Two methods (DeFT-Flatten and
@@ -605,10 +615,8 @@ class DeftAttention(AttentionMethod):
         launch = (
             plan.n_queries, plan.shape, plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.block_p,
             plan.reduce_heads, plan.pdl, plan.unified, plan.affine_big, plan.n_big, plan.small_rows,
-            plan.counters is not None, sorted(g.offsets.items()), g.n_tiles, g.n_partials, self.prefetch,
-            self.idx_inloop, self.small_m, self.contiguous, self.lpt, self.small_stages, self.small_block,
-            self.small_affine and self.contiguous, self.partial_dtype, self.small_block_n if plan.n_big >= 0 else 0,
-            self.l2_prefetch, self.big_gather_block, self.big_gather_stages,
+            plan.counters is not None, sorted(g.offsets.items()), g.n_tiles, g.n_partials, self.partial_dtype,
+            self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
         h.update(memoryview(np.ascontiguousarray(g.packed)).cast("B"))
@@ -693,13 +701,9 @@ class DeftAttention(AttentionMethod):
         else:
             self.last_kernel = launch_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
-                plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, self.prefetch, self.idx_inloop,
-                self.small_m, self.contiguous, head_fastest=self.lpt, pdl_trigger=plan.pdl, unified=plan.unified,
-                affine_big=plan.affine_big, small_stages=self.small_stages, small_block_n=self.small_block,
-                small_affine=self.small_affine and self.contiguous,
-                fused_out=out if plan.counters is not None else None, counters=plan.counters,
-                l2_prefetch=self.l2_prefetch, big_gather_block=self.big_gather_block,
-                big_gather_stages=self.big_gather_stages,
+                plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, pdl_trigger=plan.pdl,
+                unified=plan.unified, affine_big=plan.affine_big, fused_out=out if plan.counters is not None else None,
+                counters=plan.counters, **self.kernel_knobs(),
             )  # fmt: skip
         if plan.counters is None:
             launch_reduce(
@@ -759,10 +763,8 @@ class DeftAttention(AttentionMethod):
         s = plan.shape
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
-            self.num_warps, self.num_stages, self.prefetch, self.idx_inloop, self.small_m, self.contiguous, self.lpt,
-            self.reduce_heads, plan.pdl, self.unified_mask, self.specialise, self.split_launch, self.small_block_n,
-            self.small_stages, self.small_block, self.small_affine, self.fused_reduce, self.l2_prefetch,
-            self.big_gather_block, self.big_gather_stages,
+            self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
+            self.split_launch, self.small_block_n, self.fused_reduce, *sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -780,11 +782,8 @@ class DeftAttention(AttentionMethod):
                 warps, stages = self._launch_config(rows, s.head_dim)
                 launch_partials(
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
-                    self.prefetch, self.idx_inloop, self.small_m, self.contiguous, warmup=True, head_fastest=self.lpt,
-                    pdl_trigger=pdl, unified=unified, affine_big=affine_big, small_stages=self.small_stages,
-                    small_block_n=self.small_block, small_affine=self.small_affine and self.contiguous,
-                    fused_out=q if self.fused_reduce else None, counters=plan.counters, l2_prefetch=self.l2_prefetch,
-                    big_gather_block=self.big_gather_block, big_gather_stages=self.big_gather_stages,
+                    warmup=True, pdl_trigger=pdl, unified=unified, affine_big=affine_big,
+                    fused_out=q if self.fused_reduce else None, counters=plan.counters, **self.kernel_knobs(),
                 )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches
