@@ -168,6 +168,7 @@ ALL_SWEEP = {
     "l2pf_fused": {"l2_prefetch": True, "fused_reduce": True},
     # session 14: the big tile's gathered loops at 32-token blocks, 5 stages (two blocks in flight, as the small tile's)
     "bg32s5": {"big_gather_block": 32, "big_gather_stages": 5},
+    "l2pf_fused_fill_sa": {"l2_prefetch": True, "fused_reduce": True, "fill_tiles": True, "small_affine": True},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
