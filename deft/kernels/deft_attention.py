@@ -202,19 +202,28 @@ class DeftAttention(AttentionMethod):
     7 % and 4k step 200 6 % faster, none slower). Not yet run as a rule on a GPU.
     ``small_affine`` (off by default; session 14): the small tile compiles the affine loop as well and runs a tile over
     consecutive slots with it (with ``contiguous``): what a filled prompt chunk's rest rows (``fill_tiles``) need,
-    which session 13 saw gather a prompt token at 40-55 ns against the big tile's 25.
-    ``fused_reduce`` (off by default; session 14, not yet measured on a GPU): no reduction launch; each program counts
-    its stored partial rows on per-(query, head) counters and the one that completes a row's count merges that row
+    which session 13 saw gather a prompt token at 40-55 ns against the big tile's 25. Measured with ``fill_tiles``,
+    still slower: H200, session 15, 9 snapshots, graph µs, geomean 44.0 -> 50.5, few-shot 16k step 200 70.4 -> 91.8,
+    step 1 62.1 -> 91.0 (``results/h200/kernel_snapshots_2026-12-05_s15_knobs.csv``).
+    ``fused_reduce`` (off by default; session 14): no reduction launch; each program counts its stored partial rows on
+    per-(query, head) counters and the one that completes a row's count merges that row
     (:func:`~deft.kernels.tree_attention._merge_if_last`). Timed after the partial kernel in session 12-13's H100
     timelines, the separate reduction took 5.2-7.6 µs (a sixth of a Medusa step; the programmatic dependent launch hides
     part of that in a real step); the fused one adds an atomic round trip to every program and a merge to the last.
-    ``l2_prefetch`` (off by default; session 14, not yet measured): each program asks L2 for its first two K/V blocks
+    Measured slower on every snapshot (session 15, graph µs): H100, few-shot 16k step 200 72.7 -> 75.2, 4k step 200
+    47.1 -> 52.6, docmergeToT 38.4 -> 67.7; H200, geomean of 9 44.0 -> 54.0. The merger reads a row's partials two at
+    a time through three dependent loads (list, LSEs, outputs) at the end of the launch, a serial tail the separate
+    reduction, spread over the GPU, does not have: the loss follows partials per query (docmergeToT 37, +76 % on
+    the H100; sorting128ToT 18, +40 % on the H200; the few-shot steps 8-9, +3-20 %).
+    ``l2_prefetch`` (off by default; session 14; measured 0.5-2 % slower, H100, 3 snapshots, and 1-4 % on H200's 9,
+    session 15): each program asks L2 for its first two K/V blocks
     (``prefetch.global.L2``) between loading its query records and its queries. In the compiled kernel the queries'
     store to shared memory comes before the loop's first K/V copy, so a tile waited for the query chain and then for
     the K/V chain; with the prefetch the two run side by side (sm_90 SASS: the prefetches issue beside the query
     loads). A hint: results do not change, and the interpreter skips it.
-    ``big_gather_block`` / ``big_gather_stages`` (0: ``block_n`` / the launch's ``num_stages``; session 14, not yet
-    measured): the big tile's loops over gathered slots (a reasoning tree's multi-query branches, masked tiles) with
+    ``big_gather_block`` / ``big_gather_stages`` (0: ``block_n`` / the launch's ``num_stages``; session 14; 32 x 5
+    measured within 1 % of the default either way, H100 3 snapshots, H200 9 (geomean 44.1 against 44.0 µs), session
+    15): the big tile's loops over gathered slots (a reasoning tree's multi-query branches, masked tiles) with
     their own K/V block and depth, as ``small_block`` / ``small_stages`` are for the small tile. At 64-token blocks and
     3 stages such a loop has one block in flight (its slot indices take a stage); session 13's fit prices a big
     gathered token at 47 ns against an affine one's 19. 32-token blocks at 5 stages compile to the same 112 KB of
