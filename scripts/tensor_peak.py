@@ -35,8 +35,9 @@ def sdpa_prompt_us(n_tok: int, n_q: int, reps: int, dev: torch.device) -> tuple[
     """Median µs (cold L2, :func:`deft.bench.timing.time_device`) of torch's fused attention
     (``scaled_dot_product_attention`` with GQA, the first backend of flash / memory-efficient / math that takes the
     call) for ``n_q`` queries x 32 heads over one ``n_tok``-token prompt of 8 KV heads, head_dim 128, bf16: a shared
-    prompt's part of a few-shot step as one dense library call, a reference for the same tensor work. Returns the time
-    and the backend that ran."""
+    prompt's part of a few-shot step as one dense library call, a reference for the same tensor work, not a ceiling
+    (a prefill kernel handed 50 queries; H100, session 15: 78.2 µs at 16k, longer than DeFT-Flatten's whole step).
+    Returns the time and the backend that ran."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
