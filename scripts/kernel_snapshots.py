@@ -378,6 +378,16 @@ def inputs(tree: DecodingTree, dev):
     return q, k, v, reference_attention(q, k, v, tree)
 
 
+def sweep_summary(sweep: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's graph µs as snapshots x settings (in sweep order), with a geomean row and, per setting, the
+    geomean of its ratio to the first setting (``default`` when swept)."""
+    order = list(dict.fromkeys(sweep["variant"]))
+    piv = sweep.pivot_table(index="snapshot", columns="variant", values="graph_us", sort=False)[order]
+    geo = np.exp(np.log(piv).mean())
+    ratio = np.exp(np.log(piv.div(piv[order[0]], axis=0)).mean())
+    return pd.concat([piv, geo.to_frame("geomean").T, ratio.to_frame(f"x {order[0]}").T])
+
+
 def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -491,12 +501,11 @@ def main() -> None:
         print("plan profile (200 plans of fewshot_16k step 200):", "\n".join(buf.getvalue().splitlines()[4:22]))
 
     print(f"\ncopy BW {bw / 1e12:.3f} TB/s; {prov['gpu']}; rows in {path}; best flatten config {best}: {SWEEP[best]}")
-    print("sweep (graph us):")
-    for r in rows:
-        if r["phase"] == "sweep":
-            print(
-                f"  {r['snapshot'][:22]:22s} {r['variant']:9s} {r['median_us']:6.1f} g {r['graph_us']:6.1f} red {r['reduce_us']:4.1f} regs {r['n_regs']:3d} tiles {r['n_tiles']:4d}"
-            )
+    sweep = pd.DataFrame([r for r in rows if r["phase"] == "sweep"])
+    if not sweep.empty:
+        print(sweep_summary(sweep).round(3).to_string())
+    if not any(r["phase"] == "table" for r in rows):
+        return
     print(
         f"{'snapshot':26s} {'variant':15s} {'eager':>7s} {'graph':>7s} {'plan':>6s} {'group':>6s} {'floor':>6s} {'TB/s':>5s} {'frac':>5s} {'gfrac':>5s} {'err':>7s} tiles chunk rows TFLOP/s"
     )
