@@ -316,6 +316,42 @@ def io_reduction_table(df: pd.DataFrame, ref: str = REF, baselines: Sequence[str
 
 
 # ---------------------------------------------------------------------- files
+def sweep_ledger(results_dir: str | Path) -> pd.DataFrame:
+    """Every DeFT kernel setting ever swept by ``scripts/kernel_snapshots.py`` (``results/<gpu>/kernel_snapshots_*.csv``),
+    against the default of the same call: one row per (call, setting), with the geomean, best and worst over the
+    call's snapshots of the setting's CUDA-graph time / the call's ``default`` time. Only within-call ratios are
+    formed, so settings from different calls, commits or GPUs are never compared with each other; ``default`` is the
+    defaults of the call's commit. Calls without a ``default`` setting are left out."""
+    rows = []
+    for path in sorted(Path(results_dir).glob("*/kernel_snapshots_*.csv")):
+        df = pd.read_csv(path)
+        if not {"phase", "variant", "graph_us", "snapshot"} <= set(df.columns):
+            continue
+        sweep = df[df["phase"] == "sweep"]
+        if "default" not in set(sweep["variant"]):
+            continue
+        piv = sweep.pivot_table(index="snapshot", columns="variant", values="graph_us", aggfunc="median")
+        for setting in dict.fromkeys(sweep["variant"]):
+            ratio = (piv[setting] / piv["default"]).dropna()
+            if setting == "default" or ratio.empty:
+                continue
+            first = sweep[sweep["variant"] == setting].iloc[0]
+            rows.append(
+                {
+                    "call": path.stem.removeprefix("kernel_snapshots_"),
+                    "gpu": path.parent.name,
+                    "commit": str(first.get("git_commit", ""))[:7],
+                    "setting": setting,
+                    "kwargs": str(first.get("kwargs", "")),
+                    "snapshots": len(ratio),
+                    "x default": float(np.exp(np.log(ratio).mean())),
+                    "best": float(ratio.min()),
+                    "worst": float(ratio.max()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def gpu_folders(results_dir: str | Path) -> list[str]:
     """GPU result folders (everything under ``results_dir`` holding bench folders, except ``cpu``)."""
     root = Path(results_dir)
@@ -357,6 +393,19 @@ def build_all(results_dir: str | Path, out_dir: str | Path | None = None) -> lis
             write_table(out / f"e2e_{gpu}.md", f"End-to-end tree decoding, {gpu}", e2e_table(df), e2e,
                         [f"paper x Radix e2e: {PAPER_E2E_SOURCE}."]),
         ]  # fmt: skip
+    ledger = sweep_ledger(root)
+    if not ledger.empty:
+        path = out / "kernel_sweeps.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join([
+            "### Every DeFT kernel setting swept, against its call's default", "",
+            to_markdown(ledger.round(3)), "",
+            "Source: `results/<gpu>/kernel_snapshots_*.csv` (`python -m scripts.kernel_snapshots`; sweep rows, CUDA-graph "
+            "µs, cold L2, median of 50). x default: geomean over the call's snapshots of the setting's time / the call's "
+            "`default` (the defaults of that commit); best / worst: the extreme snapshots. Below 1: faster. Ratios are "
+            "formed within one call only; `notes/deft_kernels.md` tells what each call asked.", "",
+        ]))  # fmt: skip
+        written.append(path)
     io = load_results(root, bench="io")
     if not io.empty:
         # analytic rows are device independent: prefer the CPU folder's, else the newest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from deft.bench import results
 from scripts import plots, tables
@@ -146,3 +147,27 @@ def test_e2e_runs_cut_short_get_their_own_rows(tmp_path):
     whole = next(lbl for lbl in eager.index if "steps" not in lbl)
     assert eager.loc[f"{whole} (first 600 steps)", "DeFT-Flatten e2e (s)"] == 3.0
     assert round(eager.loc[whole, "x Radix e2e"], 6) == 1.5
+
+
+def test_sweep_ledger_ratios_are_within_one_call(tmp_path):
+    def call(gpu, name, rows):
+        (tmp_path / gpu).mkdir(exist_ok=True)
+        pd.DataFrame(rows, columns=["phase", "snapshot", "variant", "kwargs", "graph_us", "git_commit"]).to_csv(
+            tmp_path / gpu / f"kernel_snapshots_{name}.csv", index=False
+        )
+
+    call("h100", "a", [
+        ("sweep", "s1", "default", "{}", 10.0, "abc1234ffff"), ("sweep", "s1", "knob", "{'k': 1}", 20.0, "abc1234ffff"),
+        ("sweep", "s2", "default", "{}", 40.0, "abc1234ffff"), ("sweep", "s2", "knob", "{'k': 1}", 10.0, "abc1234ffff"),
+        ("table", "s1", "flatten", "{}", 1.0, "abc1234ffff"),
+    ])  # fmt: skip
+    call("h200", "b", [("sweep", "s1", "default", "{}", 5.0, "def"), ("sweep", "s1", "knob", "{}", 4.0, "def")])
+    call("h200", "no_default", [("sweep", "s1", "other", "{}", 5.0, "def")])
+    led = tables.sweep_ledger(tmp_path).set_index("call")
+    assert sorted(led.index) == ["a", "b"]  # a call without a default is left out; defaults are no rows
+    assert led.loc["a", "x default"] == pytest.approx(0.5**0.5)  # sqrt(2 x 0.25): each snapshot against its default
+    assert (led.loc["a", "best"], led.loc["a", "worst"]) == (pytest.approx(0.25), pytest.approx(2.0))
+    assert led.loc["b", "x default"] == pytest.approx(0.8)
+    assert (led.loc["a", "gpu"], led.loc["a", "commit"], led.loc["a", "snapshots"]) == ("h100", "abc1234", 2)
+    tables.build_all(tmp_path, tmp_path / "out")
+    assert "| a | h100 | abc1234 | knob |" in (tmp_path / "out" / "kernel_sweeps.md").read_text()
