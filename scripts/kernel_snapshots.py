@@ -37,6 +37,7 @@ from deft.kernels.deft_node import DeftNode, DeftNodeChunk
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
+from scripts.tables import sweep_pivot
 
 SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 #: DeFT-Flatten tile/pipeline configurations swept on the key snapshots; the best (geometric mean of
@@ -381,11 +382,11 @@ def inputs(tree: DecodingTree, dev):
 def sweep_summary(sweep: pd.DataFrame) -> pd.DataFrame:
     """The sweep's graph µs as snapshots x settings (in sweep order), with a geomean row and, per setting, the
     geomean of its ratio to the first setting (``default`` when swept)."""
-    order = list(dict.fromkeys(sweep["variant"]))
-    piv = sweep.pivot_table(index="snapshot", columns="variant", values="graph_us", sort=False)[order]
+    piv = sweep_pivot(sweep)
+    first = piv.columns[0]
     geo = np.exp(np.log(piv).mean())
-    ratio = np.exp(np.log(piv.div(piv[order[0]], axis=0)).mean())
-    return pd.concat([piv, geo.to_frame("geomean").T, ratio.to_frame(f"x {order[0]}").T])
+    ratio = np.exp(np.log(piv.div(piv[first], axis=0)).mean())
+    return pd.concat([piv, geo.to_frame("geomean").T, ratio.to_frame(f"x {first}").T])
 
 
 def main() -> None:

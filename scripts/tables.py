@@ -316,6 +316,13 @@ def io_reduction_table(df: pd.DataFrame, ref: str = REF, baselines: Sequence[str
 
 
 # ---------------------------------------------------------------------- files
+def sweep_pivot(sweep: pd.DataFrame) -> pd.DataFrame:
+    """``kernel_snapshots`` sweep rows as snapshots x settings of CUDA-graph µs (median of a setting swept twice),
+    the settings in the order they were swept."""
+    order = list(dict.fromkeys(sweep["variant"]))
+    return sweep.pivot_table(index="snapshot", columns="variant", values="graph_us", aggfunc="median", sort=False)[order]
+
+
 def sweep_ledger(results_dir: str | Path) -> pd.DataFrame:
     """Every DeFT kernel setting ever swept by ``scripts/kernel_snapshots.py`` (``results/<gpu>/kernel_snapshots_*.csv``),
     against the default of the same call: one row per (call, setting), with the geomean, best and worst over the
@@ -330,8 +337,8 @@ def sweep_ledger(results_dir: str | Path) -> pd.DataFrame:
         sweep = df[df["phase"] == "sweep"]
         if "default" not in set(sweep["variant"]):
             continue
-        piv = sweep.pivot_table(index="snapshot", columns="variant", values="graph_us", aggfunc="median")
-        for setting in dict.fromkeys(sweep["variant"]):
+        piv = sweep_pivot(sweep)
+        for setting in piv.columns:
             ratio = (piv[setting] / piv["default"]).dropna()
             if setting == "default" or ratio.empty:
                 continue

@@ -835,16 +835,21 @@ class DeftAttention(AttentionMethod):
 _KNOBS = frozenset(inspect.signature(DeftAttention.__init__).parameters) - {"self"} | {"mode", "_n_sms"}
 
 
+def _runs_small(t: dict[str, np.ndarray], rows: int, group: int, small_rows: int, unified: bool) -> np.ndarray:
+    """Per tile record (``KVGroups.records("tiles")``), whether the partial kernel runs it on its small tile: its
+    queries' rows fit ``small_rows`` (a small tile the plan's ``rows`` leave room for) and, under ``unified``, it has
+    no masked phase (the kernel's dispatch, :func:`~deft.kernels.tree_attention.deft_partial_kernel`)."""
+    small = ((t["q_hi"] - t["q_lo"]) * group <= small_rows) & (small_rows < rows)
+    return small & ((t["flags"] & FLAG_MASK) == 0) if unified else small
+
+
 def groups_tensor_flops(g: KVGroups, shape: AttentionShape, small_rows: int = 0, unified: bool = False) -> int:
     """Tensor-core flops of the partial kernel for grouping ``g``: every (tile, KV head) program multiplies its tile's
     rows, padded to its height (a big tile's ``g.rows``, a small one's ``small_rows``), by each of its tokens twice
     (QK^T and PV: ``4 x head_dim`` flops per row and token). A K/V block's masked tail is not counted."""
     t = g.records("tiles")
     ntok = (t["tok_hi"] - t["tok_lo"]).astype(np.int64)
-    small = ((t["q_hi"] - t["q_lo"]) * shape.group_size <= small_rows) & (small_rows < g.rows)
-    if unified:
-        small &= (t["flags"] & FLAG_MASK) == 0
-    rows = np.where(small, small_rows, g.rows)
+    rows = np.where(_runs_small(t, g.rows, shape.group_size, small_rows, unified), small_rows, g.rows)
     return int((rows * ntok).sum()) * shape.n_kv_heads * 4 * shape.head_dim
 
 
@@ -903,9 +908,7 @@ def groups_io(
     masked_tok = ntok - unmasked
     # a first phase over consecutive slots reads its first slot only (affine addresses; big tiles, and small ones
     # with small_affine)
-    small = (nq_t * shape.group_size <= small_rows) & (small_rows < g.rows)
-    if unified:
-        small &= ~masked
+    small = _runs_small(t, g.rows, shape.group_size, small_rows, unified)
     takes_affine = np.ones_like(small) if small_affine else ~small
     affine = ((t["flags"] & FLAG_CONTIG) != 0) & takes_affine if contiguous else np.zeros_like(masked)
     slot_reads = int(np.where(affine, 1, unmasked).sum() + masked_tok.sum())
