@@ -60,6 +60,32 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def compile_prompt_for_hopper(head_dim: int = 128, dtype: str = "bf16", group: int = 4):
+    """The Gluon prompt kernel (:mod:`deft.kernels.prompt_gluon`) compiled for sm_90 as its launcher launches it: a
+    host TMA descriptor specialises as ``tensordesc<dtype[box], layout>``; ptxas's reproducer dump is swallowed."""
+    import contextlib
+    import io
+
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from deft.kernels import prompt_gluon as pg
+
+    layout = gl.NVMMASharedLayout.get_default_for([pg.BLOCK_N, head_dim], {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype])
+    td = f"tensordesc<{dtype}[{pg.BLOCK_N}, {head_dim}],{layout!r}>"
+    sig = {"q_ptr": f"*{dtype}", "k_desc": td, "v_desc": td, "part_o": f"*{dtype}", "part_lse": "*fp32", "meta": "*i32",
+           "off_tok_slot": "i32", "off_queries": "i32", "n_pairs": "i32", "stride_qn": "i32", "stride_qh": "i32",
+           "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32", "GROUP": "constexpr",
+           "BLOCK_N": "constexpr", "STAGES": "constexpr", "CONS_REGS": "constexpr", "PROD_REGS": "constexpr"}  # fmt: skip
+    const = dict(GROUP=group, BLOCK_N=pg.BLOCK_N, STAGES=pg.STAGES, CONS_REGS=pg.CONS_REGS, PROD_REGS=pg.PRODUCER_REGS)
+    names = list(sig)
+    hinted = [n for n in names if sig[n].startswith("*") or n.startswith("stride")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    src = GluonASTSource(fn=pg.prompt_partial_kernel, signature=sig, constexprs=const, attrs=attrs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return triton.compile(src, target=TARGET, options={"num_warps": 4, "maxnreg": pg.MAXNREG})
+
+
 def report(name: str, kernel, out: Path) -> dict:
     """Registers (cuobjdump), shared memory, SASS instructions, async copies and wgmma ops in the TTGIR."""
     ttgir = kernel.asm["ttgir"]

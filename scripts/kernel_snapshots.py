@@ -170,6 +170,11 @@ ALL_SWEEP = {
     # session 14: the big tile's gathered loops at 32-token blocks, 5 stages (two blocks in flight, as the small tile's)
     "bg32s5": {"big_gather_block": 32, "big_gather_stages": 5},
     "l2pf_fused_fill_sa": {"l2_prefetch": True, "fused_reduce": True, "fill_tiles": True, "small_affine": True},
+    # session 16: the prompt's row tiles in the Gluon kernel (deft/kernels/prompt_gluon.py), the rest beside it; the
+    # prompt's chunk count follows wide_waves (0.9: 7 chunks at 16k; session 12's probe: 6-8 within 2 %)
+    "gluon": {"prompt_kernel": "gluon"},
+    "gluon_w0.75": {"prompt_kernel": "gluon", "wide_waves": 0.75},
+    "gluon_w1.0": {"prompt_kernel": "gluon", "wide_waves": 1.0},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

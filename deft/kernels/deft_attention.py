@@ -82,6 +82,9 @@ class DeftPlan(Plan):
     small_rows: int = 0  # split_launch: the small launch's tile rows
     split: tuple = ()  # split_launch: the launches (DeftAttention._split_launches), made once per plan, not per layer
     counters: torch.Tensor | None = None  # fused_reduce: per (query, head) int32 counters, zero between launches
+    n_prompt: int = 0  # prompt_kernel="gluon": tiles [0, n_prompt) run in the Gluon prompt kernel, the rest after them
+    n_pairs: int = 0  # prompt_kernel="gluon": of those, the pairs of records [2c, 2c + 1] (one CTA each)
+    rest: tuple = ()  # prompt_kernel="gluon": the rest's (meta view, section offsets), made once per plan
 
 
 class _PlanContext:
@@ -228,6 +231,13 @@ class DeftAttention(AttentionMethod):
     3 stages such a loop has one block in flight (its slot indices take a stage); session 13's fit prices a big
     gathered token at 47 ns against an affine one's 19. 32-token blocks at 5 stages compile to the same 112 KB of
     shared memory (220 registers, sm_90, UNIFIED).
+    ``prompt_kernel`` (``"triton"`` by default; ``"gluon"``: session 16): a shared prompt's row tiles (unmasked, over
+    consecutive slots, 17-64 rows, at least 128 tokens; :func:`~deft.kernels.prompt_gluon.prompt_tile_mask`) run in a
+    Gluon kernel of their own (:mod:`deft.kernels.prompt_gluon`: TMA ring, warp-specialised producer, two consumer
+    warpgroups on asynchronous ``wgmma`` taking turns, one tile record each) on the current stream, and the other
+    tiles in the fused kernel on a side stream that starts with it; the reduction waits for both. Off a Hopper GPU,
+    or on pools a TMA descriptor cannot address, the prompt tiles run in the fused kernel instead, in a launch of
+    their own (same plan, same partials: how the CPU tests check the split).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -275,6 +285,7 @@ class DeftAttention(AttentionMethod):
         l2_prefetch: bool = False,
         big_gather_block: int = 0,
         big_gather_stages: int = 0,
+        prompt_kernel: str = "triton",
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -345,6 +356,11 @@ class DeftAttention(AttentionMethod):
             raise ValueError(f"big_gather_stages must be 0 (the launch's num_stages) or 2..8, got {big_gather_stages}")
         self.big_gather_block = int(big_gather_block)
         self.big_gather_stages = int(big_gather_stages)
+        if prompt_kernel not in ("triton", "gluon"):
+            raise ValueError(f"prompt_kernel must be 'triton' or 'gluon', got {prompt_kernel!r}")
+        if prompt_kernel == "gluon" and (fused_reduce or split_launch):
+            raise ValueError("prompt_kernel='gluon' has launches of its own; it cannot be combined with fused_reduce or split_launch")
+        self.prompt_kernel = prompt_kernel
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -528,6 +544,7 @@ class DeftAttention(AttentionMethod):
             "unified_mask": self.unified_mask,
             "specialise": self.specialise,
             "split_launch": self.split_launch,
+            "prompt_kernel": self.prompt_kernel,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -577,10 +594,16 @@ class DeftAttention(AttentionMethod):
         staging = ctx.staging
         g = self.groups(tree, shape, staging.alloc if staging is not None else None)
         n_big = small = -1
+        n_prompt = n_pairs = 0
         if self.split_launch:  # before the upload: the records are reordered in place
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
             if small < g.rows:
                 n_big = partition_small_last(g, shape.group_size, small)
+        elif self.prompt_kernel == "gluon":  # likewise: the prompt kernel's records first
+            from deft.kernels.prompt_gluon import partition_prompt_tiles
+
+            small = small_tile_rows(shape.group_size, g.rows, self.small_m)
+            n_prompt, n_pairs = partition_prompt_tiles(g, shape.group_size, small if small < g.rows else 0)
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         launch = ctx.launch.get(g.rows)
@@ -594,11 +617,12 @@ class DeftAttention(AttentionMethod):
             n_queries=tree.n_queries, shape=shape, device=ctx.device_name, groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads,
-            pdl=ctx.pdl and n_big < 0 and not self.fused_reduce, unified=self.unified_for(g, shape),
-            affine_big=self.specialise and n_big < 0 and self.affine_for(g, shape), n_big=n_big,
+            pdl=ctx.pdl and n_big < 0 and not self.fused_reduce and n_prompt == 0, unified=self.unified_for(g, shape),
+            affine_big=self.specialise and n_big < 0 and n_prompt == 0 and self.affine_for(g, shape), n_big=n_big,
             small_rows=small if n_big >= 0 else 0,
             split=self._split_launches(g, meta, n_big, small, shape.head_dim, launch) if n_big >= 0 else (),
             counters=self._counter_space(tree.n_queries * shape.n_heads, device) if self.fused_reduce else None,
+            n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -624,7 +648,8 @@ class DeftAttention(AttentionMethod):
         launch = (
             plan.n_queries, plan.shape, plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.block_p,
             plan.reduce_heads, plan.pdl, plan.unified, plan.affine_big, plan.n_big, plan.small_rows,
-            plan.counters is not None, sorted(g.offsets.items()), g.n_tiles, g.n_partials, self.partial_dtype,
+            plan.counters is not None, plan.n_prompt, plan.n_pairs, sorted(g.offsets.items()), g.n_tiles, g.n_partials,
+            self.partial_dtype,
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
@@ -707,6 +732,8 @@ class DeftAttention(AttentionMethod):
         g = plan.groups
         if plan.n_big >= 0:
             self._run_split(q, k_pool, v_pool, plan)
+        elif plan.n_prompt > 0:
+            self._run_prompt(q, k_pool, v_pool, plan)
         else:
             self.last_kernel = launch_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
@@ -730,11 +757,56 @@ class DeftAttention(AttentionMethod):
         if n_big > 0:
             out.append((meta, g.offsets, n_big, (g.rows, self.block_n, *launch, self.contiguous)))
         if n_big < g.n_tiles:
-            shift = n_big * TILE_FIELDS
-            offs = {k: (a - shift, b - shift) for k, (a, b) in g.offsets.items()}
+            rest, offs = self._shifted(g, meta, n_big)
             warps, stages = self._launch_config(small_rows, head_dim)
-            out.append((meta[shift:], offs, g.n_tiles - n_big, (small_rows, self.small_block_n, warps, stages, False)))
+            out.append((rest, offs, g.n_tiles - n_big, (small_rows, self.small_block_n, warps, stages, False)))
         return tuple(out)
+
+    @staticmethod
+    def _shifted(g: KVGroups, meta: torch.Tensor, n: int) -> tuple[torch.Tensor, dict]:
+        """The packed array seen from tile record ``n`` on: the meta view and the section offsets, shifted by the
+        records before it (a launch over records [n, n_tiles) indexes its tiles from 0)."""
+        shift = n * TILE_FIELDS
+        return meta[shift:], {k: (a - shift, b - shift) for k, (a, b) in g.offsets.items()}
+
+    def _run_prompt(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: DeftPlan) -> None:
+        """``prompt_kernel="gluon"``: the prompt tiles in the Gluon kernel on the current stream, the rest in the fused
+        kernel on a side stream that starts with it (so the rest takes the SMs the prompt's CTAs leave and then
+        theirs), joined before the reduction. Where the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools
+        a TMA descriptor cannot address) the prompt tiles run in the fused kernel, in a launch of their own."""
+        g = plan.groups
+        n_rest = g.n_tiles - plan.n_prompt
+        cuda = q.device.type == "cuda"
+        if cuda and n_rest:
+            cur = torch.cuda.current_stream(q.device)
+            side = self._side.get(q.device)
+            if side is None:
+                side = self._side[q.device] = torch.cuda.Stream(q.device)
+            side.wait_stream(cur)
+        gluon = cuda and os.environ.get("TRITON_INTERPRET") != "1"
+        if gluon:
+            from deft.kernels import prompt_gluon
+
+            gluon = prompt_gluon.supported(q, k_pool, v_pool)
+        knobs = self.kernel_knobs()
+        if gluon:
+            prompt_gluon.launch_prompt_partials(
+                q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs
+            )
+        else:
+            self.last_kernel = launch_partials(
+                q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.block_m,
+                plan.block_n, plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
+            )  # fmt: skip
+        if n_rest:
+            meta, offs = plan.rest
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                self.last_kernel = launch_partials(
+                    q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
+                    plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
+                )  # fmt: skip
+            if cuda:
+                cur.wait_stream(side)
 
     def _run_split(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: DeftPlan) -> None:
         """``split_launch``: the big tiles' launch on the current stream and the small tiles' on a side stream that
@@ -773,7 +845,8 @@ class DeftAttention(AttentionMethod):
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
-            self.split_launch, self.small_block_n, self.fused_reduce, *sorted(self.kernel_knobs().items()),
+            self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel,
+            *sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         if key in _PRECOMPILED:
             return

@@ -1,0 +1,204 @@
+"""``prompt_kernel="gluon"``: the shared prompt's row tiles in the Gluon kernel (deft/kernels/prompt_gluon.py).
+
+On the CPU: the plan's partition (which records, pairs over one token range, the CTA -> record map the kernel
+computes), the two-launch run against the fp64 reference under the interpreter (there the prompt tiles run in
+the fused kernel, in a launch of their own), and the kernel's sm_90 build (no spills, fits shared memory). On a
+Hopper GPU: the Gluon kernel itself against the fp64 reference, with NaN-poisoned partials and output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deft.attention import AttentionShape
+from deft.kernels import prompt_gluon
+from deft.kernels.deft_flatten import DeftFlatten
+from deft.kernels.deft_node import DeftNodeChunk
+from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, TILE_FIELDS
+from deft.reference import TOLERANCE, reference_attention, relative_error
+from deft.tree import DecodingTree
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and not INTERP
+
+
+def fan(prompt: int, width: int, branch: int, rng: np.random.Generator, scatter_branches: bool = True) -> DecodingTree:
+    """A prompt in consecutive slots (as prefill writes it) and ``width`` branches of ``branch`` tokens (scattered
+    slots when ``scatter_branches``), one query at each branch's newest token; the query order is shuffled."""
+    n_br = width * branch
+    br_slots = prompt + (rng.permutation(n_br + 11)[:n_br] if scatter_branches else np.arange(n_br))
+    slots = np.r_[np.arange(prompt), br_slots]
+    order = rng.permutation(width)
+    return DecodingTree.from_arrays(
+        [-1] + [0] * width, [prompt] + [branch] * width, slots, 1 + order, [branch] * width, n_slots=prompt + n_br + 11
+    )
+
+
+def tensors(tree: DecodingTree, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tree.n_queries, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(tree.n_slots, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(tree.n_slots, kv_heads, head_dim, generator=g).to(dtype)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def run_checked(method, tree, heads, kv_heads, head_dim, dtype, seed=0):
+    """Plan, poison the partials and the output with NaN, run, compare with fp64; returns the plan."""
+    q, k, v = tensors(tree, heads, kv_heads, head_dim, dtype, seed)
+    shape = AttentionShape(heads, kv_heads, head_dim, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
+    plan = method.plan(tree, shape, DEVICE)
+    plan.part_o.fill_(float("nan"))
+    plan.part_lse.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    method.run(q, k, v, plan, out=out)
+    err = relative_error(out, reference_attention(q, k, v, tree))
+    assert err < TOLERANCE[dtype], f"rel err {err:.2e}"
+    return plan
+
+
+def tile_records(plan) -> np.ndarray:
+    return plan.groups.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------- the plan
+@pytest.mark.parametrize("width", [40, 50, 37])
+def test_partition_puts_prompt_tiles_first_in_pairs_over_one_token_range(width):
+    """Records [0, 2 x pairs) pair up over one token range; then the singles; every prompt tile (unmasked,
+    consecutive slots, rows over the small tile's, 128+ tokens) is in front, nothing else is, nothing is lost."""
+    rng = np.random.default_rng(width)
+    tree = fan(1500, width, 9, rng)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    base = DeftFlatten(n_sms=132)
+    ref = tile_records(base.plan(tree, shape, "cpu"))
+    plan = DeftFlatten(n_sms=132, prompt_kernel="gluon").plan(tree, shape, "cpu")
+    t = tile_records(plan)
+    assert sorted(map(tuple, t)) == sorted(map(tuple, ref))  # a reordering of the same records
+    n, pairs = plan.n_prompt, plan.n_pairs
+    rows = (t[:, 3] - t[:, 2]) * 4
+    eligible = (rows > 16) & (rows <= 64) & (t[:, 5] & FLAG_MASK == 0) & (t[:, 5] & FLAG_CONTIG != 0)
+    eligible &= t[:, 1] - t[:, 0] >= prompt_gluon.BLOCK_N
+    assert n == eligible.sum() > 0 and eligible[:n].all() and not eligible[n:].any()
+    # near-equal row slices (50 queries x 4 heads: 4 tiles of 48-52 rows per chunk; 37: 3 of 48-52): every chunk's
+    # tiles pair up two by two, an odd one left over
+    _, per_range = np.unique(t[:n, :2], axis=0, return_counts=True)
+    assert (per_range == -(-width * 4 // 64)).all() and pairs == (per_range // 2).sum()
+    a, b = t[0 : 2 * pairs : 2], t[1 : 2 * pairs : 2]
+    assert (a[:, :2] == b[:, :2]).all()  # a pair shares its token range
+    # the kernel's map from CTA c to its records covers every prompt record once
+    c = np.arange(n - pairs)
+    rec_a, rec_b = c + np.minimum(c, pairs), c + np.minimum(c + 1, pairs)
+    seen = np.r_[rec_a, rec_b[rec_b != rec_a]]
+    assert sorted(seen) == list(range(n))
+    assert plan.rest[0].numel() == plan.meta.numel() - n * len(TILE_FIELDS)
+
+
+def test_no_prompt_tile_leaves_the_plan_as_it_was():
+    """A tree without a shared prompt (scattered slots everywhere, one query per branch) has no tile for the
+    kernel: the plan is the one-launch plan (same digest) with the programmatic dependent reduction."""
+    rng = np.random.default_rng(3)
+    parent = [-1] + [0] * 12
+    lens = [40] + [6] * 12
+    n = sum(lens)
+    tree = DecodingTree.from_arrays(parent, lens, rng.permutation(n), np.arange(1, 13), [6] * 12)
+    shape = AttentionShape(8, 2, 16, "float16")
+    a, b = DeftFlatten(chunk_size=16), DeftFlatten(chunk_size=16, prompt_kernel="gluon")
+    pa, pb = a.plan(tree, shape, "cpu"), b.plan(tree, shape, "cpu")
+    assert pb.n_prompt == 0 and pb.rest == ()
+    assert np.array_equal(pa.groups.packed, pb.groups.packed)
+
+
+def test_bad_prompt_kernel_settings_are_refused():
+    with pytest.raises(ValueError, match="prompt_kernel"):
+        DeftFlatten(prompt_kernel="cuda")
+    with pytest.raises(ValueError, match="fused_reduce or split_launch"):
+        DeftFlatten(prompt_kernel="gluon", split_launch=True)
+
+
+# ---------------------------------------------------------------------- the two launches, interpreter or GPU
+needs_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() and not INTERP, reason="DeFT kernels need a CUDA GPU or TRITON_INTERPRET=1"
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls", [DeftFlatten, DeftNodeChunk])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [40, 37])
+def test_prompt_tiles_in_their_own_launch_match_reference(cls, dtype, width):
+    """Prompt of 700 consecutive slots, chunks of 150-250 tokens (not multiples of 128), 37 or 40 queries at GQA 4:
+    64 + 64 + 20 or 32 rows per chunk, so every chunk has a pair and a single. Off a Hopper GPU the prompt tiles run
+    in the fused kernel in a launch of their own; the rest on the side stream's launch."""
+    rng = np.random.default_rng(width)
+    tree = fan(700, width, 5, rng)
+    m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon")
+    plan = run_checked(m, tree, 8, 2, 16 if INTERP else 64, dtype)
+    assert plan.n_prompt > 0 and plan.n_pairs > 0 and plan.n_prompt > 2 * plan.n_pairs
+    assert plan.n_prompt < plan.groups.n_tiles  # the branches are left to the fused kernel
+
+
+@needs_kernels
+def test_prompt_tiles_with_a_speculative_tree_match_reference():
+    """A token tree under a consecutive prompt: masked candidate tiles stay in the fused kernel's launch."""
+    from tests.conftest import speculative_tree
+
+    rng = np.random.default_rng(5)
+    tree = speculative_tree(rng, 400, 37, spare_slots=5)
+    m = DeftFlatten(chunk_size=140, block_n=16, prompt_kernel="gluon")
+    run_checked(m, tree, 8, 2, 16 if INTERP else 64, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------- the kernel's build and its GPU run
+CHILD = """
+import json
+from scripts.gluon_probe import resource_usage
+from scripts.kernel_aot import compile_prompt_for_hopper
+out = {}
+for d, dt in [(128, "bf16"), (64, "fp16")]:
+    out[f"{d}_{dt}"] = resource_usage(compile_prompt_for_hopper(d, dt))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_prompt_kernel_compiles_for_hopper_without_spills(tmp_path):
+    """sm_90 build in a child process without the interpreter and with an empty cache (see test_gluon_probe.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    res = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name, r in json.loads(res.stdout.strip().splitlines()[-1]).items():
+        assert r["spill_st"] == 0 and r["local_ops"] == 0 and not r["serialized"], (name, r)
+        assert 0 < r["smem"] <= 232448 and {24, 240} <= set(r["setmaxnreg"]), (name, r)
+        assert r["warps"] == prompt_gluon.NUM_WARPS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width,prompt", [(50, 4096), (37, 3000), (13, 1000)])
+def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim, dtype, width, prompt):
+    """The Gluon kernel runs (a spy counts its launches) and the step matches fp64: chunk lengths not multiples of
+    128 (the last block overlaps the one before), pairs and singles, GQA 4."""
+    calls = []
+    real = prompt_gluon.launch_prompt_partials
+    monkeypatch.setattr(prompt_gluon, "launch_prompt_partials", lambda *a: calls.append(a[-2:]) or real(*a))
+    rng = np.random.default_rng(width + prompt)
+    tree = fan(prompt, width, 30, rng)
+    m = DeftFlatten(prompt_kernel="gluon")
+    plan = run_checked(m, tree, 32, 8, head_dim, dtype)
+    assert calls and calls[0] == (plan.n_prompt, plan.n_pairs) and plan.n_prompt > 0
+    # and again with Node-Chunk's fixed chunks, one of which is shorter than the others
+    m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon")
+    run_checked(m, tree, 32, 8, head_dim, dtype, seed=1)
