@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -831,6 +832,23 @@ class DeftAttention(AttentionMethod):
         if cuda:
             cur.wait_stream(side)
 
+    def _precompile_prompt(self, plan: DeftPlan, device: torch.device) -> None:
+        """``prompt_kernel="gluon"``: compile the Gluon prompt kernel for the plan's shape (on a Hopper GPU). A failed
+        compile here only warns: the first run compiles it again, and raises there."""
+        from deft.kernels import prompt_gluon
+
+        s = plan.shape
+        q = torch.empty(1, s.n_heads, s.head_dim, dtype=s.torch_dtype, device=device)
+        pool = torch.empty(prompt_gluon.BLOCK_N, s.n_kv_heads, s.head_dim, dtype=s.torch_dtype, device=device)
+        if not prompt_gluon.supported(q, pool, pool):
+            return
+        try:
+            prompt_gluon.launch_prompt_partials(
+                q, pool, pool, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, 1, 0, warmup=True
+            )
+        except Exception as e:  # noqa: BLE001 (a warm-up; the run reports the error itself)
+            warnings.warn(f"prompt_kernel='gluon': compiling ahead of the first run failed: {e!r}", stacklevel=2)
+
     def _precompile(self, plan: DeftPlan, device: torch.device) -> None:
         """Compile, once per process, shape and configuration, every kernel variant a plan can pick: the
         partial kernel for each tile height (16 up to ``block_m``) and the reduction for each width. A plan
@@ -862,11 +880,13 @@ class DeftAttention(AttentionMethod):
             rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
             while True:
                 warps, stages = self._launch_config(rows, s.head_dim)
-                launch_partials(
-                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps, stages,
-                    warmup=True, pdl_trigger=pdl, unified=unified, affine_big=affine_big,
-                    fused_out=q if self.fused_reduce else None, counters=plan.counters, **self.kernel_knobs(),
-                )  # fmt: skip
+                # prompt_kernel="gluon": the rest's launch has no PDL trigger (its plans reduce after two launches)
+                for p in (pdl, False) if self.prompt_kernel == "gluon" and pdl and not affine_big else (pdl,):
+                    launch_partials(
+                        q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps,
+                        stages, warmup=True, pdl_trigger=p, unified=unified, affine_big=affine_big,
+                        fused_out=q if self.fused_reduce else None, counters=plan.counters, **self.kernel_knobs(),
+                    )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches
                     for r, bn, contig in ((rows, self.block_n, self.contiguous), (small, self.small_block_n, False)):
@@ -879,9 +899,12 @@ class DeftAttention(AttentionMethod):
                 if rows >= self.block_m:
                     break
                 rows *= 2
+        two = (self.split_launch or self.prompt_kernel == "gluon") and pdl  # plans of two launches reduce without PDL
+        if self.prompt_kernel == "gluon":
+            self._precompile_prompt(plan, device)
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
-            for p in (pdl, False) if self.split_launch and pdl else (pdl,):
+            for p in (pdl, False) if two else (pdl,):
                 launch_reduce(q, plan.part_o, plan.part_lse, plan.meta, g.offsets, block_p, True, heads, p)
         _PRECOMPILED.add(key)
 

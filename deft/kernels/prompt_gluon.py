@@ -20,6 +20,7 @@ or more (:func:`partition_prompt_tiles` leaves shorter ones to the fused kernel)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -324,13 +325,18 @@ def launch_prompt_partials(
     offsets: dict[str, tuple[int, int]],
     n_tiles: int,
     n_pairs: int,
+    warmup: bool = False,
 ) -> None:
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
-    ``n_pairs`` pairs first), every KV head, into the workspace rows the records name."""
-    if n_tiles == 0:
+    ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
+    load) the kernel for these arguments' types without running it."""
+    if n_tiles == 0 and not warmup:
         return
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
-    prompt_partial_kernel[(n_tiles - n_pairs, n_kv)](
+    kernel = prompt_partial_kernel[(n_tiles - n_pairs, n_kv)]
+    if warmup:
+        kernel = functools.partial(prompt_partial_kernel.warmup, grid=(1, n_kv))
+    kernel(
         q, _descriptor(k_pool), _descriptor(v_pool), part_o, part_lse, meta, offsets["tok_slot"][0],
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
         part_lse.stride(0), LOG2E / math.sqrt(d), GROUP=q.shape[1] // n_kv, BLOCK_N=BLOCK_N, STAGES=STAGES,
