@@ -102,6 +102,27 @@ def test_partition_puts_prompt_tiles_first_in_pairs_over_one_token_range(width):
     assert plan.rest[0].numel() == plan.meta.numel() - n * len(TILE_FIELDS)
 
 
+@pytest.mark.parametrize("width", [50, 37])
+def test_io_counts_each_cta_s_boxes_once(width):
+    """K/V bytes from the plan, CTA by CTA as the kernel loads them: a pair or a single loads its chunk once in
+    whole 128-token boxes; every other tile its own tokens. The rest of the count is the one-launch plan's but for
+    a pair's second slot read."""
+    rng = np.random.default_rng(width)
+    tree = fan(3001, width, 9, rng)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    m, base = DeftFlatten(n_sms=132, prompt_kernel="gluon"), DeftFlatten(n_sms=132)
+    plan = m.plan(tree, shape, "cpu")
+    t = tile_records(plan)
+    n, pairs = plan.n_prompt, plan.n_pairs
+    ctas = [(2 * c, 2 * c + 1) for c in range(pairs)] + [(r, r) for r in range(2 * pairs, n)]
+    tokens = sum(-(-(t[a, 1] - t[a, 0]) // 128) * 128 for a, _ in ctas) + (t[n:, 1] - t[n:, 0]).sum()
+    io, io_base = m.io(tree, shape), base.io(tree, shape)
+    assert io.kv == tokens * shape.kv_token_bytes
+    assert io.kv > io_base.kv / 2 and io.kv < io_base.kv  # pairs read a chunk once where two 64-row tiles read it twice
+    assert io_base.meta - io.meta == pairs * 8 * 4  # a pair's second slot read, per KV head
+    assert (io.q, io.o, io.partial, io.mask) == (io_base.q, io_base.o, io_base.partial, io_base.mask)
+
+
 def test_no_prompt_tile_leaves_the_plan_as_it_was():
     """A tree without a shared prompt (scattered slots everywhere, one query per branch) has no tile for the
     kernel: the plan is the one-launch plan (same digest) with the programmatic dependent reduction."""

@@ -923,8 +923,13 @@ class DeftAttention(AttentionMethod):
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
         prefetch = (self.block_n, self.small_block or self.block_n) if self.l2_prefetch else None
+        prompt = (0, 0, 0)
+        if self.prompt_kernel == "gluon":  # the records reordered as the plan reorders them
+            from deft.kernels.prompt_gluon import BLOCK_N, partition_prompt_tiles
+
+            prompt = (*partition_prompt_tiles(g, shape.group_size, small if small < g.rows else 0), BLOCK_N)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
-                         self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch)  # fmt: skip
+                         self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt)  # fmt: skip
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
@@ -974,6 +979,7 @@ def groups_io(
     small_affine: bool = False,
     fused_reduce: bool = False,
     l2_prefetch: tuple[int, int] | None = None,
+    prompt: tuple[int, int, int] = (0, 0, 0),
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores (``unified``: the
     kernel's ``unified_mask``, under which a masked tile runs the big tile, affine first phase included).
@@ -995,6 +1001,9 @@ def groups_io(
     ``small_affine``: a small tile whose first phase is over consecutive slots reads its first slot only too.
     ``l2_prefetch`` (the big and the small tile's K/V block): each program also loads the slot indices of its first two
     blocks (their K/V lines are prefetched, not loaded: the tile's own first rows, counted under kv).
+    ``prompt`` (``prompt_kernel="gluon"``: the Gluon kernel's tiles, pairs and K/V box, records laid out by
+    :func:`~deft.kernels.prompt_gluon.partition_prompt_tiles`): each of its CTAs (a pair of tiles over one chunk, or a
+    single) loads the chunk's K and V once, in whole boxes (the last one overlaps the one before), and its slot once.
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -1008,6 +1017,12 @@ def groups_io(
     takes_affine = np.ones_like(small) if small_affine else ~small
     affine = ((t["flags"] & FLAG_CONTIG) != 0) & takes_affine if contiguous else np.zeros_like(masked)
     slot_reads = int(np.where(affine, 1, unmasked).sum() + masked_tok.sum())
+    kv_tok = int(ntok.sum())
+    n_prompt, n_pairs, box = prompt
+    if n_prompt:  # the CTAs' first records: the pairs' even ones, then the singles
+        first = np.r_[np.arange(0, 2 * n_pairs, 2), np.arange(2 * n_pairs, n_prompt)]
+        kv_tok += int((-(-ntok[first] // box) * box).sum()) - int(ntok[:n_prompt].sum())
+        slot_reads -= n_pairs  # a pair reads its chunk's first slot once
     kvh, heads, d = shape.n_kv_heads, shape.n_heads, shape.head_dim
     p_bytes = shape.elem_bytes if partial_dtype == "input" else 4
     per_program_meta = g.n_tiles * TILE_FIELDS * 4 + slot_reads * 4 + int(nq_t.sum()) * 12
@@ -1018,7 +1033,7 @@ def groups_io(
     else:
         reduce_meta = heads // reduce_heads * (n_queries * 3 * 4 + g.n_partials * 4)
     return IOCounts(
-        kv=int(ntok.sum()) * shape.kv_token_bytes,
+        kv=kv_tok * shape.kv_token_bytes,
         q=int(nq_t.sum()) * shape.q_row_bytes,
         o=n_queries * shape.q_row_bytes,
         partial=2 * g.n_partials * heads * (d * p_bytes + 4),
