@@ -175,6 +175,11 @@ ALL_SWEEP = {
     "gluon": {"prompt_kernel": "gluon"},
     "gluon_w0.75": {"prompt_kernel": "gluon", "wide_waves": 0.75},
     "gluon_w1.0": {"prompt_kernel": "gluon", "wide_waves": 1.0},
+    # the prompt CTAs' share of the SMs, finer (16k at 50 queries: 0.4 -> 3 chunks, 48 CTAs; 0.5 -> 4, 64; 0.67 -> 5,
+    # 80; 0.75 -> 6, 96; 0.9 -> 7, 112; 1.0 -> 8, 128)
+    "gluon_w0.4": {"prompt_kernel": "gluon", "wide_waves": 0.4},
+    "gluon_w0.5": {"prompt_kernel": "gluon", "wide_waves": 0.5},
+    "gluon_w0.67": {"prompt_kernel": "gluon", "wide_waves": 0.67},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

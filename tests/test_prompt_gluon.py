@@ -80,7 +80,7 @@ def test_partition_puts_prompt_tiles_first_in_pairs_over_one_token_range(width):
     shape = AttentionShape(32, 8, 128, "bfloat16")
     base = DeftFlatten(n_sms=132)
     ref = tile_records(base.plan(tree, shape, "cpu"))
-    plan = DeftFlatten(n_sms=132, prompt_kernel="gluon").plan(tree, shape, "cpu")
+    plan = DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0).plan(tree, shape, "cpu")
     t = tile_records(plan)
     assert sorted(map(tuple, t)) == sorted(map(tuple, ref))  # a reordering of the same records
     n, pairs = plan.n_prompt, plan.n_pairs
@@ -110,7 +110,7 @@ def test_io_counts_each_cta_s_boxes_once(width):
     rng = np.random.default_rng(width)
     tree = fan(3001, width, 9, rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    m, base = DeftFlatten(n_sms=132, prompt_kernel="gluon"), DeftFlatten(n_sms=132)
+    m, base = DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0), DeftFlatten(n_sms=132)
     plan = m.plan(tree, shape, "cpu")
     t = tile_records(plan)
     n, pairs = plan.n_prompt, plan.n_pairs
@@ -121,6 +121,54 @@ def test_io_counts_each_cta_s_boxes_once(width):
     assert io.kv > io_base.kv / 2 and io.kv < io_base.kv  # pairs read a chunk once where two 64-row tiles read it twice
     assert io_base.meta - io.meta == pairs * 8 * 4  # a pair's second slot read, per KV head
     assert (io.q, io.o, io.partial, io.mask) == (io_base.q, io_base.o, io_base.partial, io_base.mask)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_native_partition_orders_records_as_numpy_does(seed):
+    """The C partition (plan_native.c) against the numpy reference, on random tile records: many token ranges of
+    1-5 tiles each, in random order, some ineligible (masked, gathered, short, few or too many rows)."""
+    from deft.kernels.kv_groups import KVGroups
+    from deft.kernels.plan_native import native_available
+
+    if not native_available():
+        pytest.fail("the native plan did not build: the C partition is untested")
+    rng = np.random.default_rng(seed)
+    recs = []
+    for _ in range(int(rng.integers(1, 30))):
+        lo = int(rng.integers(0, 10**6))
+        hi = lo + int(rng.integers(1, 3000))
+        for _ in range(int(rng.integers(1, 6))):
+            q_lo = int(rng.integers(0, 500))
+            q_hi = q_lo + int(rng.integers(1, 20))
+            flags = (int(rng.integers(0, hi - lo + 1)) << 2) | int(rng.integers(0, 4))
+            recs.append([lo, hi, q_lo, q_hi, int(rng.integers(0, 10**4)), flags])
+    recs = np.array(recs, dtype=np.int32)[rng.permutation(len(recs))]
+    small, min_tok = int(rng.choice([0, 16])), int(rng.choice([0, 128, 1024]))
+
+    def parted(native: bool):
+        g = KVGroups(packed=recs.ravel().copy(), offsets={"tiles": (0, recs.size)}, n_tiles=len(recs), n_chunks=0,
+                     n_tokens=0, n_partials=0, max_parts=1, rows=64, chunk_size=0)  # fmt: skip
+        res = prompt_gluon.partition_prompt_tiles(g, 4, small, min_tok, native=native)
+        return res, g.section("tiles").reshape(-1, 6).copy()
+
+    (n_c, p_c), t_c = parted(True)
+    (n_n, p_n), t_n = parted(False)
+    assert (n_c, p_c) == (n_n, p_n) and np.array_equal(t_c, t_n)
+    assert sorted(map(tuple, t_c)) == sorted(map(tuple, recs))
+
+
+def test_short_prompt_chunks_stay_in_the_fused_kernel():
+    """``prompt_min_tokens`` (1024 by default): a 4k prompt's chunks of 500-700 tokens stay in the one launch (the
+    Gluon kernel was slower on them, H100, session 16); 0 sends them (at least 128 tokens) to the Gluon kernel."""
+    rng = np.random.default_rng(0)
+    tree = fan(4096, 50, 9, rng)
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    one = DeftFlatten(n_sms=132).plan(tree, shape, "cpu")
+    default = DeftFlatten(n_sms=132, prompt_kernel="gluon").plan(tree, shape, "cpu")
+    assert default.n_prompt == 0 and np.array_equal(default.groups.packed, one.groups.packed) and default.pdl == one.pdl
+    assert DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0).plan(tree, shape, "cpu").n_prompt > 0
+    long = DeftFlatten(n_sms=132, prompt_kernel="gluon").plan(fan(16384, 50, 9, rng), shape, "cpu")
+    assert long.n_prompt > 0 and not long.pdl
 
 
 def test_no_prompt_tile_leaves_the_plan_as_it_was():
@@ -161,7 +209,7 @@ def test_prompt_tiles_in_their_own_launch_match_reference(cls, dtype, width):
     in the fused kernel in a launch of their own; the rest on the side stream's launch."""
     rng = np.random.default_rng(width)
     tree = fan(700, width, 5, rng)
-    m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon")
+    m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon", prompt_min_tokens=0)
     plan = run_checked(m, tree, 8, 2, 16 if INTERP else 64, dtype)
     assert plan.n_prompt > 0 and plan.n_pairs > 0 and plan.n_prompt > 2 * plan.n_pairs
     assert plan.n_prompt < plan.groups.n_tiles  # the branches are left to the fused kernel
@@ -174,7 +222,7 @@ def test_prompt_tiles_with_a_speculative_tree_match_reference():
 
     rng = np.random.default_rng(5)
     tree = speculative_tree(rng, 400, 37, spare_slots=5)
-    m = DeftFlatten(chunk_size=140, block_n=16, prompt_kernel="gluon")
+    m = DeftFlatten(chunk_size=140, block_n=16, prompt_kernel="gluon", prompt_min_tokens=0)
     run_checked(m, tree, 8, 2, 16 if INTERP else 64, torch.bfloat16)
 
 
@@ -208,18 +256,24 @@ def test_prompt_kernel_compiles_for_hopper_without_spills(tmp_path):
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("head_dim", [128, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("width,prompt", [(50, 4096), (37, 3000), (13, 1000)])
+@pytest.mark.parametrize("width,prompt", [(50, 16384), (37, 3000), (20, 2500)])
 def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim, dtype, width, prompt):
     """The Gluon kernel runs (a spy counts its launches) and the step matches fp64: chunk lengths not multiples of
     128 (the last block overlaps the one before), pairs and singles, GQA 4."""
     calls = []
     real = prompt_gluon.launch_prompt_partials
-    monkeypatch.setattr(prompt_gluon, "launch_prompt_partials", lambda *a: calls.append(a[-2:]) or real(*a))
+
+    def spy(*args, warmup=False):
+        if not warmup:
+            calls.append(args[-2:])
+        real(*args, warmup=warmup)
+
+    monkeypatch.setattr(prompt_gluon, "launch_prompt_partials", spy)
     rng = np.random.default_rng(width + prompt)
     tree = fan(prompt, width, 30, rng)
-    m = DeftFlatten(prompt_kernel="gluon")
+    m = DeftFlatten(prompt_kernel="gluon", prompt_min_tokens=0)
     plan = run_checked(m, tree, 32, 8, head_dim, dtype)
     assert calls and calls[0] == (plan.n_prompt, plan.n_pairs) and plan.n_prompt > 0
     # and again with Node-Chunk's fixed chunks, one of which is shorter than the others
-    m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon")
+    m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon", prompt_min_tokens=0)
     run_checked(m, tree, 32, 8, head_dim, dtype, seed=1)

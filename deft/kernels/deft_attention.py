@@ -233,7 +233,8 @@ class DeftAttention(AttentionMethod):
     gathered token at 47 ns against an affine one's 19. 32-token blocks at 5 stages compile to the same 112 KB of
     shared memory (220 registers, sm_90, UNIFIED).
     ``prompt_kernel`` (``"triton"`` by default; ``"gluon"``: session 16): a shared prompt's row tiles (unmasked, over
-    consecutive slots, 17-64 rows, at least 128 tokens; :func:`~deft.kernels.prompt_gluon.prompt_tile_mask`) run in a
+    consecutive slots, 17-64 rows, at least ``prompt_min_tokens`` tokens (and 128);
+    :func:`~deft.kernels.prompt_gluon.prompt_tile_mask`) run in a
     Gluon kernel of their own (:mod:`deft.kernels.prompt_gluon`: TMA ring, warp-specialised producer, two consumer
     warpgroups on asynchronous ``wgmma`` taking turns, one tile record each) on the current stream, and the other
     tiles in the fused kernel on a side stream that starts with it; the reduction waits for both. Off a Hopper GPU,
@@ -287,6 +288,7 @@ class DeftAttention(AttentionMethod):
         big_gather_block: int = 0,
         big_gather_stages: int = 0,
         prompt_kernel: str = "triton",
+        prompt_min_tokens: int = 1024,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -362,6 +364,9 @@ class DeftAttention(AttentionMethod):
         if prompt_kernel == "gluon" and (fused_reduce or split_launch):
             raise ValueError("prompt_kernel='gluon' has launches of its own; it cannot be combined with fused_reduce or split_launch")
         self.prompt_kernel = prompt_kernel
+        if int(prompt_min_tokens) < 0:
+            raise ValueError(f"prompt_min_tokens must be >= 0, got {prompt_min_tokens}")
+        self.prompt_min_tokens = int(prompt_min_tokens)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -546,6 +551,7 @@ class DeftAttention(AttentionMethod):
             "specialise": self.specialise,
             "split_launch": self.split_launch,
             "prompt_kernel": self.prompt_kernel,
+            "prompt_min_tokens": self.prompt_min_tokens,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -604,7 +610,9 @@ class DeftAttention(AttentionMethod):
             from deft.kernels.prompt_gluon import partition_prompt_tiles
 
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
-            n_prompt, n_pairs = partition_prompt_tiles(g, shape.group_size, small if small < g.rows else 0)
+            n_prompt, n_pairs = partition_prompt_tiles(
+                g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens
+            )
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         launch = ctx.launch.get(g.rows)
@@ -927,7 +935,10 @@ class DeftAttention(AttentionMethod):
         if self.prompt_kernel == "gluon":  # the records reordered as the plan reorders them
             from deft.kernels.prompt_gluon import BLOCK_N, partition_prompt_tiles
 
-            prompt = (*partition_prompt_tiles(g, shape.group_size, small if small < g.rows else 0), BLOCK_N)
+            prompt = (
+                *partition_prompt_tiles(g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens),
+                BLOCK_N,
+            )
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
                          self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt)  # fmt: skip
 

@@ -801,3 +801,52 @@ i64 deft_order_tiles(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 lpt_big, 
         memcpy(tiles + 6 * i, copy + 6 * idx[i], 6 * sizeof(i32));
     return classes;
 }
+
+/* prompt_kernel="gluon" (deft/kernels/prompt_gluon.py, partition_prompt_tiles; the numpy version there is the
+ * reference): the tiles the Gluon prompt kernel runs (rows in (small_rows, max_rows], no masked phase, consecutive
+ * slots, at least min_tokens tokens) first, stably sorted by token range, those of a range two by two (a CTA's
+ * pair), then each odd range's last one, then every other tile in its order. Returns that kernel's tile count and
+ * its pairs in *n_pairs. scratch: 9 x n int64. */
+i64 deft_prompt_partition(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 max_rows, i64 min_tokens, i64 *scratch,
+                          i64 *n_pairs)
+{
+    i64 *key = scratch, *idx = scratch + n, *rest = scratch + 2 * n, *tmp = scratch + 3 * n;
+    i64 *order = scratch + 4 * n, *singles = scratch + 5 * n;
+    i32 *copy = (i32 *)(scratch + 6 * n); /* 6 x n int32 = 3 x n int64 */
+    i64 m = 0, r = 0;
+    *n_pairs = 0;
+    for (i64 i = 0; i < n; i++) {
+        const i32 *t = tiles + 6 * i;
+        i64 rows = ((i64)t[3] - t[2]) * group;
+        if (rows > small_rows && rows <= max_rows && !(t[5] & 1) && (t[5] & 2) && (i64)t[1] - t[0] >= min_tokens) {
+            key[i] = ((i64)t[0] << 32) | (i64)(uint32_t)t[1];
+            idx[m++] = i;
+        } else {
+            rest[r++] = i;
+        }
+    }
+    if (m == 0)
+        return 0;
+    sort_by_vis(idx, m, key, tmp);
+    i64 o = 0, s = 0;
+    for (i64 a = 0; a < m;) {
+        i64 b = a + 1;
+        while (b < m && key[idx[b]] == key[idx[a]])
+            b++;
+        i64 even = (b - a) & ~(i64)1;
+        for (i64 k = 0; k < even; k++)
+            order[o++] = idx[a + k];
+        if (even < b - a)
+            singles[s++] = idx[b - 1];
+        a = b;
+    }
+    *n_pairs = o / 2;
+    for (i64 k = 0; k < s; k++)
+        order[o++] = singles[k];
+    for (i64 k = 0; k < r; k++)
+        order[o++] = rest[k];
+    memcpy(copy, tiles, (size_t)(6 * n) * sizeof(i32));
+    for (i64 i = 0; i < n; i++)
+        memcpy(tiles + 6 * i, copy + 6 * order[i], 6 * sizeof(i32));
+    return m;
+}

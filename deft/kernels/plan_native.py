@@ -110,6 +110,8 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_plan_fill.restype = None
             lib.deft_order_tiles.argtypes = [_P32, i64, i64, i64, i64, i64, i64, ctypes.c_double, ctypes.c_double, ptr]
             lib.deft_order_tiles.restype = i64
+            lib.deft_prompt_partition.argtypes = [_P32, i64, i64, i64, i64, i64, ptr, ptr]
+            lib.deft_prompt_partition.restype = i64
             _lib = lib
         except Exception as e:  # no compiler, no write access, a loader error: numpy does the work
             _load_error = f"{type(e).__name__}: {e}"
@@ -355,3 +357,25 @@ def order_tiles_native(tiles: np.ndarray, group: int, small_rows: int, mix: floa
         return False
     _order_tiles(lib, buf, tiles.shape[0], int(group), int(small_rows), mix, slots)
     return True
+
+
+def prompt_partition_native(
+    tiles: np.ndarray, group: int, small_rows: int, max_rows: int, min_tokens: int
+) -> tuple[int, int] | None:
+    """:func:`~deft.kernels.prompt_gluon.partition_prompt_tiles`' reorder in C, in place on ``tiles`` (``[n, 6]``
+    int32, C-contiguous, writable): (the Gluon kernel's tiles, its pairs), or None (nothing done) when the native
+    code is off or cannot take the array."""
+    if not ENABLED or tiles.ndim != 2 or tiles.shape[1] != 6 or tiles.dtype is not _I32:
+        return None
+    lib = _lib if _lib is not None else _load()
+    if lib is None or not (0 <= group < 1 << 30 and all(-(1 << 40) < x < 1 << 40 for x in (small_rows, max_rows, min_tokens))):
+        return None
+    try:
+        buf = _VIEW[_I32](tiles)
+    except (TypeError, ValueError, BufferError):  # not contiguous, or read-only
+        return None
+    n = tiles.shape[0]
+    ws, scratch = _workspace(9 * max(n, 1) + 1)
+    pairs = ctypes.c_int64.from_buffer(ws, (ws.size - 1) * 8)  # the workspace's last slot, past the scratch
+    mine = int(lib.deft_prompt_partition(buf, n, group, small_rows, max_rows, min_tokens, scratch, pairs))
+    return mine, int(pairs.value)
