@@ -180,6 +180,10 @@ ALL_SWEEP = {
     "gluon_w0.4": {"prompt_kernel": "gluon", "wide_waves": 0.4},
     "gluon_w0.5": {"prompt_kernel": "gluon", "wide_waves": 0.5},
     "gluon_w0.67": {"prompt_kernel": "gluon", "wide_waves": 0.67},
+    # ... and a 4k prompt's short chunks (500-700 tokens at 0.75-0.9) in the Gluon kernel too, at smaller shares
+    "gluon_all_w0.5": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.5},
+    "gluon_all_w0.67": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.67},
+    "gluon_all_w0.75": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.75},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
