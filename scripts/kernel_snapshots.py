@@ -180,6 +180,11 @@ ALL_SWEEP = {
     "gluon_w0.4": {"prompt_kernel": "gluon", "wide_waves": 0.4},
     "gluon_w0.5": {"prompt_kernel": "gluon", "wide_waves": 0.5},
     "gluon_w0.67": {"prompt_kernel": "gluon", "wide_waves": 0.67},
+    # the prompt's share per tree (prompt_share x its share of the step's K/V tokens, at most wide_waves; the 1.1 default
+    # fitted on the sweep above), against other scales and the fixed share
+    "gluon_ps1.0": {"prompt_kernel": "gluon", "prompt_share": 1.0},
+    "gluon_ps1.25": {"prompt_kernel": "gluon", "prompt_share": 1.25},
+    "gluon_fixed": {"prompt_kernel": "gluon", "prompt_share": 0},
     # ... and a 4k prompt's short chunks (500-700 tokens at 0.75-0.9) in the Gluon kernel too, at smaller shares
     "gluon_all_w0.5": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.5},
     "gluon_all_w0.67": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.67},

@@ -289,6 +289,7 @@ class DeftAttention(AttentionMethod):
         big_gather_stages: int = 0,
         prompt_kernel: str = "triton",
         prompt_min_tokens: int = 1024,
+        prompt_share: float = 1.1,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -367,6 +368,11 @@ class DeftAttention(AttentionMethod):
         if int(prompt_min_tokens) < 0:
             raise ValueError(f"prompt_min_tokens must be >= 0, got {prompt_min_tokens}")
         self.prompt_min_tokens = int(prompt_min_tokens)
+        if float(prompt_share) < 0:
+            raise ValueError(f"prompt_share must be >= 0 (0: wide_waves' fixed share), got {prompt_share}")
+        if prompt_kernel == "gluon" and float(prompt_share) > 0 and wide_pick:
+            raise ValueError("wide_pick and prompt_share both pick the prompt's share; set prompt_share=0 for wide_pick")
+        self.prompt_share = float(prompt_share)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -408,10 +414,13 @@ class DeftAttention(AttentionMethod):
             raise ValueError("chunk_for(None, shape) needs a fixed chunk_size: the automatic one depends on the tree")
         return auto_chunk_size(tree.unique_kv_tokens, *self.chunk_policy(shape))
 
-    def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> KVGroups:
-        """The KV-guided grouping of ``tree`` (host only)."""
+    def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None, share: float | None = None) -> KVGroups:
+        """The KV-guided grouping of ``tree`` (host only); ``share``: the wide nodes' share of a wave, for
+        ``wide_waves``' (``prompt_share``'s pick, :meth:`prompt_plan`)."""
         if self.wide_pick and self.mode != "node" and self.wide_waves > 0:
             g = self._pick_wide(tree, shape, out_alloc)
+        elif share is not None:
+            g = self._build(tree, shape, out_alloc, share)
         else:
             g = self._build(tree, shape, out_alloc)
         if self.rest_chunk > 0:
@@ -427,6 +436,42 @@ class DeftAttention(AttentionMethod):
         if g is None:
             g = build_groups(tree, out_alloc=out_alloc, **kw)
         return g
+
+    def prompt_plan(self, tree: DecodingTree, shape: AttentionShape) -> tuple[bool, float | None]:
+        """``prompt_kernel="gluon"``: whether ``tree``'s plan gives the Gluon kernel its prompt tiles, and the wide
+        nodes' share of a wave for it (None: ``wide_waves``'). With ``prompt_share`` (> 0) only trees whose prompt
+        chunks reach ``prompt_min_tokens`` do (:meth:`_prompt_share`); the others get the one-launch plan unchanged."""
+        if self.prompt_kernel != "gluon":
+            return False, None
+        if self.prompt_share == 0:
+            return True, None
+        share = self._prompt_share(tree, shape)
+        return share is not None, share
+
+    def _prompt_share(self, tree: DecodingTree, shape: AttentionShape) -> float | None:
+        """``prompt_kernel="gluon"`` with ``prompt_share``: the share of a wave the wide nodes (a shared prompt) take,
+        ``prompt_share`` x their share of the step's K/V tokens, at most ``wide_waves``, to two decimals (a bounded
+        set of cached plan arguments); None (``wide_waves``' share) when there is no wide node or their chunks at
+        ``wide_waves``' share would be shorter than ``prompt_min_tokens`` (no tile for the Gluon kernel: the one-launch
+        plan). The Gluon kernel's CTAs hold an SM each for their chunk, so the SMs they leave run the rest of the step:
+        H100, session 16, few-shot 16k, the best fixed share was 0.9 at step 1 (prompt 99.7 % of the tokens), 0.67 at
+        step 200 (62 %) and 0.5 at step 399 (45 %)."""
+        if self.mode == "node" or self.wide_waves <= 0 or tree.n_queries == 0:
+            return None
+        most_tiles = -(-tree.n_queries * shape.group_size // self.block_m)  # no node has more row tiles
+        if most_tiles < 2 or tree.unique_kv_tokens < self.prompt_min_tokens * max(1, self.wide_budget(shape) // most_tiles):
+            return None  # no wide node, or none long enough: skip the per-node counts (a few-shot 4k step 1)
+        tin, size = tree.tin, tree.subtree_size
+        q_tin = np.sort(tin[tree.query_node])
+        rows = (np.searchsorted(q_tin, tin + size) - np.searchsorted(q_tin, tin)) * shape.group_size
+        wide = rows > self.block_m
+        if not wide.any():
+            return None
+        wide_tok = int(tree.node_seen_len[wide].sum())
+        tiles = -(-int(rows[wide].max()) // self.block_m)
+        if wide_tok < self.prompt_min_tokens * max(1, self.wide_budget(shape) // tiles):
+            return None
+        return min(self.wide_waves, round(self.prompt_share * wide_tok / max(tree.unique_kv_tokens, 1), 2))
 
     def _pick_wide(self, tree: DecodingTree, shape: AttentionShape, out_alloc) -> KVGroups:
         """``wide_pick``: the plan of the share (``wide_waves`` or one of :data:`WIDE_PICK_SHARES`) whose launch the
@@ -552,6 +597,7 @@ class DeftAttention(AttentionMethod):
             "split_launch": self.split_launch,
             "prompt_kernel": self.prompt_kernel,
             "prompt_min_tokens": self.prompt_min_tokens,
+            "prompt_share": self.prompt_share,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -599,14 +645,15 @@ class DeftAttention(AttentionMethod):
         if ctx is None:
             ctx = self._plan_context(device, shape)
         staging = ctx.staging
-        g = self.groups(tree, shape, staging.alloc if staging is not None else None)
+        gluon, share = self.prompt_plan(tree, shape)
+        g = self.groups(tree, shape, staging.alloc if staging is not None else None, share)
         n_big = small = -1
         n_prompt = n_pairs = 0
         if self.split_launch:  # before the upload: the records are reordered in place
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
             if small < g.rows:
                 n_big = partition_small_last(g, shape.group_size, small)
-        elif self.prompt_kernel == "gluon":  # likewise: the prompt kernel's records first
+        elif gluon:  # likewise: the prompt kernel's records first
             from deft.kernels.prompt_gluon import partition_prompt_tiles
 
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
@@ -921,18 +968,20 @@ class DeftAttention(AttentionMethod):
         to the tile (:func:`groups_tensor_flops`), and what the tree needs (each query's visible tokens, every head,
         ``4 x head_dim`` each). Their ratio is the padding's cost; the executed flops over a measured tensor throughput
         are the compute side of the floor that bytes over bandwidth are the memory side of."""
-        g = self.groups(tree, shape)
+        _, share = self.prompt_plan(tree, shape)
+        g = self.groups(tree, shape, share=share)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         executed = groups_tensor_flops(g, shape, small if small < g.rows else 0, self.unified_for(g, shape))
         return executed, tree.path_kv_tokens * shape.n_heads * 4 * shape.head_dim
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
-        g = self.groups(tree, shape)
+        gluon, share = self.prompt_plan(tree, shape)
+        g = self.groups(tree, shape, share=share)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
         prefetch = (self.block_n, self.small_block or self.block_n) if self.l2_prefetch else None
         prompt = (0, 0, 0)
-        if self.prompt_kernel == "gluon":  # the records reordered as the plan reorders them
+        if gluon:  # the records reordered as the plan reorders them
             from deft.kernels.prompt_gluon import BLOCK_N, partition_prompt_tiles
 
             prompt = (
