@@ -239,7 +239,14 @@ class DeftAttention(AttentionMethod):
     warpgroups on asynchronous ``wgmma`` taking turns, one tile record each) on the current stream, and the other
     tiles in the fused kernel on a side stream that starts with it; the reduction waits for both. Off a Hopper GPU,
     or on pools a TMA descriptor cannot address, the prompt tiles run in the fused kernel instead, in a launch of
-    their own (same plan, same partials: how the CPU tests check the split).
+    their own (same plan, same partials: how the CPU tests check the split). ``prompt_min_tokens`` (1024) and
+    ``prompt_share`` (1.1; 0: ``wide_waves``' fixed share) decide per tree (:meth:`prompt_plan`): the Gluon kernel's
+    CTAs hold an SM each for a whole chunk, so it pays only on long prompt chunks, and the prompt's share of the SMs
+    should follow its share of the step's tokens. H100, session 16, graph µs (``results/h100/kernel_snapshots_2026-12-06_s16*``):
+    few-shot 16k steps 1 / 200 / 399 62.2 / 72.9 / 89.9 -> 51.6 / 62.9 / 76.5 (the launches the rule makes, measured
+    as fixed shares 0.9 / 0.67 / 0.5 in one call); on the 4k snapshots, the reasoning trees and Medusa (prompt chunks
+    of 160-670 tokens) the Gluon kernel was slower at every share tried (4k step 1 25.5 -> 31-33, docmergeToT 38.0 ->
+    52-55), and the rule leaves their plans as they were (equal ``launch_digest``).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
