@@ -172,7 +172,8 @@ ALL_SWEEP = {
     "l2pf_fused_fill_sa": {"l2_prefetch": True, "fused_reduce": True, "fill_tiles": True, "small_affine": True},
     # session 16: the prompt's row tiles in the Gluon kernel (deft/kernels/prompt_gluon.py), the rest beside it; the
     # prompt's chunk count follows wide_waves (0.9: 7 chunks at 16k; session 12's probe: 6-8 within 2 %)
-    "gluon": {"prompt_kernel": "gluon"},
+    "gluon": {"prompt_kernel": "gluon"},  # the default from session 16 on (so "default" = "gluon" from then)
+    "triton": {"prompt_kernel": "triton"},  # the default before: every tile in the fused kernel's one launch
     "gluon_w0.75": {"prompt_kernel": "gluon", "wide_waves": 0.75},
     "gluon_w1.0": {"prompt_kernel": "gluon", "wide_waves": 1.0},
     # the prompt CTAs' share of the SMs, finer (16k at 50 queries: 0.4 -> 3 chunks, 48 CTAs; 0.5 -> 4, 64; 0.67 -> 5,

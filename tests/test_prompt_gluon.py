@@ -78,7 +78,7 @@ def test_partition_puts_prompt_tiles_first_in_pairs_over_one_token_range(width):
     rng = np.random.default_rng(width)
     tree = fan(1500, width, 9, rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    base = DeftFlatten(n_sms=132)
+    base = DeftFlatten(n_sms=132, prompt_kernel="triton")
     ref = tile_records(base.plan(tree, shape, "cpu"))
     plan = DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0).plan(tree, shape, "cpu")
     t = tile_records(plan)
@@ -110,7 +110,8 @@ def test_io_counts_each_cta_s_boxes_once(width):
     rng = np.random.default_rng(width)
     tree = fan(3001, width, 9, rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    m, base = DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0), DeftFlatten(n_sms=132)
+    m = DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0)
+    base = DeftFlatten(n_sms=132, prompt_kernel="triton")
     plan = m.plan(tree, shape, "cpu")
     t = tile_records(plan)
     n, pairs = plan.n_prompt, plan.n_pairs
@@ -163,7 +164,7 @@ def test_short_prompt_chunks_stay_in_the_fused_kernel():
     rng = np.random.default_rng(0)
     tree = fan(4096, 50, 9, rng)
     shape = AttentionShape(32, 8, 128, "bfloat16")
-    one = DeftFlatten(n_sms=132).plan(tree, shape, "cpu")
+    one = DeftFlatten(n_sms=132, prompt_kernel="triton").plan(tree, shape, "cpu")
     default = DeftFlatten(n_sms=132, prompt_kernel="gluon").plan(tree, shape, "cpu")
     assert default.n_prompt == 0 and np.array_equal(default.groups.packed, one.groups.packed) and default.pdl == one.pdl
     assert DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_min_tokens=0).plan(tree, shape, "cpu").n_prompt > 0
@@ -184,7 +185,7 @@ def test_prompt_share_follows_the_prompt_s_share_of_the_tokens(branch, share, ch
     t = tile_records(plan)
     assert len(np.unique(t[: plan.n_prompt, :2], axis=0)) == chunks and plan.n_pairs == 2 * chunks
     assert DeftFlatten(n_sms=132, prompt_kernel="gluon", prompt_share=0).prompt_plan(tree, shape) == (True, None)
-    assert DeftFlatten(n_sms=132).prompt_plan(tree, shape) == (False, None)
+    assert DeftFlatten(n_sms=132, prompt_kernel="triton").prompt_plan(tree, shape) == (False, None)
 
 
 def test_no_prompt_tile_leaves_the_plan_as_it_was():
@@ -196,10 +197,16 @@ def test_no_prompt_tile_leaves_the_plan_as_it_was():
     n = sum(lens)
     tree = DecodingTree.from_arrays(parent, lens, rng.permutation(n), np.arange(1, 13), [6] * 12)
     shape = AttentionShape(8, 2, 16, "float16")
-    a, b = DeftFlatten(chunk_size=16), DeftFlatten(chunk_size=16, prompt_kernel="gluon")
+    a, b = DeftFlatten(chunk_size=16, prompt_kernel="triton"), DeftFlatten(chunk_size=16, prompt_kernel="gluon")
     pa, pb = a.plan(tree, shape, "cpu"), b.plan(tree, shape, "cpu")
     assert pb.n_prompt == 0 and pb.rest == ()
     assert np.array_equal(pa.groups.packed, pb.groups.packed)
+
+
+def test_gluon_is_the_default_for_every_variant():
+    """Session 16's default (the rule keeps the one-launch plan where the Gluon kernel did not pay)."""
+    assert DeftFlatten().prompt_kernel == DeftNodeChunk().prompt_kernel == "gluon"
+    assert (DeftFlatten().prompt_min_tokens, DeftFlatten().prompt_share) == (1024, 1.1)
 
 
 def test_bad_prompt_kernel_settings_are_refused():

@@ -232,7 +232,8 @@ class DeftAttention(AttentionMethod):
     3 stages such a loop has one block in flight (its slot indices take a stage); session 13's fit prices a big
     gathered token at 47 ns against an affine one's 19. 32-token blocks at 5 stages compile to the same 112 KB of
     shared memory (220 registers, sm_90, UNIFIED).
-    ``prompt_kernel`` (``"triton"`` by default; ``"gluon"``: session 16): a shared prompt's row tiles (unmasked, over
+    ``prompt_kernel`` (``"gluon"`` by default since session 16; ``"triton"``: every tile in the fused kernel's one
+    launch): a shared prompt's row tiles (unmasked, over
     consecutive slots, 17-64 rows, at least ``prompt_min_tokens`` tokens (and 128);
     :func:`~deft.kernels.prompt_gluon.prompt_tile_mask`) run in a
     Gluon kernel of their own (:mod:`deft.kernels.prompt_gluon`: TMA ring, warp-specialised producer, two consumer
@@ -294,7 +295,7 @@ class DeftAttention(AttentionMethod):
         l2_prefetch: bool = False,
         big_gather_block: int = 0,
         big_gather_stages: int = 0,
-        prompt_kernel: str = "triton",
+        prompt_kernel: str = "gluon",
         prompt_min_tokens: int = 1024,
         prompt_share: float = 1.1,
     ) -> None:
