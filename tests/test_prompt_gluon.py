@@ -212,8 +212,21 @@ def test_gluon_is_the_default_for_every_variant():
 def test_bad_prompt_kernel_settings_are_refused():
     with pytest.raises(ValueError, match="prompt_kernel"):
         DeftFlatten(prompt_kernel="cuda")
-    with pytest.raises(ValueError, match="fused_reduce or split_launch"):
-        DeftFlatten(prompt_kernel="gluon", split_launch=True)
+    with pytest.raises(ValueError, match="prompt_min_tokens"):
+        DeftFlatten(prompt_min_tokens=-1)
+    with pytest.raises(ValueError, match="prompt_share"):
+        DeftFlatten(prompt_share=-0.5)
+
+
+@pytest.mark.parametrize("knob", ["fused_reduce", "split_launch", "wide_pick"])
+def test_knobs_with_launches_or_shares_of_their_own_turn_the_gluon_path_off(knob):
+    """``fused_reduce`` and ``split_launch`` (launches of their own) and ``wide_pick`` (a share of its own) plan as
+    before: no tree goes to the Gluon kernel, even at ``prompt_share=0``."""
+    tree = fan(16384, 50, 200, np.random.default_rng(0))
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    for share in (1.1, 0.0):
+        m = DeftFlatten(n_sms=132, prompt_share=share, **{knob: True})
+        assert m.prompt_plan(tree, shape) == (False, None) and m.plan(tree, shape, "cpu").n_prompt == 0
 
 
 # ---------------------------------------------------------------------- the two launches, interpreter or GPU

@@ -370,16 +370,12 @@ class DeftAttention(AttentionMethod):
         self.big_gather_stages = int(big_gather_stages)
         if prompt_kernel not in ("triton", "gluon"):
             raise ValueError(f"prompt_kernel must be 'triton' or 'gluon', got {prompt_kernel!r}")
-        if prompt_kernel == "gluon" and (fused_reduce or split_launch):
-            raise ValueError("prompt_kernel='gluon' has launches of its own; it cannot be combined with fused_reduce or split_launch")
         self.prompt_kernel = prompt_kernel
         if int(prompt_min_tokens) < 0:
             raise ValueError(f"prompt_min_tokens must be >= 0, got {prompt_min_tokens}")
         self.prompt_min_tokens = int(prompt_min_tokens)
         if float(prompt_share) < 0:
             raise ValueError(f"prompt_share must be >= 0 (0: wide_waves' fixed share), got {prompt_share}")
-        if prompt_kernel == "gluon" and float(prompt_share) > 0 and wide_pick:
-            raise ValueError("wide_pick and prompt_share both pick the prompt's share; set prompt_share=0 for wide_pick")
         self.prompt_share = float(prompt_share)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
@@ -448,13 +444,20 @@ class DeftAttention(AttentionMethod):
     def prompt_plan(self, tree: DecodingTree, shape: AttentionShape) -> tuple[bool, float | None]:
         """``prompt_kernel="gluon"``: whether ``tree``'s plan gives the Gluon kernel its prompt tiles, and the wide
         nodes' share of a wave for it (None: ``wide_waves``'). With ``prompt_share`` (> 0) only trees whose prompt
-        chunks reach ``prompt_min_tokens`` do (:meth:`_prompt_share`); the others get the one-launch plan unchanged."""
-        if self.prompt_kernel != "gluon":
+        chunks reach ``prompt_min_tokens`` do (:meth:`_prompt_share`); the others get the one-launch plan unchanged.
+        ``fused_reduce``, ``split_launch`` and ``wide_pick`` set the launches or the prompt's share themselves: with any
+        of them on, no tree does."""
+        if not self._gluon_on:
             return False, None
         if self.prompt_share == 0:
             return True, None
         share = self._prompt_share(tree, shape)
         return share is not None, share
+
+    @property
+    def _gluon_on(self) -> bool:
+        """``prompt_kernel="gluon"`` without a knob that sets the launches or the prompt's share itself."""
+        return self.prompt_kernel == "gluon" and not (self.fused_reduce or self.split_launch or self.wide_pick)
 
     def _prompt_share(self, tree: DecodingTree, shape: AttentionShape) -> float | None:
         """``prompt_kernel="gluon"`` with ``prompt_share``: the share of a wave the wide nodes (a shared prompt) take,
@@ -944,7 +947,7 @@ class DeftAttention(AttentionMethod):
             while True:
                 warps, stages = self._launch_config(rows, s.head_dim)
                 # prompt_kernel="gluon": the rest's launch has no PDL trigger (its plans reduce after two launches)
-                for p in (pdl, False) if self.prompt_kernel == "gluon" and pdl and not affine_big else (pdl,):
+                for p in (pdl, False) if self._gluon_on and pdl and not affine_big else (pdl,):
                     launch_partials(
                         q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps,
                         stages, warmup=True, pdl_trigger=p, unified=unified, affine_big=affine_big,
@@ -962,8 +965,8 @@ class DeftAttention(AttentionMethod):
                 if rows >= self.block_m:
                     break
                 rows *= 2
-        two = (self.split_launch or self.prompt_kernel == "gluon") and pdl  # plans of two launches reduce without PDL
-        if self.prompt_kernel == "gluon":
+        two = (self.split_launch or self._gluon_on) and pdl  # plans of two launches reduce without PDL
+        if self._gluon_on:
             self._precompile_prompt(plan, device)
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
