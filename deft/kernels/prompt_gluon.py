@@ -304,10 +304,16 @@ def partition_prompt_tiles(
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
+@functools.cache
+def _major(device: torch.device) -> int:
+    """The device's compute capability major (looked up once per device: ``supported`` runs once per layer)."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def supported(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
     """Whether this kernel can run on these tensors: a Hopper GPU, fp16/bf16, head_dim 64/128, pools whose
     [slots, kv_heads * head_dim] view a TMA descriptor can address (contiguous, 16-byte aligned)."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda" or _major(q.device) != 9:
         return False
     return (
         q.dtype in (torch.float16, torch.bfloat16)
