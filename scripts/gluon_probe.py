@@ -49,6 +49,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# the block update and the turn-taking are the DeFT prompt kernel's (deft/kernels/prompt_gluon.py), which this probe became
+from deft.kernels.prompt_gluon import _softmax_step
+from deft.kernels.prompt_gluon import _turn_pass as pg_turn_pass
+from deft.kernels.prompt_gluon import _turn_wait as pg_turn_wait
+
 HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory one CTA may use on sm_90
@@ -200,30 +205,16 @@ def _producer_kv(args, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
 
 @gluon.jit
 def _turn_wait(turn, k, W: gl.constexpr, PINGPONG: gl.constexpr):
-    """Ping-pong: before this warpgroup's k-th GEMM issue, wait until the other one issued its (k-1)-th.
-
-    turn[W] completes a phase per arrival of the other warpgroup; warpgroup 0 goes first (parity 1 of a fresh
-    barrier passes at once), so warpgroup 0 waits parity (k + 1) & 1 and warpgroup 1 parity k & 1."""
+    """Ping-pong (the DeFT prompt kernel's turn-taking, :mod:`deft.kernels.prompt_gluon`), when PINGPONG."""
     if PINGPONG:
-        mbarrier.wait(turn.index(W), (k + 1 - W) & 1)
+        pg_turn_wait(turn, k, W)
 
 
 @gluon.jit
 def _turn_pass(turn, W: gl.constexpr, PINGPONG: gl.constexpr):
-    """Ping-pong: this warpgroup issued its GEMMs; the other may issue its next ones."""
+    """Ping-pong: this warpgroup issued its GEMMs; the other may issue its next ones (when PINGPONG)."""
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - W))
-
-
-@gluon.jit
-def _softmax_step(sc, m_i, l_i, qk_scale):
-    """One block's online-softmax update: (P, alpha, new max, new sum) from the raw scores."""
-    sc = sc * qk_scale
-    m_new = gl.maximum(m_i, gl.max(sc, 1))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(sc - gl.expand_dims(m_new, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, m_new, l_i
+        pg_turn_pass(turn, W)
 
 
 @gluon.jit
@@ -509,6 +500,8 @@ def compile_sm90(v: dict, group: int = 4):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from scripts.kernel_aot import launch_hints
+
     # A Gluon host descriptor specialises as "tensordesc<dtype[block], layout>", the layout as its repr.
     td = f"tensordesc<bf16[{v['block_n']}, {HEAD_DIM}],{desc_layout(v['block_n'])!r}>"
     sig = {"q_ptr": "*bf16", "k_desc": td, "v_desc": td, "part_o": "*bf16", "part_lse": "*fp32", "n_tok": "i32",
@@ -516,10 +509,7 @@ def compile_sm90(v: dict, group: int = 4):
            "qk_scale": "fp32", "GROUP": "constexpr", "NUM_WG": "constexpr", "BLOCK_N": "constexpr",
            "STAGES": "constexpr", "MODE": "constexpr", "CONS_REGS": "constexpr"}  # fmt: skip
     const, opts = _constexprs(v, group)
-    names = list(sig)
-    hinted = [n for n in names if sig[n].startswith("*") or n.startswith("stride")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}  # what the JIT infers at launch
-    src = GluonASTSource(fn=gluon_partial_kernel, signature=sig, constexprs=const, attrs=attrs)
+    src = GluonASTSource(fn=gluon_partial_kernel, signature=sig, constexprs=const, attrs=launch_hints(sig))
     with contextlib.redirect_stdout(io.StringIO()):
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 

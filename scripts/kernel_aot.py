@@ -51,12 +51,17 @@ DEFT_SIG = {
 }  # fmt: skip
 
 
-def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
-    """The compiled kernel, with the launch-time divisibility hints on pointers and strides."""
+def launch_hints(signature: dict) -> dict:
+    """The divisibility-16 hints the JIT gives pointer and stride arguments at launch (without them no load is
+    pipelined), as ``ASTSource`` attributes."""
     names = list(signature)
     hinted = [n for n in names if signature[n].startswith("*") or n.startswith("stride")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    """The compiled kernel, with the launch-time divisibility hints on pointers and strides."""
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=launch_hints(signature))
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -78,10 +83,7 @@ def compile_prompt_for_hopper(head_dim: int = 128, dtype: str = "bf16", group: i
            "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32", "GROUP": "constexpr",
            "BLOCK_N": "constexpr", "STAGES": "constexpr", "CONS_REGS": "constexpr", "PROD_REGS": "constexpr"}  # fmt: skip
     const = dict(GROUP=group, BLOCK_N=pg.BLOCK_N, STAGES=pg.STAGES, CONS_REGS=pg.CONS_REGS, PROD_REGS=pg.PRODUCER_REGS)
-    names = list(sig)
-    hinted = [n for n in names if sig[n].startswith("*") or n.startswith("stride")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-    src = GluonASTSource(fn=pg.prompt_partial_kernel, signature=sig, constexprs=const, attrs=attrs)
+    src = GluonASTSource(fn=pg.prompt_partial_kernel, signature=sig, constexprs=const, attrs=launch_hints(sig))
     with contextlib.redirect_stdout(io.StringIO()):
         return triton.compile(src, target=TARGET, options={"num_warps": 4, "maxnreg": pg.MAXNREG})
 

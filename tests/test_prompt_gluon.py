@@ -23,12 +23,11 @@ from deft.kernels import prompt_gluon
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNodeChunk
 from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, TILE_FIELDS
-from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
+from tests.test_deft_kernels import check  # NaN-poisoned partials and output, against fp64
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and not INTERP
 
 
@@ -42,28 +41,6 @@ def fan(prompt: int, width: int, branch: int, rng: np.random.Generator, scatter_
     return DecodingTree.from_arrays(
         [-1] + [0] * width, [prompt] + [branch] * width, slots, 1 + order, [branch] * width, n_slots=prompt + n_br + 11
     )
-
-
-def tensors(tree: DecodingTree, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(tree.n_queries, heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(tree.n_slots, kv_heads, head_dim, generator=g).to(dtype)
-    v = torch.randn(tree.n_slots, kv_heads, head_dim, generator=g).to(dtype)
-    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-
-
-def run_checked(method, tree, heads, kv_heads, head_dim, dtype, seed=0):
-    """Plan, poison the partials and the output with NaN, run, compare with fp64; returns the plan."""
-    q, k, v = tensors(tree, heads, kv_heads, head_dim, dtype, seed)
-    shape = AttentionShape(heads, kv_heads, head_dim, {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
-    plan = method.plan(tree, shape, DEVICE)
-    plan.part_o.fill_(float("nan"))
-    plan.part_lse.fill_(float("nan"))
-    out = torch.full_like(q, float("nan"))
-    method.run(q, k, v, plan, out=out)
-    err = relative_error(out, reference_attention(q, k, v, tree))
-    assert err < TOLERANCE[dtype], f"rel err {err:.2e}"
-    return plan
 
 
 def tile_records(plan) -> np.ndarray:
@@ -246,7 +223,7 @@ def test_prompt_tiles_in_their_own_launch_match_reference(cls, dtype, width):
     rng = np.random.default_rng(width)
     tree = fan(700, width, 5, rng)
     m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon", prompt_min_tokens=0)
-    plan = run_checked(m, tree, 8, 2, 16 if INTERP else 64, dtype)
+    plan = check(m, tree, 8, 2, 16 if INTERP else 64, dtype)
     assert plan.n_prompt > 0 and plan.n_pairs > 0 and plan.n_prompt > 2 * plan.n_pairs
     assert plan.n_prompt < plan.groups.n_tiles  # the branches are left to the fused kernel
 
@@ -259,7 +236,7 @@ def test_prompt_tiles_with_a_speculative_tree_match_reference():
     rng = np.random.default_rng(5)
     tree = speculative_tree(rng, 400, 37, spare_slots=5)
     m = DeftFlatten(chunk_size=140, block_n=16, prompt_kernel="gluon", prompt_min_tokens=0)
-    run_checked(m, tree, 8, 2, 16 if INTERP else 64, torch.bfloat16)
+    check(m, tree, 8, 2, 16 if INTERP else 64, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------- the kernel's build and its GPU run
@@ -308,8 +285,8 @@ def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim,
     rng = np.random.default_rng(width + prompt)
     tree = fan(prompt, width, 30, rng)
     m = DeftFlatten(prompt_kernel="gluon", prompt_min_tokens=0)
-    plan = run_checked(m, tree, 32, 8, head_dim, dtype)
+    plan = check(m, tree, 32, 8, head_dim, dtype)
     assert calls and calls[0] == (plan.n_prompt, plan.n_pairs) and plan.n_prompt > 0
     # and again with Node-Chunk's fixed chunks, one of which is shorter than the others
     m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon", prompt_min_tokens=0)
-    run_checked(m, tree, 32, 8, head_dim, dtype, seed=1)
+    check(m, tree, 32, 8, head_dim, dtype, seed=1)
