@@ -190,6 +190,17 @@ ALL_SWEEP = {
     "gluon_all_w0.5": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.5},
     "gluon_all_w0.67": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.67},
     "gluon_all_w0.75": {"prompt_kernel": "gluon", "prompt_min_tokens": 0, "wide_waves": 0.75},
+    # session 17: the rest's launch (one-query branches beside the prompt kernel) compiled for 16-row tiles alone, its
+    # gathered loops 5 (small_stages), 8 or 3 stages deep at 32-token blocks (sm_90 build at 5: 115 registers, 39 KB of
+    # shared memory, four programs per SM; at 3: 96 and 22 KB, five; the fused kernel: 225 and 112 KB, two), and the
+    # prompt's share scaled up for it (the branches then take fewer SMs for the same time)
+    "gluon_sr": {"small_rest": True},
+    "gluon_sr_s8": {"small_rest": True, "rest_stages": 8},
+    "gluon_sr_s3": {"small_rest": True, "rest_stages": 3},
+    "gluon_sr_ps1.25": {"small_rest": True, "prompt_share": 1.25},
+    "gluon_sr_ps1.4": {"small_rest": True, "prompt_share": 1.4},
+    "gluon_sr_s3_ps1.25": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.25},
+    "gluon_sr_s3_ps1.4": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.4},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

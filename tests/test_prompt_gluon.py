@@ -216,16 +216,51 @@ needs_kernels = pytest.mark.skipif(
 @pytest.mark.parametrize("cls", [DeftFlatten, DeftNodeChunk])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("width", [40, 37])
-def test_prompt_tiles_in_their_own_launch_match_reference(cls, dtype, width):
+@pytest.mark.parametrize("small_rest", [False, True])
+def test_prompt_tiles_in_their_own_launch_match_reference(cls, dtype, width, small_rest):
     """Prompt of 700 consecutive slots, chunks of 150-250 tokens (not multiples of 128), 37 or 40 queries at GQA 4:
     64 + 64 + 20 or 32 rows per chunk, so every chunk has a pair and a single. Off a Hopper GPU the prompt tiles run
-    in the fused kernel in a launch of their own; the rest on the side stream's launch."""
+    in the fused kernel in a launch of their own; the rest on the side stream's launch, with ``small_rest`` the
+    partial kernel compiled for the branches' 16-row tiles alone (every rest tile is one query's)."""
     rng = np.random.default_rng(width)
     tree = fan(700, width, 5, rng)
-    m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon", prompt_min_tokens=0)
+    m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon", prompt_min_tokens=0,
+            small_rest=small_rest, rest_stages=(0, 3)[width % 2])  # fmt: skip
     plan = check(m, tree, 8, 2, 16 if INTERP else 64, dtype)
     assert plan.n_prompt > 0 and plan.n_pairs > 0 and plan.n_prompt > 2 * plan.n_pairs
     assert plan.n_prompt < plan.groups.n_tiles  # the branches are left to the fused kernel
+    rest = tile_records(plan)[plan.n_prompt :]
+    assert plan.rest_rows == (16 if small_rest and ((rest[:, 3] - rest[:, 2]) * 4 <= 16).all() else 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_rest_launch_matches_reference(dtype):
+    """``small_rest``: a prompt in 128-token chunks (every one a prompt kernel tile) and 20 one-query branches of 30
+    tokens in per-node tiles, so every tile after the prompt's is small and the rest's launch is the partial kernel
+    compiled for 16-row tiles alone (gathered loops 3 deep here)."""
+    rng = np.random.default_rng(3)
+    tree = fan(512, 20, 30, rng)
+    m = DeftNodeChunk(chunk_size=128, block_n=16, prompt_min_tokens=0, small_rest=True, rest_stages=3)
+    plan = check(m, tree, 8, 2, 16 if INTERP else 64, dtype)
+    assert plan.n_prompt == 4 * 2 and plan.rest_rows == 16 and plan.groups.n_tiles == plan.n_prompt + 20
+
+
+def test_small_rest_keeps_the_fused_launch_when_a_rest_tile_is_big():
+    """``small_rest`` only where every tile after the prompt kernel's is small: branches of two queries (8 rows at
+    GQA 4, small) qualify; a branch of eight queries (32 rows) does not, and the launch digest shows the change."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    rng = np.random.default_rng(0)
+    m = DeftFlatten(n_sms=132, small_rest=True)
+    small = fan(16000, 50, 200, rng)
+    plan = m.plan(small, shape, "cpu")
+    assert plan.n_prompt > 0 and plan.rest_rows == 16
+    assert m.launch_digest(plan) != DeftFlatten(n_sms=132).launch_digest(DeftFlatten(n_sms=132).plan(small, shape, "cpu"))
+    qn = np.r_[np.arange(1, 50), np.full(8, 50)]  # the last branch: 8 queries over its last 8 tokens (causal)
+    qv = np.r_[np.full(49, 200), np.arange(193, 201)]
+    wide = DecodingTree.from_arrays([-1] + [0] * 50, [16000] + [200] * 50, np.arange(26000), qn, qv)
+    plan = m.plan(wide, shape, "cpu")
+    assert plan.n_prompt > 0 and plan.rest_rows == 0
 
 
 @needs_kernels
@@ -235,7 +270,7 @@ def test_prompt_tiles_with_a_speculative_tree_match_reference():
 
     rng = np.random.default_rng(5)
     tree = speculative_tree(rng, 400, 37, spare_slots=5)
-    m = DeftFlatten(chunk_size=140, block_n=16, prompt_kernel="gluon", prompt_min_tokens=0)
+    m = DeftFlatten(chunk_size=140, block_n=16, prompt_kernel="gluon", prompt_min_tokens=0, small_rest=True)
     check(m, tree, 8, 2, 16 if INTERP else 64, torch.bfloat16)
 
 

@@ -42,6 +42,7 @@ from deft.kernels.kv_groups import (
     build_groups,
     order_tiles_longest_first,
     partition_small_last,
+    rest_all_small,
     small_tile_rows,
     split_long_small_tiles,
     tile_classes,
@@ -86,6 +87,7 @@ class DeftPlan(Plan):
     n_prompt: int = 0  # prompt_kernel="gluon": tiles [0, n_prompt) run in the Gluon prompt kernel, the rest after them
     n_pairs: int = 0  # prompt_kernel="gluon": of those, the pairs of records [2c, 2c + 1] (one CTA each)
     rest: tuple = ()  # prompt_kernel="gluon": the rest's (meta view, section offsets), made once per plan
+    rest_rows: int = 0  # small_rest: the rest's launch compiled for these tile rows alone (0: the fused kernel's)
 
 
 class _PlanContext:
@@ -298,6 +300,8 @@ class DeftAttention(AttentionMethod):
         prompt_kernel: str = "gluon",
         prompt_min_tokens: int = 1024,
         prompt_share: float = 1.1,
+        small_rest: bool = False,
+        rest_stages: int = 0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -377,6 +381,10 @@ class DeftAttention(AttentionMethod):
         if float(prompt_share) < 0:
             raise ValueError(f"prompt_share must be >= 0 (0: wide_waves' fixed share), got {prompt_share}")
         self.prompt_share = float(prompt_share)
+        self.small_rest = bool(small_rest)
+        if int(rest_stages) != 0 and not 2 <= int(rest_stages) <= 8:
+            raise ValueError(f"rest_stages must be 0 (small_stages) or 2..8, got {rest_stages}")
+        self.rest_stages = int(rest_stages)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -609,6 +617,8 @@ class DeftAttention(AttentionMethod):
             "prompt_kernel": self.prompt_kernel,
             "prompt_min_tokens": self.prompt_min_tokens,
             "prompt_share": self.prompt_share,
+            "small_rest": self.small_rest,
+            "rest_stages": self.rest_stages,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -659,7 +669,7 @@ class DeftAttention(AttentionMethod):
         gluon, share = self.prompt_plan(tree, shape)
         g = self.groups(tree, shape, staging.alloc if staging is not None else None, share)
         n_big = small = -1
-        n_prompt = n_pairs = 0
+        n_prompt = n_pairs = rest_rows = 0
         if self.split_launch:  # before the upload: the records are reordered in place
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
             if small < g.rows:
@@ -671,6 +681,8 @@ class DeftAttention(AttentionMethod):
             n_prompt, n_pairs = partition_prompt_tiles(
                 g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens
             )
+            if self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
+                rest_rows = small
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
         launch = ctx.launch.get(g.rows)
@@ -690,6 +702,7 @@ class DeftAttention(AttentionMethod):
             split=self._split_launches(g, meta, n_big, small, shape.head_dim, launch) if n_big >= 0 else (),
             counters=self._counter_space(tree.n_queries * shape.n_heads, device) if self.fused_reduce else None,
             n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
+            rest_rows=rest_rows,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -717,6 +730,7 @@ class DeftAttention(AttentionMethod):
             plan.reduce_heads, plan.pdl, plan.unified, plan.affine_big, plan.n_big, plan.small_rows,
             plan.counters is not None, plan.n_prompt, plan.n_pairs, sorted(g.offsets.items()), g.n_tiles, g.n_partials,
             self.partial_dtype,
+            *((plan.rest_rows, sorted(self.rest_launch_args(plan.rest_rows, plan.shape.head_dim).items())) if plan.rest_rows else ()),
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
@@ -868,12 +882,30 @@ class DeftAttention(AttentionMethod):
         if n_rest:
             meta, offs = plan.rest
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                self.last_kernel = launch_partials(
-                    q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
-                    plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
-                )  # fmt: skip
+                if plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
+                    self.last_kernel = launch_partials(
+                        q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_rows,
+                        **self.rest_launch_args(plan.rest_rows, plan.shape.head_dim), unified=plan.unified,
+                    )  # fmt: skip
+                else:
+                    self.last_kernel = launch_partials(
+                        q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
+                        plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
+                    )  # fmt: skip
             if cuda:
                 cur.wait_stream(side)
+
+    def rest_launch_args(self, rows: int = 16, head_dim: int = 128) -> dict[str, Any]:
+        """``small_rest``: :func:`~deft.kernels.tree_attention.launch_partials`' arguments (after the tile rows) for the
+        rest's launch: ``small_block`` tokens per K/V block, gathered loops ``rest_stages`` deep (0: ``small_stages``),
+        no small tile and no affine loop compiled in."""
+        block = self.small_block or self.block_n
+        warps, stages = self._launch_config(rows, head_dim)
+        return dict(
+            block_n=block, num_warps=warps, num_stages=stages, prefetch=self.prefetch, idx_inloop=self.idx_inloop,
+            small_m=0, contiguous=False, head_fastest=self.lpt, big_gather_block=block,
+            big_gather_stages=self.rest_stages or self.small_stages or stages,
+        )  # fmt: skip
 
     def _run_split(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: DeftPlan) -> None:
         """``split_launch``: the big tiles' launch on the current stream and the small tiles' on a side stream that
@@ -929,7 +961,7 @@ class DeftAttention(AttentionMethod):
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
-            self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel,
+            self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel, self.small_rest, self.rest_stages,
             *sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         if key in _PRECOMPILED:
@@ -965,6 +997,12 @@ class DeftAttention(AttentionMethod):
                 if rows >= self.block_m:
                     break
                 rows *= 2
+            small = small_tile_rows(s.group_size, self.block_m, self.small_m)
+            if self._gluon_on and self.small_rest and small < self.block_m and not affine_big:  # the rest's launch
+                launch_partials(
+                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, small,
+                    **self.rest_launch_args(small, s.head_dim), warmup=True, unified=unified,
+                )  # fmt: skip
         two = (self.split_launch or self._gluon_on) and pdl  # plans of two launches reduce without PDL
         if self._gluon_on:
             self._precompile_prompt(plan, device)

@@ -156,6 +156,13 @@ def partition_small_last(g: KVGroups, group: int, small_rows: int) -> int:
     return n_big
 
 
+def rest_all_small(g: KVGroups, first: int, group: int, small_rows: int) -> bool:
+    """Whether every tile record from ``first`` on has at most ``small_rows`` rows (``DeftAttention.small_rest``: the
+    launch after the prompt kernel's tiles can then be compiled for the small tile alone)."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS))[first:]
+    return bool(((t[:, 3] - t[:, 2]).astype(np.int64) * group <= small_rows).all())
+
+
 def split_long_small_tiles(
     g: KVGroups, group: int, small_rows: int, max_len: int, out_alloc: Callable[[int], np.ndarray] | None = None
 ) -> KVGroups:
