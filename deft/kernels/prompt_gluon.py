@@ -354,12 +354,12 @@ def launch_prompt_partials(
     n_tiles: int,
     n_pairs: int,
     warmup: bool = False,
-    fold: bool | None = None,
 ) -> None:
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
     ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
-    load) the kernel for these arguments' types without running it. ``fold``: the softmax's scale folded into the
-    exponent (:func:`_softmax_step`; None: :data:`FOLD_SCALE`)."""
+    load) the kernel for these arguments' types without running it.
+    The ring depth and the softmax's form are this module's :data:`STAGES` and :data:`FOLD_SCALE`, read at each
+    launch (so a probe can set them)."""
     if n_tiles == 0 and not warmup:
         return
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
@@ -370,6 +370,6 @@ def launch_prompt_partials(
         q, _descriptor(k_pool), _descriptor(v_pool), part_o, part_lse, meta, offsets["tok_slot"][0],
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
         part_lse.stride(0), LOG2E / math.sqrt(d), GROUP=q.shape[1] // n_kv, BLOCK_N=BLOCK_N, STAGES=STAGES,
-        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, FOLD=FOLD_SCALE if fold is None else bool(fold), num_warps=4,
+        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, FOLD=FOLD_SCALE, num_warps=4,
         maxnreg=MAXNREG,
     )  # fmt: skip
