@@ -38,7 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, TILE_FIELDS, KVGroups
 
 LOG2E = 1.4426950408889634
-#: K/V tokens per TMA box and per GEMM, and the ring depth (session 12's fastest probe variant)
+#: K/V tokens per TMA box and per GEMM, and the ring depth (session 12's fastest probe variant; 3 stages fit the shared
+#: memory too, 229,784 B, and were no faster: session 17, `scripts/prompt_probe.py`)
 BLOCK_N = 128
 STAGES = 2
 #: rows per consumer warpgroup (``warpgroup_mma``'s M); a CTA's two warpgroups hold two tile records of these
@@ -48,7 +49,6 @@ PRODUCER_REGS = 24  # the least ``setmaxnreg`` allows
 NUM_WARPS = 12  # two consumer warpgroups and the producer's (registers are handed out by whole warpgroups)
 MAXNREG = 168  # registers per thread at launch: 168 x 12 warps x 32 fill the SM's 64K
 CONS_REGS = 240  # each consumer warpgroup's after ``setmaxnreg`` (the producer keeps 24)
-FOLD_SCALE = False  # the softmax's scale folded into the exponent's FFMA (``_softmax_step``); measured in session 17
 
 
 # ---------------------------------------------------------------------------------------------------------- kernel
@@ -89,17 +89,13 @@ def _turn_pass(turn, W: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_step(sc, m_i, l_i, qk_scale, FOLD: gl.constexpr = False):
-    """One block's online-softmax update: (P, alpha, new max, new sum) from the raw scores (log2 domain).
-    ``FOLD``: the scale goes into the exponent's argument (one FFMA per score) and onto the row max, instead of a
-    multiply of every score before both (``qk_scale`` > 0, so the max commutes with it)."""
-    if FOLD:
-        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-        p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
-    else:
-        sc = sc * qk_scale
-        m_new = gl.maximum(m_i, gl.max(sc, 1))
-        p = gl.exp2(sc - gl.expand_dims(m_new, 1))
+def _softmax_step(sc, m_i, l_i, qk_scale):
+    """One block's online-softmax update: (P, alpha, new max, new sum) from the raw scores, in the log2 domain. The
+    scale goes onto the row max and into each exponent's FFMA (``qk_scale`` > 0, so the max commutes with it): the
+    same bits as scaling every score first, 64 multiplies fewer per thread and block (H100, session 17: the kernel
+    alone 0.5-4 % faster on the few-shot 16k plans, ``scripts/prompt_probe.py``)."""
+    m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+    p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -107,7 +103,7 @@ def _softmax_step(sc, m_i, l_i, qk_scale, FOLD: gl.constexpr = False):
 
 @gluon.jit
 def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              W: gl.constexpr, FOLD: gl.constexpr):  # fmt: skip
+              W: gl.constexpr):  # fmt: skip
     """Warpgroup W: the online-softmax attention of one tile record's rows (``n_q`` queries x GROUP heads, padded
     to 64 with zero rows that are not stored) over the chunk, then its partials.
 
@@ -155,7 +151,7 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
     mbarrier.arrive(empty_k.index(0))
     if n_iter == 1:  # block 0 is the chunk's last: its first `shift` columns are not this chunk's
         sc = gl.where(gl.expand_dims(cols >= shift, 0), sc, float("-inf"))
-    p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale, FOLD)
+    p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
     pa = gl.convert_layout(p.to(DT), p_layout)
     for i in range(1, n_iter):
         sk = i % STAGES
@@ -172,7 +168,7 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
         mbarrier.arrive(empty_k.index(sk))
         if i == n_iter - 1:  # the last block ends at the chunk's end; its first `shift` columns were counted
             sc = gl.where(gl.expand_dims(cols >= shift, 0), sc, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale, FOLD)
+        p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
         pa_next = gl.convert_layout(p.to(DT), p_layout)
         o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa])
         gl.thread_barrier()
@@ -206,7 +202,7 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
 def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok_slot, off_queries, n_pairs,
                           stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale,
                           GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr, FOLD: gl.constexpr = False):  # fmt: skip
+                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr):  # fmt: skip
     """Grid (CTAs, KV heads). CTA c < n_pairs runs tile records 2c (warpgroup 0) and 2c + 1 (warpgroup 1), which
     share a token range; CTA c >= n_pairs runs record n_pairs + c alone (warpgroup 1 computes zero rows and
     stores nothing). Records come first in the packed array (:func:`partition_prompt_tiles` put them there)."""
@@ -255,8 +251,8 @@ def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok
               head0, n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale)  # fmt: skip
     prod = (k_desc, v_desc, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, s_lo, s_lo + n_tok, n_iter, col)
     gl.warp_specialize([
-        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0, FOLD)),
-        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1, FOLD)),
+        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0)),
+        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1)),
         (_producer, (prod, BLOCK_N, STAGES)),
     ], [4, 1], [CONS_REGS, PROD_REGS])  # fmt: skip
 
@@ -358,8 +354,7 @@ def launch_prompt_partials(
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
     ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
     load) the kernel for these arguments' types without running it.
-    The ring depth and the softmax's form are this module's :data:`STAGES` and :data:`FOLD_SCALE`, read at each
-    launch (so a probe can set them)."""
+    The ring depth is this module's :data:`STAGES`, read at each launch (so a probe can set it)."""
     if n_tiles == 0 and not warmup:
         return
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
@@ -370,6 +365,5 @@ def launch_prompt_partials(
         q, _descriptor(k_pool), _descriptor(v_pool), part_o, part_lse, meta, offsets["tok_slot"][0],
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
         part_lse.stride(0), LOG2E / math.sqrt(d), GROUP=q.shape[1] // n_kv, BLOCK_N=BLOCK_N, STAGES=STAGES,
-        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, FOLD=FOLD_SCALE, num_warps=4,
-        maxnreg=MAXNREG,
+        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
