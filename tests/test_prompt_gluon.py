@@ -135,6 +135,26 @@ def test_native_partition_orders_records_as_numpy_does(seed):
     assert sorted(map(tuple, t_c)) == sorted(map(tuple, recs))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_native_wide_tokens_match_numpy(seed):
+    """``_prompt_share``'s count of the wide nodes' tokens (plan_native.c) against its numpy reference, on random
+    trees with many queries (some nodes wide at GQA 4 and 64-row tiles, some not) and on a few-shot fan."""
+    from deft.kernels.deft_attention import wide_tokens
+    from deft.kernels.plan_native import native_available, wide_tokens_native
+    from tests.conftest import random_tree
+
+    if not native_available():
+        pytest.fail("the native plan did not build: the C count is untested")
+    rng = np.random.default_rng(seed)
+    trees = [random_tree(rng, max_nodes=int(rng.integers(2, 60)), max_len=50, max_queries=int(rng.integers(1, 40)))
+             for _ in range(5)] + [fan(1000, int(rng.integers(10, 60)), 7, rng)]  # fmt: skip
+    for tree in trees:
+        for group, block_m in ((4, 64), (1, 16), (8, 64)):
+            got = wide_tokens_native(tree, group, block_m)
+            assert got == wide_tokens(tree, group, block_m), (tree, group, block_m)
+    assert any(wide_tokens(t, 4, 16)[1] > 0 for t in trees)  # the trees do have wide nodes
+
+
 def test_short_prompt_chunks_stay_in_the_fused_kernel():
     """``prompt_min_tokens`` (1024 by default): a 4k prompt's chunks of 500-700 tokens stay in the one launch (the
     Gluon kernel was slower on them, H100, session 16); 0 sends them (at least 128 tokens) to the Gluon kernel."""

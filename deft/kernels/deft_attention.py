@@ -104,6 +104,19 @@ class _PlanContext:
         self.compiled = False  # every kernel variant compiled (DeftAttention._precompile) in this process
 
 
+def wide_tokens(tree: DecodingTree, group: int, block_m: int) -> tuple[int, int]:
+    """(seen tokens of ``tree``'s wide nodes, the most rows any of them has; 0 when none is wide): a wide node has
+    more than ``block_m`` rows (queries in its subtree x ``group``). The reference for
+    :func:`~deft.kernels.plan_native.wide_tokens_native`."""
+    tin, size = tree.tin, tree.subtree_size
+    q_tin = np.sort(tin[tree.query_node])
+    rows = (np.searchsorted(q_tin, tin + size) - np.searchsorted(q_tin, tin)) * group
+    wide = rows > block_m
+    if not wide.any():
+        return 0, 0
+    return int(tree.node_seen_len[wide].sum()), int(rows[wide].max())
+
+
 #: the shares of a wave ``wide_pick`` chooses the wide nodes' budget from (besides ``wide_waves``'): on session 13's H100
 #: sweep the best of 0.7-1.0 was one of these, or within 1 % of one, on all 9 snapshots
 WIDE_PICK_SHARES = (0.75, 0.9, 1.0)
@@ -480,14 +493,11 @@ class DeftAttention(AttentionMethod):
         most_tiles = -(-tree.n_queries * shape.group_size // self.block_m)  # no node has more row tiles
         if most_tiles < 2 or tree.unique_kv_tokens < self.prompt_min_tokens * max(1, self.wide_budget(shape) // most_tiles):
             return None  # no wide node, or none long enough: skip the per-node counts (a few-shot 4k step 1)
-        tin, size = tree.tin, tree.subtree_size
-        q_tin = np.sort(tin[tree.query_node])
-        rows = (np.searchsorted(q_tin, tin + size) - np.searchsorted(q_tin, tin)) * shape.group_size
-        wide = rows > self.block_m
-        if not wide.any():
+        got = plan_native.wide_tokens_native(tree, shape.group_size, self.block_m)
+        wide_tok, most_rows = got if got is not None else wide_tokens(tree, shape.group_size, self.block_m)
+        if most_rows == 0:
             return None
-        wide_tok = int(tree.node_seen_len[wide].sum())
-        tiles = -(-int(rows[wide].max()) // self.block_m)
+        tiles = -(-most_rows // self.block_m)
         if wide_tok < self.prompt_min_tokens * max(1, self.wide_budget(shape) // tiles):
             return None
         return min(self.wide_waves, round(self.prompt_share * wide_tok / max(tree.unique_kv_tokens, 1), 2))

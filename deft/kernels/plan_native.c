@@ -850,3 +850,28 @@ i64 deft_prompt_partition(i32 *tiles, i64 n, i64 group, i64 small_rows, i64 max_
         memcpy(tiles + 6 * i, copy + 6 * order[i], 6 * sizeof(i32));
     return m;
 }
+
+/* prompt_kernel="gluon" with prompt_share (DeftAttention._prompt_share; its numpy form is the reference): the wide
+ * nodes, those with more than block_m rows (queries x group) in their subtree, of a derived tree (order: its
+ * pre-order DFS of `reached` nodes; seen: node_seen_len). out[0] = their seen tokens, out[1] = the most rows any of
+ * them has (0: none is wide). cnt: n int64 of scratch. */
+void deft_wide_tokens(i64 n, i64 reached, const i64 *order, const i64 *parent, const i64 *seen, i64 nq,
+                      const i64 *qnode, i64 group, i64 block_m, i64 *cnt, i64 *out)
+{
+    i64 tok = 0, most = 0;
+    for (i64 v = 0; v < n; v++)
+        cnt[v] = 0;
+    for (i64 j = 0; j < nq; j++)
+        cnt[qnode[j]]++;
+    for (i64 k = reached - 1; k > 0; k--) /* reverse pre-order: a node's subtree is summed before its parent */
+        cnt[parent[order[k]]] += cnt[order[k]];
+    for (i64 v = 0; v < n; v++) {
+        i64 rows = cnt[v] * group;
+        if (rows > block_m) {
+            tok += seen[v];
+            most = rows > most ? rows : most;
+        }
+    }
+    out[0] = tok;
+    out[1] = most;
+}

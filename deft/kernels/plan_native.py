@@ -112,6 +112,8 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_order_tiles.restype = i64
             lib.deft_prompt_partition.argtypes = [_P32, i64, i64, i64, i64, i64, ptr, ptr]
             lib.deft_prompt_partition.restype = i64
+            lib.deft_wide_tokens.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr]
+            lib.deft_wide_tokens.restype = None
             _lib = lib
         except Exception as e:  # no compiler, no write access, a loader error: numpy does the work
             _load_error = f"{type(e).__name__}: {e}"
@@ -379,3 +381,22 @@ def prompt_partition_native(
     pairs = ctypes.c_int64.from_buffer(ws, (ws.size - 1) * 8)  # the workspace's last slot, past the scratch
     mine = int(lib.deft_prompt_partition(buf, n, group, small_rows, max_rows, min_tokens, scratch, pairs))
     return mine, int(pairs.value)
+
+
+def wide_tokens_native(tree: DecodingTree, group: int, block_m: int) -> tuple[int, int] | None:
+    """(seen tokens of the wide nodes, the most rows any has) for ``DeftAttention._prompt_share``, in C from the
+    tree's native derivation: a wide node has more than ``block_m`` rows (queries in its subtree x ``group``). None
+    when the native code is off or the tree has no native derivation."""
+    if not ENABLED:
+        return None
+    lib = _lib if _lib is not None else _load()
+    d = tree._native if lib is not None else None
+    if d is None or d[3] is None:
+        return None
+    order, _, _, seen, _ = d
+    n, nq = tree.n_nodes, tree.n_queries
+    ws, scratch = _workspace(n + 2)
+    out = _view64(ws[n:])
+    lib.deft_wide_tokens(n, order.size, _buf(order, _I64), _buf(tree.parent, _I64), _buf(seen, _I64), nq,
+                         _buf(tree.query_node, _I64) if nq else None, group, block_m, scratch, out)  # fmt: skip
+    return int(ws[n]), int(ws[n + 1])
