@@ -8,7 +8,8 @@ bandwidth. Also checks random trees and ranks the autotune candidates. Writes th
 ``$OUT/kernel_snapshots_<date>.csv`` (or ``./results/h100``) and prints a short table last.
 
 Environment: ``DEFT_SNAP_SWEEP`` (the DeFT-Flatten configurations swept, names from ``ALL_SWEEP``),
-``DEFT_SNAP_TABLE`` (the table's variants), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
+``DEFT_SNAP_TABLE`` (the table's variants), ``DEFT_PROMPT_VARIANT`` (a :data:`scripts.prompt_probe.VARIANTS`
+name: the Gluon prompt kernel's module settings for the whole run, recorded in a ``prompt_gluon`` column), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
 all 9), ``DEFT_TRACES_DIR``, ``DEFT_PLAN_CORE`` (the CPU the plan's host time is measured on, the timing thread
 pinned to it; default the last one the process may use; ``off``: unpinned). Run on the GPU machine:
 ``python -m scripts.kernel_snapshots``.
@@ -425,6 +426,14 @@ def main() -> None:
     torch.manual_seed(0)
     t_start = time.time()
     prov = provenance(dev)
+    pv = os.environ.get("DEFT_PROMPT_VARIANT")  # a scripts.prompt_probe variant: the Gluon prompt kernel's settings
+    if pv:
+        from deft.kernels import prompt_gluon
+        from scripts.prompt_probe import VARIANTS
+
+        for attr, val in VARIANTS[pv].items():
+            setattr(prompt_gluon, attr, val)
+        prov["prompt_gluon"] = pv
     bw = copy_bandwidth(dev)
     print(f"{prov}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     date = datetime.date.today().isoformat()
