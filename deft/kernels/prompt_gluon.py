@@ -38,12 +38,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, TILE_FIELDS, KVGroups
 
 LOG2E = 1.4426950408889634
-#: K/V tokens per TMA box and per GEMM, and the ring depth (session 12's fastest probe variant; 3 stages fit the shared
-#: memory too, 229,784 B, and were no faster: session 17, `scripts/prompt_probe.py`)
+#: K/V tokens per TMA box and per GEMM, and the ring depth (session 12's fastest probe variant; session 17,
+#: `scripts/prompt_probe.py`: 3 stages fit the shared memory too, 229,784 B, and were no faster; 64-token blocks at 4
+#: stages 13-18 % slower, and with the S GEMM issued a block ahead, so that ptxas overlaps a block's softmax with its
+#: own GEMMs, slower still, 23-29 %: commit e4368f6, `notes/deft_kernels.md`)
 BLOCK_N = 128
 STAGES = 2
-#: the S GEMM one block ahead (:func:`_consumer_lookahead`; 64-token blocks): measured in session 17
-LOOKAHEAD = False
 #: rows per consumer warpgroup (``warpgroup_mma``'s M); a CTA's two warpgroups hold two tile records of these
 WG_ROWS = 64
 HEAD_DIMS = (64, 128)
@@ -201,100 +201,10 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
 
 
 @gluon.jit
-def _consumer_lookahead(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, W: gl.constexpr):  # fmt: skip
-    """:func:`_consumer` with the S GEMM one block ahead (``LOOKAHEAD``): iteration i (block i's scores in
-    registers) issues O += P_{i-1} V_{i-1} and S_{i+1} = Q K_{i+1}^T, runs block i's softmax while both run, then
-    waits for both and rescales O. Two S accumulators are live, so it needs 64-token blocks (at 128 a consumer would
-    need more than its 240 registers). The last block is loaded twice (its S GEMM issued again and unused) so that
-    every iteration has the same two GEMMs."""
-    (q_ptr, meta, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, off_queries, head0,
-     n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale) = common
-    NW: gl.constexpr = gl.num_warps()
-    ROWS: gl.constexpr = q_smem.type.shape[0]
-    D: gl.constexpr = q_smem.type.shape[1]
-    DT: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, D, 16])  # fmt: skip
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [NW, 1], [1, 0])
-    r_ld = gl.arange(0, ROWS, gl.SliceLayout(1, ld_layout))
-    ok_ld = r_ld // GROUP < n_q
-    qid = gl.load(meta + off_queries + (q_lo + r_ld // GROUP) * 3, mask=ok_ld, other=0).to(gl.int64)
-    q_off = qid * stride_qn + (head0 + r_ld % GROUP) * stride_qh
-    d_ld = gl.arange(0, D, gl.SliceLayout(0, ld_layout))
-    q_ptrs = q_ptr + gl.expand_dims(q_off, 1) + gl.expand_dims(d_ld, 0)
-    q_smem.store(gl.load(q_ptrs, mask=gl.expand_dims(ok_ld, 1), other=0.0))
-    fence_async_shared()
-    gl.thread_barrier()
-
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    o = gl.zeros([ROWS, D], gl.float32, o_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([ROWS], gl.float32, row_s)
-    pa = gl.zeros([ROWS, BLOCK_N], DT, p_layout)  # block 0 has no P_{-1}: its PV GEMM adds nothing (use_acc off)
-
-    mbarrier.wait(ready_k.index(0), 0)
-    _turn_wait(turn, 0, W)
-    s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    _turn_pass(turn, W)
-    sc = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-    for i in range(0, n_iter):
-        # block i's scores are in `sc`; K_i is free once S_{i+1} is issued (it may be K_i again at the end)
-        jn = gl.minimum(i + 1, n_iter - 1)
-        jv = gl.maximum(i - 1, 0)
-        mbarrier.wait(ready_k.index(jn % STAGES), (jn // STAGES) & 1)
-        mbarrier.wait(ready_v.index(jv % STAGES), (jv // STAGES) & 1)
-        _turn_wait(turn, i + 1, W)
-        o_tok = warpgroup_mma(pa, v_bufs.index(jv % STAGES), o, use_acc=i > 0, is_async=True)
-        s_tok = warpgroup_mma(q_smem, k_bufs.index(jn % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)  # fmt: skip
-        _turn_pass(turn, W)
-        if i == n_iter - 1:
-            sc = gl.where(gl.expand_dims(cols >= shift, 0), sc, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale)
-        pa_next = gl.convert_layout(p.to(DT), p_layout)
-        o, pa, sc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa, s_tok])
-        gl.thread_barrier()
-        if i + 1 < n_iter:
-            mbarrier.arrive(empty_k.index(i % STAGES))
-        if i > 0:
-            mbarrier.arrive(empty_v.index(jv % STAGES))
-        o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        pa = pa_next
-
-    # the last block's PV GEMM
-    last = n_iter - 1
-    sl = last % STAGES
-    mbarrier.wait(ready_v.index(sl), (last // STAGES) & 1)
-    _turn_wait(turn, n_iter + 1, W)
-    o_tok = warpgroup_mma(pa, v_bufs.index(sl), o, is_async=True)
-    _turn_pass(turn, W)
-    o, pa = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, pa])
-
-    l_o = gl.convert_layout(l_i, row_o)
-    out = o / gl.expand_dims(l_o, 1)
-    r = gl.arange(0, ROWS, row_o)
-    ok = r // GROUP < n_q
-    prow = (pbase + r // GROUP).to(gl.int64)
-    head = head0 + r % GROUP
-    d = gl.arange(0, D, gl.SliceLayout(0, o_layout))
-    o_ptrs = part_o + gl.expand_dims(prow * stride_pn + head * stride_ph, 1) + gl.expand_dims(d, 0)
-    gl.store(o_ptrs, out.to(part_o.dtype.element_ty), mask=gl.expand_dims(ok, 1))
-    gl.store(part_lse + prow * stride_ln + head, gl.convert_layout(m_i, row_o) + gl.log2(l_o), mask=ok)
-
-
-@gluon.jit
 def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok_slot, off_queries, n_pairs,
                           stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale,
                           GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr, LOOKAHEAD: gl.constexpr = False):  # fmt: skip
+                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr):  # fmt: skip
     """Grid (CTAs, KV heads). CTA c < n_pairs runs tile records 2c (warpgroup 0) and 2c + 1 (warpgroup 1), which
     share a token range; CTA c >= n_pairs runs record n_pairs + c alone (warpgroup 1 computes zero rows and
     stores nothing). Records come first in the packed array (:func:`partition_prompt_tiles` put them there)."""
@@ -342,18 +252,11 @@ def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok
     common = (q_ptr, meta, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, off_queries,
               head0, n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale)  # fmt: skip
     prod = (k_desc, v_desc, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, s_lo, s_lo + n_tok, n_iter, col)
-    if LOOKAHEAD:
-        gl.warp_specialize([
-            (_consumer_lookahead, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0)),
-            (_consumer_lookahead, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1)),
-            (_producer, (prod, BLOCK_N, STAGES)),
-        ], [4, 1], [CONS_REGS, PROD_REGS])  # fmt: skip
-    else:
-        gl.warp_specialize([
-            (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0)),
-            (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1)),
-            (_producer, (prod, BLOCK_N, STAGES)),
-        ], [4, 1], [CONS_REGS, PROD_REGS])  # fmt: skip
+    gl.warp_specialize([
+        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0)),
+        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1)),
+        (_producer, (prod, BLOCK_N, STAGES)),
+    ], [4, 1], [CONS_REGS, PROD_REGS])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
@@ -455,8 +358,8 @@ def launch_prompt_partials(
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
     ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
     load) the kernel for these arguments' types without running it.
-    The block, the ring depth and the loop's form are this module's :data:`BLOCK_N`, :data:`STAGES` and
-    :data:`LOOKAHEAD`, read at each launch (so a probe can set them)."""
+    The block and the ring depth are this module's :data:`BLOCK_N` and :data:`STAGES`, read at each launch (so a
+    probe can set them)."""
     if n_tiles == 0 and not warmup:
         return
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
@@ -467,5 +370,5 @@ def launch_prompt_partials(
         q, _descriptor(k_pool), _descriptor(v_pool), part_o, part_lse, meta, offsets["tok_slot"][0],
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
         part_lse.stride(0), LOG2E / math.sqrt(d), GROUP=q.shape[1] // n_kv, BLOCK_N=BLOCK_N, STAGES=STAGES,
-        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, LOOKAHEAD=LOOKAHEAD, num_warps=4, maxnreg=MAXNREG,
+        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
