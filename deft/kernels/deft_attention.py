@@ -263,6 +263,11 @@ class DeftAttention(AttentionMethod):
     as fixed shares 0.9 / 0.67 / 0.5 in one call); on the 4k snapshots, the reasoning trees and Medusa (prompt chunks
     of 160-670 tokens) the Gluon kernel was slower at every share tried (4k step 1 25.5 -> 31-33, docmergeToT 38.0 ->
     52-55), and the rule leaves their plans as they were (equal ``launch_digest``).
+    ``small_rest`` (off by default; session 17) and ``rest_stages`` (0: ``small_stages``): with the Gluon prompt
+    kernel, when every tile after its own is small (one-query branches), the side stream's launch is the partial
+    kernel compiled for the small tile's rows alone (:meth:`rest_launch_args`: 115 registers and 39 KB at 5 stages,
+    four programs per SM, instead of 225 and 112 KB). H100, session 17: the branches alone 25.5 -> 25.0 µs (Nsight
+    Compute), the few-shot 16k steps no faster (graph µs, geomean of three 64.2 -> 65.4; 3 stages 66.7).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
