@@ -88,6 +88,7 @@ class DeftPlan(Plan):
     n_pairs: int = 0  # prompt_kernel="gluon": of those, the pairs of records [2c, 2c + 1] (one CTA each)
     rest: tuple = ()  # prompt_kernel="gluon": the rest's (meta view, section offsets), made once per plan
     rest_rows: int = 0  # small_rest: the rest's launch compiled for these tile rows alone (0: the fused kernel's)
+    rest_args: dict | None = None  # small_rest: that launch's arguments (DeftAttention.rest_launch_args), once per plan
 
 
 class _PlanContext:
@@ -717,7 +718,7 @@ class DeftAttention(AttentionMethod):
             split=self._split_launches(g, meta, n_big, small, shape.head_dim, launch) if n_big >= 0 else (),
             counters=self._counter_space(tree.n_queries * shape.n_heads, device) if self.fused_reduce else None,
             n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
-            rest_rows=rest_rows,
+            rest_rows=rest_rows, rest_args=self.rest_launch_args(rest_rows, shape.head_dim) if rest_rows else None,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -745,7 +746,7 @@ class DeftAttention(AttentionMethod):
             plan.reduce_heads, plan.pdl, plan.unified, plan.affine_big, plan.n_big, plan.small_rows,
             plan.counters is not None, plan.n_prompt, plan.n_pairs, sorted(g.offsets.items()), g.n_tiles, g.n_partials,
             self.partial_dtype,
-            *((plan.rest_rows, sorted(self.rest_launch_args(plan.rest_rows, plan.shape.head_dim).items())) if plan.rest_rows else ()),
+            *((plan.rest_rows, sorted(plan.rest_args.items())) if plan.rest_rows else ()),
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
@@ -900,7 +901,7 @@ class DeftAttention(AttentionMethod):
                 if plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_rows,
-                        **self.rest_launch_args(plan.rest_rows, plan.shape.head_dim), unified=plan.unified,
+                        **plan.rest_args, unified=plan.unified,
                     )  # fmt: skip
                 else:
                     self.last_kernel = launch_partials(
