@@ -20,7 +20,7 @@ from scripts.kernel_snapshots import SHAPE, graph_of, inputs, save_probe_rows, s
 
 #: module settings of :mod:`deft.kernels.prompt_gluon` per variant (read by its launcher at each launch)
 #: (session 17 also swept the softmax's scale folded into the exponent, since then the only form of `_softmax_step`,
-#: and, at e4368f6, a consumer issuing the S GEMM a block ahead at 64-token blocks, 23-29 % slower)
+#: and, at e4368f6, a consumer issuing the S GEMM a block ahead at 64-token blocks, 20-32 % slower)
 VARIANTS = {
     "base": {"BLOCK_N": 128, "STAGES": 2},
     "s3": {"BLOCK_N": 128, "STAGES": 3},

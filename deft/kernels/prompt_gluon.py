@@ -40,8 +40,8 @@ from deft.kernels.kv_groups import FLAG_CONTIG, FLAG_MASK, TILE_FIELDS, KVGroups
 LOG2E = 1.4426950408889634
 #: K/V tokens per TMA box and per GEMM, and the ring depth (session 12's fastest probe variant; session 17,
 #: `scripts/prompt_probe.py`: 3 stages fit the shared memory too, 229,784 B, and were no faster; 64-token blocks at 4
-#: stages 13-18 % slower, and with the S GEMM issued a block ahead, so that ptxas overlaps a block's softmax with its
-#: own GEMMs, slower still, 23-29 %: commit e4368f6, `notes/deft_kernels.md`)
+#: stages 10-18 % slower, and with the S GEMM issued a block ahead, so that ptxas overlaps a block's softmax with its
+#: own GEMMs, slower still, 20-32 %: commit e4368f6, `notes/deft_kernels.md`)
 BLOCK_N = 128
 STAGES = 2
 #: rows per consumer warpgroup (``warpgroup_mma``'s M); a CTA's two warpgroups hold two tile records of these
