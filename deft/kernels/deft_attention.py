@@ -866,11 +866,20 @@ class DeftAttention(AttentionMethod):
         shift = n * TILE_FIELDS
         return meta[shift:], {k: (a - shift, b - shift) for k, (a, b) in g.offsets.items()}
 
-    def _run_prompt(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: DeftPlan) -> None:
+    def _run_prompt(
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        plan: DeftPlan,
+        timelines: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """``prompt_kernel="gluon"``: the prompt tiles in the Gluon kernel on the current stream, the rest in the fused
         kernel on a side stream that starts with it (so the rest takes the SMs the prompt's CTAs leave and then
         theirs), joined before the reduction. Where the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools
-        a TMA descriptor cannot address) the prompt tiles run in the fused kernel, in a launch of their own."""
+        a TMA descriptor cannot address) the prompt tiles run in the fused kernel, in a launch of their own.
+        ``timelines`` (diagnostics, Gluon path only; ``scripts/gluon_timeline.py``): int64 tensors the prompt
+        kernel's CTAs and the rest's programs write their start, end and SM into."""
         g = plan.groups
         n_rest = g.n_tiles - plan.n_prompt
         cuda = q.device.type == "cuda"
@@ -888,9 +897,12 @@ class DeftAttention(AttentionMethod):
         knobs = self.kernel_knobs()
         if gluon:
             prompt_gluon.launch_prompt_partials(
-                q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs
+                q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs,
+                timeline=None if timelines is None else timelines[0],
             )
         else:
+            if timelines is not None:
+                raise ValueError("timelines are for the Gluon prompt kernel, which cannot run here")
             self.last_kernel = launch_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.block_m,
                 plan.block_n, plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
@@ -901,12 +913,13 @@ class DeftAttention(AttentionMethod):
                 if plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_rows,
-                        **plan.rest_args, unified=plan.unified,
+                        **plan.rest_args, unified=plan.unified, timeline=None if timelines is None else timelines[1],
                     )  # fmt: skip
                 else:
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
-                        plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
+                        plan.num_warps, plan.num_stages, unified=plan.unified,
+                        timeline=None if timelines is None else timelines[1], **knobs,
                     )  # fmt: skip
             if cuda:
                 cur.wait_stream(side)

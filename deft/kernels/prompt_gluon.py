@@ -104,15 +104,28 @@ def _softmax_step(sc, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _globaltimer(anchor):
+    """The GPU's global nanosecond timer (comparable across SMs); ``anchor`` (any int32 scalar) is unused."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [anchor], dtype=gl.int64, is_pure=False,
+                                     pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _smid(anchor):
+    """The SM this CTA runs on."""
+    return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [anchor], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              W: gl.constexpr):  # fmt: skip
+              W: gl.constexpr, TIMELINE: gl.constexpr):  # fmt: skip
     """Warpgroup W: the online-softmax attention of one tile record's rows (``n_q`` queries x GROUP heads, padded
     to 64 with zero rows that are not stored) over the chunk, then its partials.
 
     Iteration i (1 <= i < n_iter) issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}, waits for S_i alone, frees K_i,
     runs block i's softmax while the PV GEMM runs, waits for it, frees V_{i-1} and rescales O by block i's alpha."""
     (q_ptr, meta, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, off_queries, head0,
-     n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale) = common
+     n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline, tl_at) = common
     NW: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = q_smem.type.shape[0]
     D: gl.constexpr = q_smem.type.shape[1]
@@ -198,20 +211,28 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
     o_ptrs = part_o + gl.expand_dims(prow * stride_pn + head * stride_ph, 1) + gl.expand_dims(d, 0)
     gl.store(o_ptrs, out.to(part_o.dtype.element_ty), mask=gl.expand_dims(ok, 1))
     gl.store(part_lse + prow * stride_ln + head, gl.convert_layout(m_i, row_o) + gl.log2(l_o), mask=ok)
+    if TIMELINE:  # this warpgroup's end, after its stores
+        gl.store(timeline + tl_at + 1 + W, _globaltimer(n_iter))
 
 
 @gluon.jit
 def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok_slot, off_queries, n_pairs,
-                          stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale,
+                          stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline,
                           GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr):  # fmt: skip
+                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr, TIMELINE: gl.constexpr):  # fmt: skip
     """Grid (CTAs, KV heads). CTA c < n_pairs runs tile records 2c (warpgroup 0) and 2c + 1 (warpgroup 1), which
     share a token range; CTA c >= n_pairs runs record n_pairs + c alone (warpgroup 1 computes zero rows and
-    stores nothing). Records come first in the packed array (:func:`partition_prompt_tiles` put them there)."""
+    stores nothing). Records come first in the packed array (:func:`partition_prompt_tiles` put them there).
+    ``TIMELINE`` (diagnostics): CTA (c, kvh) writes its start, each warpgroup's end (``%globaltimer`` ns) and its SM
+    at ``timeline[4 (kvh x CTAs + c) :][:4]``."""
     D: gl.constexpr = k_desc.block_type.shape[1]
     DT: gl.constexpr = k_desc.dtype
     c = gl.program_id(0)
     kvh = gl.program_id(1)
+    tl_at = (kvh * gl.num_programs(0) + c).to(gl.int64) * 4
+    if TIMELINE:
+        gl.store(timeline + tl_at, _globaltimer(c))
+        gl.store(timeline + tl_at + 3, _smid(c).to(gl.int64))
     rec_a = c + gl.minimum(c, n_pairs)
     rec_b = c + gl.minimum(c + 1, n_pairs)
     ra = meta + rec_a * 6
@@ -250,11 +271,12 @@ def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok
     fence_async_shared()
     q_smem = gl.allocate_shared_memory(DT, [2, 64, D], q_layout)
     common = (q_ptr, meta, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, off_queries,
-              head0, n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale)  # fmt: skip
+              head0, n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline,
+              tl_at)  # fmt: skip
     prod = (k_desc, v_desc, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, s_lo, s_lo + n_tok, n_iter, col)
     gl.warp_specialize([
-        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0)),
-        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1)),
+        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0, TIMELINE)),
+        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1, TIMELINE)),
         (_producer, (prod, BLOCK_N, STAGES)),
     ], [4, 1], [CONS_REGS, PROD_REGS])  # fmt: skip
 
@@ -354,10 +376,13 @@ def launch_prompt_partials(
     n_tiles: int,
     n_pairs: int,
     warmup: bool = False,
+    timeline: torch.Tensor | None = None,
 ) -> None:
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
     ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
-    load) the kernel for these arguments' types without running it.
+    load) the kernel for these arguments' types without running it. ``timeline`` (diagnostics): an int64 tensor of
+    at least 4 x CTAs x KV heads entries, each CTA's start, its two warpgroups' ends and its SM (see
+    :func:`prompt_partial_kernel`; ``scripts/gluon_timeline.py``).
     The block and the ring depth are this module's :data:`BLOCK_N` and :data:`STAGES`, read at each launch (so a
     probe can set them)."""
     if n_tiles == 0 and not warmup:
@@ -369,6 +394,7 @@ def launch_prompt_partials(
     kernel(
         q, _descriptor(k_pool), _descriptor(v_pool), part_o, part_lse, meta, offsets["tok_slot"][0],
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
-        part_lse.stride(0), LOG2E / math.sqrt(d), GROUP=q.shape[1] // n_kv, BLOCK_N=BLOCK_N, STAGES=STAGES,
-        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+        part_lse.stride(0), LOG2E / math.sqrt(d), part_lse if timeline is None else timeline, GROUP=q.shape[1] // n_kv,
+        BLOCK_N=BLOCK_N, STAGES=STAGES, CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, TIMELINE=timeline is not None,
+        num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip

@@ -1,0 +1,209 @@
+"""Timeline of a DeFT step that runs the shared prompt in the Gluon kernel: when each prompt CTA and each program
+of the rest's launch (the branches, on the side stream) started and ended (``%globaltimer`` ns) and on which SM.
+
+It answers which half of the step is its critical path (the prompt kernel on its share of the SMs, or the branches
+on the SMs it leaves), how long SMs sit idle while the other half finishes, when the rest's programs start against
+the prompt's CTAs, and what the join and the reduction add.
+
+For each snapshot of :func:`scripts.kernel_snapshots.snapshots` whose plan takes the Gluon kernel (default: the
+few-shot 16k ones) and each variant (``DEFT_GT_VARIANTS``, as ``scripts/timeline_probe.py``'s
+``DEFT_TL_VARIANTS``) and stream-priority mode (``DEFT_GT_PRIOS``: ``same``, ``prompt_hi`` with the step on a
+high-priority stream, ``rest_hi`` with the side stream high): ``DEFT_GT_REPS`` (9) cold-L2 repetitions of the
+step with both timelines on, the median-makespan one kept; and the step without timelines in a CUDA graph (cold L2,
+median of 50). Writes ``$OUT/gluon_timeline_<date>[_<tag>].csv.gz`` (one row per CTA or program),
+``$OUT/gluon_timeline_summary_<date>[_<tag>].csv`` and, for the first snapshot, per-SM pictures
+``$OUT/gluon_timeline_<snapshot>_<variant>_<prio>.png``; prints the summary last. Hopper GPU only:
+``python -m scripts.gluon_timeline``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up, time_device
+from deft.kernels.global_reduce import launch_reduce
+from deft.reference import TOLERANCE, relative_error
+from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
+from scripts.timeline_probe import parse_variants
+
+PRIOS = ("same", "prompt_hi", "rest_hi")
+
+
+def streams(mode: str, dev: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(the step's stream, the side stream) for a priority mode (lower number: higher priority)."""
+    lo, hi = torch.cuda.Stream.priority_range()
+    if mode not in PRIOS:
+        raise SystemExit(f"unknown priority mode {mode!r} in DEFT_GT_PRIOS; choose from {PRIOS}")
+    main = torch.cuda.Stream(dev, priority=hi if mode == "prompt_hi" else lo)
+    side = torch.cuda.Stream(dev, priority=hi if mode == "rest_hi" else lo)
+    return main, side
+
+
+def one_rep(m, plan, q, k, v, out, tls, flush) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """One cold-L2 repetition of the step with both timelines on, on the current stream. Returns the prompt CTAs'
+    and the rest programs' timelines (rows of 4 int64) and the partial launches' and the reduction's event µs."""
+    g = plan.groups
+    for t in tls:
+        t.fill_(-1)
+    flush.zero_()
+    torch.cuda._sleep(BACKLOG_CYCLES)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    ev[0].record()
+    m._run_prompt(q, k, v, plan, timelines=tls)
+    ev[1].record()
+    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads)
+    ev[2].record()
+    torch.cuda.synchronize()
+    return (tls[0].view(-1, 4).cpu().numpy(), tls[1].view(-1, 4).cpu().numpy(), ev[0].elapsed_time(ev[1]) * 1e3,
+            ev[1].elapsed_time(ev[2]) * 1e3)  # fmt: skip
+
+
+def frame(tl_p: np.ndarray, tl_r: np.ndarray) -> pd.DataFrame:
+    """One row per prompt CTA (kind ``prompt``, its later warpgroup's end) and rest program (``rest``), µs since
+    the first start."""
+    p = pd.DataFrame({"kind": "prompt", "start": tl_p[:, 0], "end": tl_p[:, 1:3].max(1), "sm": tl_p[:, 3],
+                      "wg_end_gap_us": np.abs(tl_p[:, 1] - tl_p[:, 2]) / 1e3})  # fmt: skip
+    r = pd.DataFrame({"kind": "rest", "start": tl_r[:, 0], "end": tl_r[:, 1], "sm": tl_r[:, 2], "wg_end_gap_us": 0.0})
+    df = pd.concat([p, r], ignore_index=True)
+    t0 = df.start.min()
+    return df.assign(start_us=(df.start - t0) / 1e3, end_us=(df.end - t0) / 1e3).drop(columns=["start", "end"])
+
+
+def summarise(df: pd.DataFrame, n_sms: int) -> dict:
+    """Each half's start and end, and the SMs' idle time before the last program ends."""
+    p, r = df[df.kind == "prompt"], df[df.kind == "rest"]
+    span = float(df.end_us.max())
+    busy = 0.0
+    for _, d in df.groupby("sm"):  # union of the SM's busy intervals
+        iv = d[["start_us", "end_us"]].sort_values("start_us").to_numpy()
+        cur_s, cur_e = iv[0]
+        for s, e in iv[1:]:
+            if s > cur_e:
+                busy += cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        busy += cur_e - cur_s
+    dur_p = p.end_us - p.start_us
+    return {
+        "span_us": span, "prompt_ctas": len(p), "prompt_sms": int(p.sm.nunique()),
+        "prompt_first_start_us": float(p.start_us.min()), "prompt_last_start_us": float(p.start_us.max()),
+        "prompt_end_min_us": float(p.end_us.min()), "prompt_end_med_us": float(p.end_us.median()),
+        "prompt_end_max_us": float(p.end_us.max()), "prompt_cta_med_us": float(dur_p.median()),
+        "prompt_wg_gap_med_us": float(p.wg_end_gap_us.median()),
+        "rest_programs": len(r), "rest_first_start_us": float(r.start_us.min()) if len(r) else 0.0,
+        "rest_end_p90_us": float(r.end_us.quantile(0.9)) if len(r) else 0.0,
+        "rest_end_max_us": float(r.end_us.max()) if len(r) else 0.0,
+        "rest_sms_before_prompt_end": int(r[r.start_us < p.end_us.min()].sm.nunique()) if len(r) else 0,
+        "idle_sm_frac": 1.0 - busy / (n_sms * span) if span > 0 else 0.0,
+        "critical": "prompt" if len(r) == 0 or p.end_us.max() >= r.end_us.max() else "rest",
+    }  # fmt: skip
+
+
+def plot(df: pd.DataFrame, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 7))
+    lane = np.zeros(len(df), dtype=int)
+    free: dict[int, list[float]] = {}
+    for i in np.argsort(df.start_us.to_numpy()):
+        ends = free.setdefault(int(df.sm.iloc[i]), [])
+        j = next((j for j, e in enumerate(ends) if e <= df.start_us.iloc[i] + 1e-3), len(ends))
+        if j == len(ends):
+            ends.append(0.0)
+        ends[j] = float(df.end_us.iloc[i])
+        lane[i] = j
+    n_lanes = max(len(v) for v in free.values())
+    y = df.sm.to_numpy() * n_lanes + lane
+    colour = np.where(df.kind == "prompt", "tab:blue", "tab:green")
+    ax.barh(y, (df.end_us - df.start_us).to_numpy(), left=df.start_us.to_numpy(), height=0.9, color=colour)
+    ax.set_xlabel("µs since the first CTA started")
+    ax.set_ylabel(f"SM x {n_lanes} resident slots")
+    ax.set_title(title + "  (blue: Gluon prompt CTA, green: rest program)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    variants = parse_variants(os.environ.get("DEFT_GT_VARIANTS", "flatten=deft_flatten"))
+    prios = [p for p in os.environ.get("DEFT_GT_PRIOS", "same").split(",") if p]
+    prefixes = [p for p in os.environ.get("DEFT_GT_SNAPS", "fewshot_16k").split(",") if p]
+    reps = int(os.environ.get("DEFT_GT_REPS", "9"))
+    tag = os.environ.get("DEFT_GT_TAG", "")
+    out_dir = Path(os.environ.get("OUT", "results/h100/timeline"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = datetime.date.today().isoformat() + (f"_{tag}" if tag else "")
+    prov = provenance(dev)
+    n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    spin_up(dev)
+    flush = l2_flush_buffer(dev)
+    rows, summary, first = [], [], None
+    for sname, tree in snapshots():
+        if not any(sname.startswith(p) for p in prefixes):
+            continue
+        first = first or sname
+        q, k, v, ref = inputs(tree, dev)
+        for vname, (cls, kw) in variants.items():
+            for prio in prios:
+                m = cls(**kw)
+                plan = m.plan(tree, SHAPE, dev)
+                if plan.n_prompt == 0:
+                    print(f"{sname} {vname}: no Gluon prompt tiles in this plan, skipped", flush=True)
+                    continue
+                main_s, side_s = streams(prio, dev)
+                m._side[dev] = side_s
+                n_ctas = plan.n_prompt - plan.n_pairs
+                n_rest = plan.groups.n_tiles - plan.n_prompt
+                tls = (torch.empty(4 * n_ctas * SHAPE.n_kv_heads, dtype=torch.int64, device=dev),
+                       torch.empty(4 * max(n_rest, 1) * SHAPE.n_kv_heads, dtype=torch.int64, device=dev))  # fmt: skip
+                out = torch.empty_like(q)
+                main_s.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(main_s):
+                    err = relative_error(m.run(q, k, v, plan), ref)
+                    assert err < TOLERANCE[torch.bfloat16], (sname, vname, err)
+                    one_rep(m, plan, q, k, v, out, tls, flush)  # compiles the timeline variants
+                    runs = [one_rep(m, plan, q, k, v, out, tls, flush) for _ in range(reps)]
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=main_s):
+                        m.run(q, k, v, plan, out=out)
+                    step_us = time_device(graph.replay, reps=50, device=dev).median_ms * 1e3
+                torch.cuda.synchronize(dev)
+                for tp, tr, _, _ in runs:
+                    assert (tp[:, :3] >= 0).all() and (n_rest == 0 or (tr[:, :2] >= 0).all()), "a timeline was not written"
+                frames = [frame(tp, tr if n_rest else np.zeros((0, 4), dtype=np.int64)) for tp, tr, _, _ in runs]
+                pick = int(np.argsort([f.end_us.max() for f in frames])[len(frames) // 2])  # the median makespan
+                df, (_, _, part_us, red_us) = frames[pick], runs[pick]
+                s = {**prov, "snapshot": sname, "variant": vname, "kwargs": json.dumps(kw), "prio": prio,
+                     "rel_err": err, "graph_step_us": step_us, "partial_us": part_us, "reduce_us": red_us,
+                     **summarise(df, n_sms)}  # fmt: skip
+                summary.append(s)
+                rows.append(df.assign(snapshot=sname, variant=vname, prio=prio, git_commit=prov["git_commit"]))
+                if sname == first:
+                    plot(df, f"{sname} {vname} {prio}: partials {part_us:.1f} µs",
+                         out_dir / f"gluon_timeline_{sname}_{vname}_{prio}.png")  # fmt: skip
+                print({k2: (round(v2, 2) if isinstance(v2, float) else v2) for k2, v2 in s.items() if k2 not in prov},
+                      flush=True)  # fmt: skip
+                pd.concat(rows).to_csv(out_dir / f"gluon_timeline_{suffix}.csv.gz", index=False)
+                pd.DataFrame(summary).to_csv(out_dir / f"gluon_timeline_summary_{suffix}.csv", index=False)
+    cols = ["snapshot", "variant", "prio", "graph_step_us", "partial_us", "reduce_us", "span_us", "prompt_last_start_us",
+            "prompt_end_med_us", "prompt_end_max_us", "rest_first_start_us", "rest_end_p90_us", "rest_end_max_us",
+            "idle_sm_frac", "critical"]  # fmt: skip
+    if summary:
+        print(pd.DataFrame(summary)[cols].round(2).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
