@@ -12,8 +12,10 @@ high-priority stream, ``rest_hi`` with the side stream high): ``DEFT_GT_REPS`` (
 step with both timelines on, the median-makespan one kept; and the step without timelines in a CUDA graph (cold L2,
 median of 50). Writes ``$OUT/gluon_timeline_<date>[_<tag>].csv.gz`` (one row per CTA or program),
 ``$OUT/gluon_timeline_summary_<date>[_<tag>].csv`` and, for the first snapshot, per-SM pictures
-``$OUT/gluon_timeline_<snapshot>_<variant>_<prio>.png``; prints the summary last. Hopper GPU only:
-``python -m scripts.gluon_timeline``.
+``$OUT/gluon_timeline_<snapshot>_<variant>_<prio>.png``; prints the summary last. With ``DEFT_GT_REST_ALONE=1``
+the rest's launch is also timed beside placeholder CTAs (:func:`_spin_kernel`) that hold the prompt's SMs for its
+CTAs' median time without reading memory: the rest on the SMs the prompt leaves, without the prompt's HBM traffic
+(``rest_alone_*`` columns). Hopper GPU only: ``python -m scripts.gluon_timeline``.
 """
 
 from __future__ import annotations
@@ -22,18 +24,50 @@ import datetime
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
 import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
 from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up, time_device
+from deft.kernels import prompt_gluon
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
 from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
 from scripts.timeline_probe import parse_variants
 
 PRIOS = ("same", "prompt_hi", "rest_hi")
+#: int32 words of shared memory a placeholder CTA holds (160 KB: one per SM, as a prompt CTA's 164 KB)
+SPIN_ROWS = 160
+
+
+@gluon.jit
+def _spin_kernel(ns, sink, ROWS: gl.constexpr):
+    """Placeholder for the prompt kernel's CTAs: hold an SM (160 KB of shared memory) for ``ns`` nanoseconds
+    without touching HBM, so the rest's launch runs on the SMs the prompt leaves without its memory traffic."""
+    layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    row: gl.constexpr = gl.BlockedLayout([2], [32], [4], [0])
+    buf = gl.allocate_shared_memory(gl.int32, [ROWS, 256], layout)
+    c = gl.program_id(0)
+    buf.index(0).store(gl.full([256], 1, gl.int32, row))
+    t0 = prompt_gluon._globaltimer(c)
+    t = t0
+    while t - t0 < ns:
+        t = prompt_gluon._globaltimer(c)
+    got = buf.index(0).load(row)
+    gl.store(sink + gl.arange(0, 256, row), got, mask=gl.arange(0, 256, row) < (t - t0 - ns - (1 << 40)))  # never
+
+
+def spin_launcher(ns: int, sink: torch.Tensor):
+    """A stand-in for :func:`~deft.kernels.prompt_gluon.launch_prompt_partials`: the same grid of placeholder CTAs."""
+
+    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, warmup=False, timeline=None):
+        _spin_kernel[((n_tiles - n_pairs) * k_pool.shape[1],)](ns, sink, ROWS=SPIN_ROWS, num_warps=4)
+
+    return launch
 
 
 def streams(mode: str, dev: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
@@ -142,6 +176,7 @@ def main() -> None:
     prios = [p for p in os.environ.get("DEFT_GT_PRIOS", "same").split(",") if p]
     prefixes = [p for p in os.environ.get("DEFT_GT_SNAPS", "fewshot_16k").split(",") if p]
     reps = int(os.environ.get("DEFT_GT_REPS", "9"))
+    rest_alone = os.environ.get("DEFT_GT_REST_ALONE", "0") == "1"
     tag = os.environ.get("DEFT_GT_TAG", "")
     out_dir = Path(os.environ.get("OUT", "results/h100/timeline"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +215,10 @@ def main() -> None:
                     with torch.cuda.graph(graph, stream=main_s):
                         m.run(q, k, v, plan, out=out)
                     step_us = time_device(graph.replay, reps=50, device=dev).median_ms * 1e3
+                    g_part = torch.cuda.CUDAGraph()  # the two partial launches and their join, no reduction
+                    with torch.cuda.graph(g_part, stream=main_s):
+                        m._run_prompt(q, k, v, plan)
+                    part_graph_us = time_device(g_part.replay, reps=50, device=dev).median_ms * 1e3
                 torch.cuda.synchronize(dev)
                 for tp, tr, _, _ in runs:
                     assert (tp[:, :3] >= 0).all() and (n_rest == 0 or (tr[:, :2] >= 0).all()), "a timeline was not written"
@@ -187,8 +226,17 @@ def main() -> None:
                 pick = int(np.argsort([f.end_us.max() for f in frames])[len(frames) // 2])  # the median makespan
                 df, (_, _, part_us, red_us) = frames[pick], runs[pick]
                 s = {**prov, "snapshot": sname, "variant": vname, "kwargs": json.dumps(kw), "prio": prio,
-                     "rel_err": err, "graph_step_us": step_us, "partial_us": part_us, "reduce_us": red_us,
+                     "rel_err": err, "graph_step_us": step_us, "graph_partials_us": part_graph_us, "partial_us": part_us, "reduce_us": red_us,
                      **summarise(df, n_sms)}  # fmt: skip
+                if rest_alone and n_rest:  # the rest beside placeholder CTAs that hold the prompt's SMs as long
+                    sink = torch.zeros(256, dtype=torch.int32, device=dev)
+                    spin = spin_launcher(int(s["prompt_cta_med_us"] * 1e3), sink)
+                    with mock.patch.object(prompt_gluon, "launch_prompt_partials", spin), torch.cuda.stream(main_s):
+                        alone = [one_rep(m, plan, q, k, v, out, tls, flush)[1] for _ in range(reps)]
+                    ends = [(tr[:, 1].max() - tr[:, 0].min()) / 1e3 for tr in alone]
+                    p90s = [(np.quantile(tr[:, 1], 0.9) - tr[:, 0].min()) / 1e3 for tr in alone]
+                    s.update(rest_alone_end_us=float(np.median(ends)), rest_alone_p90_us=float(np.median(p90s)),
+                             spin_us=s["prompt_cta_med_us"])  # fmt: skip
                 summary.append(s)
                 rows.append(df.assign(snapshot=sname, variant=vname, prio=prio, git_commit=prov["git_commit"]))
                 if sname == first:
@@ -198,11 +246,12 @@ def main() -> None:
                       flush=True)  # fmt: skip
                 pd.concat(rows).to_csv(out_dir / f"gluon_timeline_{suffix}.csv.gz", index=False)
                 pd.DataFrame(summary).to_csv(out_dir / f"gluon_timeline_summary_{suffix}.csv", index=False)
-    cols = ["snapshot", "variant", "prio", "graph_step_us", "partial_us", "reduce_us", "span_us", "prompt_last_start_us",
+    cols = ["snapshot", "variant", "prio", "graph_step_us", "graph_partials_us", "partial_us", "reduce_us", "span_us", "prompt_last_start_us",
             "prompt_end_med_us", "prompt_end_max_us", "rest_first_start_us", "rest_end_p90_us", "rest_end_max_us",
-            "idle_sm_frac", "critical"]  # fmt: skip
+            "idle_sm_frac", "critical", "rest_alone_p90_us", "rest_alone_end_us"]  # fmt: skip
     if summary:
-        print(pd.DataFrame(summary)[cols].round(2).to_string(index=False))
+        df = pd.DataFrame(summary)
+        print(df[[c for c in cols if c in df]].round(2).to_string(index=False))
 
 
 if __name__ == "__main__":
