@@ -8,9 +8,9 @@ the prompt's CTAs, and what the join and the reduction add.
 For each snapshot of :func:`scripts.kernel_snapshots.snapshots` whose plan takes the Gluon kernel (default: the
 few-shot 16k ones) and each variant (``DEFT_GT_VARIANTS``, as ``scripts/timeline_probe.py``'s
 ``DEFT_TL_VARIANTS``) and stream-priority mode (``DEFT_GT_PRIOS``: ``same``, ``prompt_hi`` with the step on a
-high-priority stream, ``rest_hi`` with the side stream high): ``DEFT_GT_REPS`` (9) cold-L2 repetitions of the
-step with both timelines on, the median-makespan one kept; and the step without timelines in a CUDA graph (cold L2,
-median of 50). Writes ``$OUT/gluon_timeline_<date>[_<tag>].csv.gz`` (one row per CTA or program),
+high-priority stream, ``rest_hi`` with the side stream high): ``DEFT_GT_REPS`` (9) cold-L2 replays of the step
+captured in a CUDA graph with both timelines on, the median-makespan one kept; and, in CUDA graphs without
+timelines (cold L2, median of 50), the step and its two partial launches alone. Writes ``$OUT/gluon_timeline_<date>[_<tag>].csv.gz`` (one row per CTA or program),
 ``$OUT/gluon_timeline_summary_<date>[_<tag>].csv`` and, for the first snapshot, per-SM pictures
 ``$OUT/gluon_timeline_<snapshot>_<variant>_<prio>.png``; prints the summary last. With ``DEFT_GT_REST_ALONE=1``
 the rest's launch is also timed beside placeholder CTAs (:func:`_spin_kernel`) that hold the prompt's SMs for its
@@ -21,6 +21,7 @@ CTAs' median time without reading memory: the rest on the SMs the prompt leaves,
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from pathlib import Path
@@ -80,23 +81,36 @@ def streams(mode: str, dev: torch.device) -> tuple[torch.cuda.Stream, torch.cuda
     return main, side
 
 
-def one_rep(m, plan, q, k, v, out, tls, flush) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """One cold-L2 repetition of the step with both timelines on, on the current stream. Returns the prompt CTAs'
-    and the rest programs' timelines (rows of 4 int64) and the partial launches' and the reduction's event µs."""
+def capture(fn, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """``fn`` (one step's launches, run once eagerly first) in a CUDA graph on ``stream``: its replays are free of the
+    host's launch path, which in eager runs can start the side stream's launch tens of µs late."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph
+
+
+def step_with_timelines(m, q, k, v, plan, out, tls) -> None:
+    """The step's launches as ``run`` makes them, both timelines on, then the reduction."""
+    m._run_prompt(q, k, v, plan, timelines=tls)
     g = plan.groups
+    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads)
+
+
+def one_rep(graph: torch.cuda.CUDAGraph, tls, flush) -> tuple[np.ndarray, np.ndarray, float]:
+    """One cold-L2 replay of a step captured with both timelines on. Returns the prompt CTAs' and the rest programs'
+    timelines (rows of 4 int64) and the replay's event µs."""
     for t in tls:
         t.fill_(-1)
     flush.zero_()
     torch.cuda._sleep(BACKLOG_CYCLES)
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     ev[0].record()
-    m._run_prompt(q, k, v, plan, timelines=tls)
+    graph.replay()
     ev[1].record()
-    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads)
-    ev[2].record()
     torch.cuda.synchronize()
-    return (tls[0].view(-1, 4).cpu().numpy(), tls[1].view(-1, 4).cpu().numpy(), ev[0].elapsed_time(ev[1]) * 1e3,
-            ev[1].elapsed_time(ev[2]) * 1e3)  # fmt: skip
+    return tls[0].view(-1, 4).cpu().numpy(), tls[1].view(-1, 4).cpu().numpy(), ev[0].elapsed_time(ev[1]) * 1e3
 
 
 def frame(tl_p: np.ndarray, tl_r: np.ndarray) -> pd.DataFrame:
@@ -209,8 +223,9 @@ def main() -> None:
                 with torch.cuda.stream(main_s):
                     err = relative_error(m.run(q, k, v, plan), ref)
                     assert err < TOLERANCE[torch.bfloat16], (sname, vname, err)
-                    one_rep(m, plan, q, k, v, out, tls, flush)  # compiles the timeline variants
-                    runs = [one_rep(m, plan, q, k, v, out, tls, flush) for _ in range(reps)]
+                    step_tl = functools.partial(step_with_timelines, m, q, k, v, plan, out, tls)
+                    g_tl = capture(step_tl, main_s)
+                    runs = [one_rep(g_tl, tls, flush) for _ in range(reps)]
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, stream=main_s):
                         m.run(q, k, v, plan, out=out)
@@ -220,19 +235,20 @@ def main() -> None:
                         m._run_prompt(q, k, v, plan)
                     part_graph_us = time_device(g_part.replay, reps=50, device=dev).median_ms * 1e3
                 torch.cuda.synchronize(dev)
-                for tp, tr, _, _ in runs:
+                for tp, tr, _ in runs:
                     assert (tp[:, :3] >= 0).all() and (n_rest == 0 or (tr[:, :2] >= 0).all()), "a timeline was not written"
-                frames = [frame(tp, tr if n_rest else np.zeros((0, 4), dtype=np.int64)) for tp, tr, _, _ in runs]
+                frames = [frame(tp, tr if n_rest else np.zeros((0, 4), dtype=np.int64)) for tp, tr, _ in runs]
                 pick = int(np.argsort([f.end_us.max() for f in frames])[len(frames) // 2])  # the median makespan
-                df, (_, _, part_us, red_us) = frames[pick], runs[pick]
+                df, tl_us = frames[pick], runs[pick][2]
                 s = {**prov, "snapshot": sname, "variant": vname, "kwargs": json.dumps(kw), "prio": prio,
-                     "rel_err": err, "graph_step_us": step_us, "graph_partials_us": part_graph_us, "partial_us": part_us, "reduce_us": red_us,
+                     "rel_err": err, "graph_step_us": step_us, "graph_partials_us": part_graph_us, "timeline_step_us": tl_us,
                      **summarise(df, n_sms)}  # fmt: skip
                 if rest_alone and n_rest:  # the rest beside placeholder CTAs that hold the prompt's SMs as long
                     sink = torch.zeros(256, dtype=torch.int32, device=dev)
                     spin = spin_launcher(int(s["prompt_cta_med_us"] * 1e3), sink)
                     with mock.patch.object(prompt_gluon, "launch_prompt_partials", spin), torch.cuda.stream(main_s):
-                        alone = [one_rep(m, plan, q, k, v, out, tls, flush)[1] for _ in range(reps)]
+                        g_alone = capture(step_tl, main_s)
+                        alone = [one_rep(g_alone, tls, flush)[1] for _ in range(reps)]
                     ends = [(tr[:, 1].max() - tr[:, 0].min()) / 1e3 for tr in alone]
                     p90s = [(np.quantile(tr[:, 1], 0.9) - tr[:, 0].min()) / 1e3 for tr in alone]
                     s.update(rest_alone_end_us=float(np.median(ends)), rest_alone_p90_us=float(np.median(p90s)),
@@ -240,13 +256,13 @@ def main() -> None:
                 summary.append(s)
                 rows.append(df.assign(snapshot=sname, variant=vname, prio=prio, git_commit=prov["git_commit"]))
                 if sname == first:
-                    plot(df, f"{sname} {vname} {prio}: partials {part_us:.1f} µs",
+                    plot(df, f"{sname} {vname} {prio}: step {tl_us:.1f} µs",
                          out_dir / f"gluon_timeline_{sname}_{vname}_{prio}.png")  # fmt: skip
                 print({k2: (round(v2, 2) if isinstance(v2, float) else v2) for k2, v2 in s.items() if k2 not in prov},
                       flush=True)  # fmt: skip
                 pd.concat(rows).to_csv(out_dir / f"gluon_timeline_{suffix}.csv.gz", index=False)
                 pd.DataFrame(summary).to_csv(out_dir / f"gluon_timeline_summary_{suffix}.csv", index=False)
-    cols = ["snapshot", "variant", "prio", "graph_step_us", "graph_partials_us", "partial_us", "reduce_us", "span_us", "prompt_last_start_us",
+    cols = ["snapshot", "variant", "prio", "graph_step_us", "graph_partials_us", "timeline_step_us", "span_us", "prompt_last_start_us",
             "prompt_end_med_us", "prompt_end_max_us", "rest_first_start_us", "rest_end_p90_us", "rest_end_max_us",
             "idle_sm_frac", "critical", "rest_alone_p90_us", "rest_alone_end_us"]  # fmt: skip
     if summary:
