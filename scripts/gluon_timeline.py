@@ -15,7 +15,8 @@ timelines (cold L2, median of 50), the step and its two partial launches alone. 
 ``$OUT/gluon_timeline_<snapshot>_<variant>_<prio>.png``; prints the summary last. With ``DEFT_GT_REST_ALONE=1``
 the rest's launch is also timed beside placeholder CTAs (:func:`_spin_kernel`) that hold the prompt's SMs for its
 CTAs' median time without reading memory: the rest on the SMs the prompt leaves, without the prompt's HBM traffic
-(``rest_alone_*`` columns). Hopper GPU only: ``python -m scripts.gluon_timeline``.
+(``rest_alone_*`` columns). ``DEFT_GT_SLOTS=interleaved,contiguous`` adds each snapshot with its KV renumbered
+node by node (:func:`node_ordered_slots`; name suffix ``_contiguous``). Hopper GPU only: ``python -m scripts.gluon_timeline``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up, time_dev
 from deft.kernels import prompt_gluon
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
+from deft.tree import DecodingTree
 from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
 from scripts.timeline_probe import parse_variants
 
@@ -79,6 +81,15 @@ def streams(mode: str, dev: torch.device) -> tuple[torch.cuda.Stream, torch.cuda
     main = torch.cuda.Stream(dev, priority=hi if mode == "prompt_hi" else lo)
     side = torch.cuda.Stream(dev, priority=hi if mode == "rest_hi" else lo)
     return main, side
+
+
+def node_ordered_slots(tree: DecodingTree) -> DecodingTree:
+    """The same tree with its KV renumbered node by node (slot = position in the node-ordered token list): each
+    branch's tokens on consecutive slots, as a pool that allocates per sequence would place them, instead of the
+    one-token-per-branch-per-step interleaving the replayed decoding gives."""
+    n = len(tree.slots)
+    return DecodingTree(tree.parent, tree.slot_ptr, np.arange(n, dtype=tree.slots.dtype), tree.query_node,
+                        tree.query_visible, n)  # fmt: skip
 
 
 def capture(fn, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
@@ -200,9 +211,11 @@ def main() -> None:
     spin_up(dev)
     flush = l2_flush_buffer(dev)
     rows, summary, first = [], [], None
-    for sname, tree in snapshots():
-        if not any(sname.startswith(p) for p in prefixes):
-            continue
+    slot_orders = [x for x in os.environ.get("DEFT_GT_SLOTS", "interleaved").split(",") if x]
+    trees = [(n, t) for n, t in snapshots() if any(n.startswith(p) for p in prefixes)]
+    trees = [(n if o == "interleaved" else f"{n}_{o}", t if o == "interleaved" else node_ordered_slots(t))
+             for n, t in trees for o in slot_orders]  # fmt: skip
+    for sname, tree in trees:
         first = first or sname
         q, k, v, ref = inputs(tree, dev)
         for vname, (cls, kw) in variants.items():
