@@ -355,14 +355,29 @@ def _box_layout(block: int, head_dim: int, bf16: bool) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([block, head_dim], gl.bfloat16 if bf16 else gl.float16)
 
 
-def _descriptor(pool: torch.Tensor):
-    """TMA descriptor of ``pool`` [slots, kv_heads, d] viewed as [slots, kv_heads * d], box [BLOCK_N, d]."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+#: host TMA descriptors made so far, by pool (address, shape, strides, dtype) and box: ``run`` needs two per layer,
+#: and an engine's pools live as long as it does. A descriptor holds its pool, so an address in here cannot be
+#: reused by another tensor while its entry lives; :data:`DESC_CACHE_SIZE` entries at most, the oldest dropped.
+_DESCRIPTORS: dict[tuple, object] = {}
+DESC_CACHE_SIZE = 256
 
-    n, h, d = pool.shape
-    return TensorDescriptor.from_tensor(
-        pool.view(n, h * d), [BLOCK_N, d], _box_layout(BLOCK_N, d, pool.dtype == torch.bfloat16)
-    )
+
+def _descriptor(pool: torch.Tensor):
+    """TMA descriptor of ``pool`` [slots, kv_heads, d] viewed as [slots, kv_heads * d], box [BLOCK_N, d] (made once
+    per pool and box)."""
+    key = (pool.data_ptr(), tuple(pool.shape), pool.stride(), pool.dtype, pool.device, BLOCK_N)
+    desc = _DESCRIPTORS.get(key)
+    if desc is None:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        n, h, d = pool.shape
+        desc = TensorDescriptor.from_tensor(
+            pool.view(n, h * d), [BLOCK_N, d], _box_layout(BLOCK_N, d, pool.dtype == torch.bfloat16)
+        )
+        if len(_DESCRIPTORS) >= DESC_CACHE_SIZE:
+            del _DESCRIPTORS[next(iter(_DESCRIPTORS))]
+        _DESCRIPTORS[key] = desc
+    return desc
 
 
 def launch_prompt_partials(
