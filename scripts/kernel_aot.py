@@ -55,7 +55,7 @@ def launch_hints(signature: dict) -> dict:
     """The divisibility-16 hints the JIT gives pointer and stride arguments at launch (without them no load is
     pipelined), as ``ASTSource`` attributes."""
     names = list(signature)
-    hinted = [n for n in names if signature[n].startswith("*") or n.startswith("stride")]
+    hinted = [n for n in names if (signature[n].startswith("*") and n != "meta") or n.startswith("stride")]
     return {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
 
 

@@ -331,10 +331,10 @@ def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim,
     calls = []
     real = prompt_gluon.launch_prompt_partials
 
-    def spy(*args, warmup=False):
+    def spy(*args, warmup=False, **kw):
         if not warmup:
             calls.append(args[-2:])
-        real(*args, warmup=warmup)
+        real(*args, warmup=warmup, **kw)
 
     monkeypatch.setattr(prompt_gluon, "launch_prompt_partials", spy)
     rng = np.random.default_rng(width + prompt)
@@ -345,3 +345,29 @@ def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim,
     # and again with Node-Chunk's fixed chunks, one of which is shorter than the others
     m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon", prompt_min_tokens=0)
     check(m, tree, 32, 8, head_dim, dtype, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
+def test_steps_with_other_offsets_run_the_kernels_compiled_for_the_first():
+    """The plan's section offsets, the pair count and the rest launch's shifted ``meta`` view are not specialised:
+    steps whose values fall in other specialisation classes (1, a multiple of 16, neither; 16-byte aligned or not)
+    run the kernels the first step's plan compiled. A recompile took 2 s inside one end-to-end step (session 18)."""
+    from deft.kernels.tree_attention import deft_partial_kernel
+
+    def n_compiled() -> int:
+        return sum(len(c[0]) for k in (prompt_gluon.prompt_partial_kernel, deft_partial_kernel) for c in k.device_caches.values())
+
+    def cls(v: int) -> str:
+        return "one" if v == 1 else "x16" if v % 16 == 0 else "other"
+
+    rng = np.random.default_rng(5)
+    m = DeftFlatten(prompt_kernel="gluon", prompt_min_tokens=0)
+    classes, counts = set(), []
+    for width, prompt, branch in [(50, 16384, 30), (37, 3000, 7), (20, 2500, 12), (17, 5000, 1), (33, 4000, 64), (9, 2100, 5)]:
+        plan = check(m, fan(prompt, width, branch, rng), 32, 8, 128, torch.bfloat16)
+        off = plan.groups.offsets
+        classes.add((cls(off["tok_slot"][0]), cls(off["queries"][0]), cls(plan.n_pairs), plan.n_prompt * len(TILE_FIELDS) % 4))
+        counts.append(n_compiled())
+    assert len(classes) > 2, classes  # the steps do differ in what a specialisation would see
+    assert counts == [counts[0]] * len(counts), counts

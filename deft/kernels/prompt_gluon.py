@@ -215,7 +215,10 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
         gl.store(timeline + tl_at + 1 + W, _globaltimer(n_iter))
 
 
-@gluon.jit
+# the plan's offsets and pair count change from step to step: not specialised (a value that is 1 or a multiple of 16
+# would otherwise compile a variant of its own, seconds for this kernel, the first time a step's plan had one: an
+# end-to-end few-shot 16k run lost 2.06 s in one step that way, session 18)
+@gluon.jit(do_not_specialize=["off_tok_slot", "off_queries", "n_pairs"], do_not_specialize_on_alignment=["meta"])
 def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok_slot, off_queries, n_pairs,
                           stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline,
                           GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,

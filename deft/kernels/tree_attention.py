@@ -168,7 +168,12 @@ def _smid(anchor):
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [anchor], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries", "off_red_ptr", "off_red_idx"])
+# ``meta``'s alignment is not specialised either: a launch over a plan's later tiles (the Gluon path's rest, a split
+# plan's small tiles) gets a view starting ``n x TILE_FIELDS`` words in, 16-byte aligned or not with ``n``'s parity
+@triton.jit(
+    do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries", "off_red_ptr", "off_red_idx"],
+    do_not_specialize_on_alignment=["meta"],
+)
 def deft_partial_kernel(
     q_ptr,
     k_ptr,
