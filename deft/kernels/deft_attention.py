@@ -256,14 +256,17 @@ class DeftAttention(AttentionMethod):
     warpgroups on asynchronous ``wgmma`` taking turns, one tile record each) on the current stream, and the other
     tiles in the fused kernel on a side stream that starts with it; the reduction waits for both. Off a Hopper GPU,
     or on pools a TMA descriptor cannot address, the prompt tiles run in the fused kernel instead, in a launch of
-    their own (same plan, same partials: how the CPU tests check the split). ``prompt_min_tokens`` (1024) and
+    their own (same plan, same partials: how the CPU tests check the split). ``prompt_min_tokens`` (2048) and
     ``prompt_share`` (1.1; 0: ``wide_waves``' fixed share) decide per tree (:meth:`prompt_plan`): the Gluon kernel's
     CTAs hold an SM each for a whole chunk, so it pays only on long prompt chunks, and the prompt's share of the SMs
     should follow its share of the step's tokens. H100, session 16, graph µs (``results/h100/kernel_snapshots_2026-12-06_s16*``):
     few-shot 16k steps 1 / 200 / 399 62.2 / 72.9 / 89.9 -> 51.6 / 62.9 / 76.5 (the launches the rule makes, measured
     as fixed shares 0.9 / 0.67 / 0.5 in one call); on the 4k snapshots, the reasoning trees and Medusa (prompt chunks
     of 160-670 tokens) the Gluon kernel was slower at every share tried (4k step 1 25.5 -> 31-33, docmergeToT 38.0 ->
-    52-55), and the rule leaves their plans as they were (equal ``launch_digest``).
+    52-55), and the rule leaves their plans as they were (equal ``launch_digest``). Session 18 raised
+    ``prompt_min_tokens`` from 1024 to 2048: the paper sweeps' prompts with two row tiles per chunk (few-shot width 20
+    and 30, Medusa 32; chunks of 1.1-1.4k tokens at the wide budget) ran 8-13 % slower over the trace in the Gluon
+    kernel at 16k-20k, those with four (width 50, Medusa 64; 2.3k tokens and more) 10-22 % faster.
     ``small_rest`` (off by default; session 17) and ``rest_stages`` (0: ``small_stages``): with the Gluon prompt
     kernel, when every tile after its own is small (one-query branches), the side stream's launch is the partial
     kernel compiled for the small tile's rows alone (:meth:`rest_launch_args`: 115 registers and 39 KB at 5 stages,
@@ -317,7 +320,7 @@ class DeftAttention(AttentionMethod):
         big_gather_block: int = 0,
         big_gather_stages: int = 0,
         prompt_kernel: str = "gluon",
-        prompt_min_tokens: int = 1024,
+        prompt_min_tokens: int = 2048,
         prompt_share: float = 1.1,
         small_rest: bool = False,
         rest_stages: int = 0,
