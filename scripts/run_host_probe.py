@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 
-from deft.kernels import prompt_gluon
 from deft.kernels.deft_flatten import DeftFlatten
 from scripts.kernel_snapshots import SHAPE, inputs, save_probe_rows, snapshots
 
@@ -38,9 +37,9 @@ def host_us(fn, reps: int) -> float:
     return float(np.median(times) * 1e6)
 
 
-def fresh_descriptors(run) -> None:
+def fresh_descriptors(m, run) -> None:
     """``run`` with the Gluon kernel's TMA descriptors made anew (as before they were cached)."""
-    prompt_gluon._DESCRIPTORS.clear()
+    m._descriptors.clear()
     run()
 
 
@@ -60,7 +59,7 @@ def main() -> None:
         for _ in range(20):
             run()
         us = host_us(run, reps)
-        fresh = host_us(functools.partial(fresh_descriptors, run), reps) if plan.n_prompt else us
+        fresh = host_us(functools.partial(fresh_descriptors, m, run), reps) if plan.n_prompt else us
         prof = cProfile.Profile()
         torch.cuda._sleep(200_000_000)
         prof.enable()

@@ -388,3 +388,23 @@ def test_steps_with_other_offsets_run_the_kernels_compiled_for_the_first():
         counts.append(n_compiled())
     assert len(classes) > 2, classes  # the steps do differ in what a specialisation would see
     assert counts == [counts[0]] * len(counts), counts
+
+
+def test_tma_descriptors_are_made_once_per_pool_object_and_dropped_with_it():
+    """``run`` reuses a pool's TMA descriptors while the caller holds the same pool tensor (an engine's per-layer
+    pools), makes new ones for another tensor, and drops the entries of pools the caller let go at the next miss (an
+    entry references its pool's memory)."""
+    import gc
+
+    cache: dict = {}
+    k = torch.zeros(256, 8, 128, dtype=torch.bfloat16)
+    v = torch.zeros_like(k)
+    a = prompt_gluon._descriptor(k, cache)
+    assert prompt_gluon._descriptor(k, cache) is a and prompt_gluon._descriptor(v, cache) is not a
+    assert len(cache) == 2 and a.block_shape == [prompt_gluon.BLOCK_N, 128] and list(a.shape) == [256, 1024]
+    assert prompt_gluon._descriptor(k) is not a  # no cache: made anew
+    del v
+    gc.collect()
+    other = torch.zeros(512, 8, 128, dtype=torch.bfloat16)
+    prompt_gluon._descriptor(other, cache)
+    assert len(cache) == 2 and prompt_gluon._descriptor(k, cache) is a  # v's entry went, k's stayed

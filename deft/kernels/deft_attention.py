@@ -327,6 +327,7 @@ class DeftAttention(AttentionMethod):
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
+        self.__dict__["_descriptors"] = {}  # prompt_kernel="gluon": the pools' TMA descriptors (prompt_gluon._descriptor)
         if partial_dtype not in ("input", "float32"):
             raise ValueError(f"partial_dtype must be 'input' or 'float32', got {partial_dtype!r}")
         if block_m not in (16, 32, 64, 128, 256) or block_n not in (16, 32, 64, 128):
@@ -901,7 +902,7 @@ class DeftAttention(AttentionMethod):
         if gluon:
             prompt_gluon.launch_prompt_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs,
-                timeline=None if timelines is None else timelines[0],
+                timeline=None if timelines is None else timelines[0], descriptors=self._descriptors,
             )
         else:
             if timelines is not None:
