@@ -40,7 +40,7 @@ from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
 from deft.tree import DecodingTree
 from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
-from scripts.timeline_probe import parse_variants
+from scripts.timeline_probe import parse_variants, plot_sm_lanes
 
 PRIOS = ("same", "prompt_hi", "rest_hi")
 #: int32 words of shared memory a placeholder CTA holds (160 KB: one per SM, as a prompt CTA's 164 KB)
@@ -167,31 +167,9 @@ def summarise(df: pd.DataFrame, n_sms: int) -> dict:
 
 
 def plot(df: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(12, 7))
-    lane = np.zeros(len(df), dtype=int)
-    free: dict[int, list[float]] = {}
-    for i in np.argsort(df.start_us.to_numpy()):
-        ends = free.setdefault(int(df.sm.iloc[i]), [])
-        j = next((j for j, e in enumerate(ends) if e <= df.start_us.iloc[i] + 1e-3), len(ends))
-        if j == len(ends):
-            ends.append(0.0)
-        ends[j] = float(df.end_us.iloc[i])
-        lane[i] = j
-    n_lanes = max(len(v) for v in free.values())
-    y = df.sm.to_numpy() * n_lanes + lane
+    """The step's CTAs and programs per SM (blue: Gluon prompt CTA, green: rest program)."""
     colour = np.where(df.kind == "prompt", "tab:blue", "tab:green")
-    ax.barh(y, (df.end_us - df.start_us).to_numpy(), left=df.start_us.to_numpy(), height=0.9, color=colour)
-    ax.set_xlabel("µs since the first CTA started")
-    ax.set_ylabel(f"SM x {n_lanes} resident slots")
-    ax.set_title(title + "  (blue: Gluon prompt CTA, green: rest program)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_sm_lanes(df, colour, title + "  (blue: Gluon prompt CTA, green: rest program)", "CTA", path)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Host time of ``DeftAttention.run`` per snapshot (the launch path the end-to-end engine pays once per layer), and
 where it goes: for each snapshot of :func:`scripts.kernel_snapshots.snapshots` named by ``DEFT_HP_SNAPS`` (default
 the few-shot 16k ones, whose plans take the Gluon prompt kernel, and docmergeToT, which does not), the median host µs
-of ``run`` (``DEFT_HP_REPS`` calls, default 300, the GPU kept busy by a queued sleep so no call waits for it) with
+of ``run`` (``DEFT_HP_REPS`` calls, default 300, :func:`~deft.bench.timing.time_host`; the GPU's work per call is
+shorter than the host's, so no call waits for a full queue) with
 the Gluon kernel's TMA descriptors cached (the default) and made anew each call (``fresh_desc_us``), then
 a cProfile of as many calls with the functions that take the most cumulative time. Prints a table; writes
 ``$OUT/run_host_probe_<date>.csv``. GPU only: ``python -m scripts.run_host_probe``.
@@ -14,27 +15,12 @@ import functools
 import io
 import os
 import pstats
-import time
 
-import numpy as np
 import torch
 
+from deft.bench.timing import time_host
 from deft.kernels.deft_flatten import DeftFlatten
 from scripts.kernel_snapshots import SHAPE, inputs, save_probe_rows, snapshots
-
-
-def host_us(fn, reps: int) -> float:
-    """Median host µs of ``fn``, the GPU kept busy (a long sleep queued first) so no call waits on it."""
-    times = []
-    for i in range(reps):
-        if i % 50 == 0:
-            torch.cuda.synchronize()
-            torch.cuda._sleep(200_000_000)  # ~100 ms of queued GPU work: the launches below only enqueue
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return float(np.median(times) * 1e6)
 
 
 def fresh_descriptors(m, run) -> None:
@@ -58,8 +44,8 @@ def main() -> None:
         run = functools.partial(m.run, q, k, v, plan, out=out)
         for _ in range(20):
             run()
-        us = host_us(run, reps)
-        fresh = host_us(functools.partial(fresh_descriptors, m, run), reps) if plan.n_prompt else us
+        us = time_host(run, reps).median_ms * 1e3
+        fresh = time_host(functools.partial(fresh_descriptors, m, run), reps).median_ms * 1e3 if plan.n_prompt else us
         prof = cProfile.Profile()
         torch.cuda._sleep(200_000_000)
         prof.enable()

@@ -127,15 +127,15 @@ def summarise(df: pd.DataFrame, partial_us: float, reduce_us: float) -> dict:
     }  # fmt: skip
 
 
-def plot(df: pd.DataFrame, title: str, path: Path) -> None:
+def plot_sm_lanes(df: pd.DataFrame, colour: np.ndarray, title: str, what: str, path: Path) -> None:
+    """Bars of the programs (``start_us``/``end_us``/``sm`` columns) per SM, the programs resident on one SM at once
+    in lanes assigned greedily by start time; ``what`` names a program on the x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 6))
-    colour = np.where(df.masked, "tab:red", np.where(df.small, "tab:green", "tab:blue"))
-    # two lanes per SM (programs resident together), assigned greedily by start time
+    fig, ax = plt.subplots(figsize=(12, 7))
     lane = np.zeros(len(df), dtype=int)
     free: dict[int, list[float]] = {}
     for i in np.argsort(df.start_us.to_numpy()):
@@ -148,12 +148,18 @@ def plot(df: pd.DataFrame, title: str, path: Path) -> None:
     n_lanes = max(len(v) for v in free.values())
     y = df.sm.to_numpy() * n_lanes + lane
     ax.barh(y, (df.end_us - df.start_us).to_numpy(), left=df.start_us.to_numpy(), height=0.9, color=colour)
-    ax.set_xlabel("µs since the first program started")
+    ax.set_xlabel(f"µs since the first {what} started")
     ax.set_ylabel(f"SM x {n_lanes} resident slots")
-    ax.set_title(title + "  (blue: big tile, green: small tile, red: masked phase)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(df: pd.DataFrame, title: str, path: Path) -> None:
+    """One partial launch's programs per SM (blue: big tile, green: small tile, red: masked phase)."""
+    colour = np.where(df.masked, "tab:red", np.where(df.small, "tab:green", "tab:blue"))
+    plot_sm_lanes(df, colour, title + "  (blue: big tile, green: small tile, red: masked phase)", "program", path)
 
 
 def main() -> None:
