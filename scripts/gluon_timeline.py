@@ -36,6 +36,7 @@ from triton.experimental.gluon import language as gl
 
 from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up, time_device
 from deft.kernels import prompt_gluon
+from deft.kernels.branch_heads import heads_per_program
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
 from deft.tree import DecodingTree
@@ -90,6 +91,13 @@ def node_ordered_slots(tree: DecodingTree) -> DecodingTree:
     n = len(tree.slots)
     return DecodingTree(tree.parent, tree.slot_ptr, np.arange(n, dtype=tree.slots.dtype), tree.query_node,
                         tree.query_visible, n)  # fmt: skip
+
+
+def rest_head_blocks(plan) -> int:
+    """Programs per rest tile: one per KV head in the fused kernel, one per block of heads in the branches' kernel."""
+    if plan.rest_heads:
+        return -(-SHAPE.n_kv_heads // heads_per_program(SHAPE.n_kv_heads, plan.rest_heads, SHAPE.head_dim))
+    return SHAPE.n_kv_heads
 
 
 def capture(fn, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
@@ -207,8 +215,9 @@ def main() -> None:
                 m._side[dev] = side_s
                 n_ctas = plan.n_prompt - plan.n_pairs
                 n_rest = plan.groups.n_tiles - plan.n_prompt
+                rest_programs = n_rest * rest_head_blocks(plan)
                 tls = (torch.empty(4 * n_ctas * SHAPE.n_kv_heads, dtype=torch.int64, device=dev),
-                       torch.empty(4 * max(n_rest, 1) * SHAPE.n_kv_heads, dtype=torch.int64, device=dev))  # fmt: skip
+                       torch.empty(4 * max(rest_programs, 1), dtype=torch.int64, device=dev))  # fmt: skip
                 out = torch.empty_like(q)
                 main_s.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(main_s):

@@ -28,6 +28,7 @@ from deft.attention import (
     check_inputs,
 )
 from deft.kernels import plan_native
+from deft.kernels.branch_heads import launch_branch_heads
 from deft.kernels.global_reduce import launch_reduce, pdl_supported, reduce_heads
 from deft.kernels.kv_groups import (
     CLASS_BIG_AFFINE,
@@ -43,6 +44,7 @@ from deft.kernels.kv_groups import (
     order_tiles_longest_first,
     partition_small_last,
     rest_all_small,
+    rest_small_unmasked,
     small_tile_rows,
     split_long_small_tiles,
     tile_classes,
@@ -89,6 +91,7 @@ class DeftPlan(Plan):
     rest: tuple = ()  # prompt_kernel="gluon": the rest's (meta view, section offsets), made once per plan
     rest_rows: int = 0  # small_rest: the rest's launch compiled for these tile rows alone (0: the fused kernel's)
     rest_args: dict | None = None  # small_rest: that launch's arguments (DeftAttention.rest_launch_args), once per plan
+    rest_heads: int = 0  # branch_heads: the rest runs in the branches' kernel with these rows per KV head (0: not)
 
 
 class _PlanContext:
@@ -324,6 +327,10 @@ class DeftAttention(AttentionMethod):
         prompt_share: float = 1.1,
         small_rest: bool = False,
         rest_stages: int = 0,
+        branch_heads: bool = False,
+        branch_block_n: int = 16,
+        branch_stages: int = 3,
+        branch_warps: int = 8,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -408,6 +415,14 @@ class DeftAttention(AttentionMethod):
         if int(rest_stages) != 0 and not 2 <= int(rest_stages) <= 8:
             raise ValueError(f"rest_stages must be 0 (small_stages) or 2..8, got {rest_stages}")
         self.rest_stages = int(rest_stages)
+        self.branch_heads = bool(branch_heads)
+        if branch_block_n not in (16, 32, 64):
+            raise ValueError(f"branch_block_n must be 16, 32 or 64, got {branch_block_n}")
+        if not 1 <= int(branch_stages) <= 8 or branch_warps not in (2, 4, 8, 16):
+            raise ValueError(f"branch_stages must be 1..8 and branch_warps 2, 4, 8 or 16, got {branch_stages}, {branch_warps}")
+        self.branch_block_n = int(branch_block_n)
+        self.branch_stages = int(branch_stages)
+        self.branch_warps = int(branch_warps)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -639,6 +654,10 @@ class DeftAttention(AttentionMethod):
             "prompt_share": self.prompt_share,
             "small_rest": self.small_rest,
             "rest_stages": self.rest_stages,
+            "branch_heads": self.branch_heads,
+            "branch_block_n": self.branch_block_n,
+            "branch_stages": self.branch_stages,
+            "branch_warps": self.branch_warps,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -689,7 +708,7 @@ class DeftAttention(AttentionMethod):
         gluon, share = self.prompt_plan(tree, shape)
         g = self.groups(tree, shape, staging.alloc if staging is not None else None, share)
         n_big = small = -1
-        n_prompt = n_pairs = rest_rows = 0
+        n_prompt = n_pairs = rest_rows = rest_heads = 0
         if self.split_launch:  # before the upload: the records are reordered in place
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
             if small < g.rows:
@@ -701,7 +720,9 @@ class DeftAttention(AttentionMethod):
             n_prompt, n_pairs = partition_prompt_tiles(
                 g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens
             )
-            if self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
+            if self.branch_heads and n_prompt and small < g.rows and rest_small_unmasked(g, n_prompt, shape.group_size, small):
+                rest_heads = small
+            elif self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
                 rest_rows = small
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
@@ -723,6 +744,7 @@ class DeftAttention(AttentionMethod):
             counters=self._counter_space(tree.n_queries * shape.n_heads, device) if self.fused_reduce else None,
             n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
             rest_rows=rest_rows, rest_args=self.rest_launch_args(rest_rows, shape.head_dim) if rest_rows else None,
+            rest_heads=rest_heads,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -751,6 +773,7 @@ class DeftAttention(AttentionMethod):
             plan.counters is not None, plan.n_prompt, plan.n_pairs, sorted(g.offsets.items()), g.n_tiles, g.n_partials,
             self.partial_dtype,
             *((plan.rest_rows, sorted(plan.rest_args.items())) if plan.rest_rows else ()),
+            *((plan.rest_heads, self.branch_args()) if plan.rest_heads else ()),
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
@@ -914,7 +937,12 @@ class DeftAttention(AttentionMethod):
         if n_rest:
             meta, offs = plan.rest
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                if plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
+                if plan.rest_heads:  # branch_heads: one program per branch tile and block of KV heads
+                    self.last_kernel = launch_branch_heads(
+                        q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_heads,
+                        **self.branch_args(), timeline=None if timelines is None else timelines[1],
+                    )  # fmt: skip
+                elif plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_rows,
                         **plan.rest_args, unified=plan.unified, timeline=None if timelines is None else timelines[1],
@@ -927,6 +955,10 @@ class DeftAttention(AttentionMethod):
                     )  # fmt: skip
             if cuda:
                 cur.wait_stream(side)
+
+    def branch_args(self) -> dict[str, int]:
+        """``branch_heads``: :func:`~deft.kernels.branch_heads.launch_branch_heads`' keyword arguments from the knobs."""
+        return dict(block_n=self.branch_block_n, stages=self.branch_stages, num_warps=self.branch_warps)
 
     def rest_launch_args(self, rows: int = 16, head_dim: int = 128) -> dict[str, Any]:
         """``small_rest``: :func:`~deft.kernels.tree_attention.launch_partials`' arguments (after the tile rows) for the
@@ -995,7 +1027,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
             self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel, self.small_rest, self.rest_stages,
-            *sorted(self.kernel_knobs().items()),
+            *sorted(self.kernel_knobs().items()), self.branch_heads, *sorted(self.branch_args().items()),
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -1039,6 +1071,12 @@ class DeftAttention(AttentionMethod):
         two = (self.split_launch or self._gluon_on) and pdl  # plans of two launches reduce without PDL
         if self._gluon_on:
             self._precompile_prompt(plan, device)
+            small = small_tile_rows(s.group_size, self.block_m, self.small_m)
+            if self.branch_heads and small < self.block_m:  # the branches' kernel, for the rest of a Gluon plan
+                launch_branch_heads(
+                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, small, **self.branch_args(),
+                    warmup=True,
+                )  # fmt: skip
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
             for p in (pdl, False) if two else (pdl,):

@@ -163,6 +163,13 @@ def rest_all_small(g: KVGroups, first: int, group: int, small_rows: int) -> bool
     return bool(((t[:, 3] - t[:, 2]).astype(np.int64) * group <= small_rows).all())
 
 
+def rest_small_unmasked(g: KVGroups, first: int, group: int, small_rows: int) -> bool:
+    """Whether every tile record from ``first`` on has at most ``small_rows`` rows and no masked phase
+    (``DeftAttention.branch_heads``: the launch after the prompt kernel's tiles can then be the branches' kernel)."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS))[first:]
+    return bool((((t[:, 3] - t[:, 2]).astype(np.int64) * group <= small_rows) & ((t[:, 5] & FLAG_MASK) == 0)).all())
+
+
 def split_long_small_tiles(
     g: KVGroups, group: int, small_rows: int, max_len: int, out_alloc: Callable[[int], np.ndarray] | None = None
 ) -> KVGroups:

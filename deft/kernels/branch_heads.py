@@ -1,0 +1,173 @@
+"""The branches' kernel: one program per (small unmasked tile, block of KV heads), every head of the block at once.
+
+In a few-shot or speculative step past the first, what the shared prompt's kernel leaves is one small tile per branch
+node: a query or two (``n_q x group`` rows per KV head, at most the small tile's 16) over the node's gathered tokens,
+seen whole. The fused kernel runs such a tile as ``n_kv`` programs, one per KV head, each gathering 256 bytes per
+token (head_dim 128, bf16) and making one dependent HBM round trip per K/V block; the programs are short and
+latency-bound (session 18: 13 µs for 200 tokens, 0.98 TB/s on the SMs the prompt leaves). Here one program loads a
+token's K and V rows for ``BLOCK_H`` heads at once (2 KB each for Llama-3-8B's 8 KV heads: the whole row of the
+pool), so each round trip moves ``BLOCK_H`` times the bytes, the slot indices are loaded once for all heads, and the
+launch has ``BLOCK_H`` times fewer programs. The scores and the P·V product are batched ``tl.dot`` over the heads
+(``[heads, rows, head_dim] x [heads, head_dim, tokens]``); the partials go where the fused kernel's would, so the
+reduction is the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from deft.kernels.tree_attention import LOG2E, _dot_f32, _globaltimer, _smid
+
+#: fp32 accumulator elements a program holds (heads x rows x head_dim): 8 heads x 16 rows x 128 at 8 warps is 64 per
+#: thread, as the fused kernel's 64-row tile at 4 warps
+ACC_ELEMS = 16384
+
+
+@triton.jit(
+    do_not_specialize=["off_tok_slot", "off_queries"],
+    do_not_specialize_on_alignment=["meta"],
+)
+def branch_heads_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    part_o,
+    part_lse,
+    meta,
+    off_tok_slot,
+    off_queries,
+    stride_qn,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_pn,
+    stride_ph,
+    stride_ln,
+    qk_scale,
+    timeline,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    N_KV: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    TIMELINE: tl.constexpr,
+):
+    """Partial attention of one small unmasked tile (record ``program_id(0)`` of ``meta``) for KV heads
+    ``[program_id(1) x BLOCK_H, + BLOCK_H)``: rows are (local query, query head of the KV head), ``ROWS`` per KV head."""
+    if TIMELINE:  # diagnostics only: start, end (global ns) and SM at 4 int64 per program
+        t_start = _globaltimer(q_ptr)
+    tile = tl.program_id(0)
+    rec = meta + tile * 6
+    t_lo = tl.load(rec)
+    t_hi = tl.load(rec + 1)
+    q_lo = tl.load(rec + 2)
+    n_q = tl.load(rec + 3) - q_lo
+    pbase = tl.load(rec + 4)
+
+    kvh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None, None]  # [H, 1, 1]
+    r = tl.arange(0, ROWS)[None, :, None]  # [1, R, 1]
+    offs_d = tl.arange(0, HEAD_DIM)[None, None, :]  # [1, 1, D]
+    lq = r // GROUP
+    head = kvh * GROUP + r % GROUP  # [H, R, 1]
+    row_ok = (lq < n_q) & (kvh < N_KV)  # [H, R, 1]
+    qid = tl.load(meta + off_queries + (q_lo + lq) * 3, mask=lq < n_q, other=0).to(tl.int64)  # [1, R, 1]
+    q = tl.load(q_ptr + qid * stride_qn + head * stride_qh + offs_d, mask=row_ok, other=0.0)  # [H, R, D]
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh + offs_d  # [H, 1, D]
+    v_base = v_ptr + kvh.to(tl.int64) * stride_vh + offs_d
+    h_ok = kvh < N_KV
+    acc = tl.zeros([BLOCK_H, ROWS, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H, ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H, ROWS], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    tok_slot = meta + off_tok_slot
+    for start in tl.range(t_lo, t_hi, BLOCK_N, num_stages=STAGES):
+        t = start + offs_n
+        valid = t < t_hi
+        slot = tl.load(tok_slot + t, mask=valid, other=0).to(tl.int64)[None, :, None]  # [1, N, 1]
+        ok = valid[None, :, None] & h_ok
+        k = tl.load(k_base + slot * stride_ks, mask=ok, other=0.0)  # [H, N, D]
+        v = tl.load(v_base + slot * stride_vs, mask=ok, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.permute(k, (0, 2, 1)))  # [H, R, N]; the scale is folded into the exponent below
+        s = tl.where(valid[None, None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, :, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    prow = (pbase + lq).to(tl.int64)  # [1, R, 1]
+    tl.store(part_o + prow * stride_pn + head * stride_ph + offs_d, o.to(part_o.dtype.element_ty), mask=row_ok)
+    lrow = tl.reshape(prow, [1, ROWS])
+    lhead = tl.reshape(head, [BLOCK_H, ROWS])
+    tl.store(part_lse + lrow * stride_ln + lhead, lse, mask=tl.reshape(row_ok, [BLOCK_H, ROWS]))
+    if TIMELINE:
+        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
+        tl.store(timeline + pid, t_start)
+        tl.store(timeline + pid + 1, _globaltimer(q_ptr))
+        tl.store(timeline + pid + 2, _smid(q_ptr).to(tl.int64))
+
+
+def heads_per_program(n_kv: int, rows: int, head_dim: int) -> int:
+    """KV heads one program runs: all of them (a power of two at least) while the accumulator stays within
+    :data:`ACC_ELEMS` (8 at head_dim 128 and 16 rows, 16 at 64)."""
+    return max(1, min(triton.next_power_of_2(n_kv), ACC_ELEMS // (rows * head_dim)))
+
+
+def launch_branch_heads(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    meta: torch.Tensor,
+    offsets: dict[str, tuple[int, int]],
+    n_tiles: int,
+    rows: int,
+    block_n: int = 16,
+    stages: int = 3,
+    num_warps: int = 8,
+    timeline: torch.Tensor | None = None,
+    warmup: bool = False,
+):
+    """Launch one program per (tile record of ``meta``, block of KV heads) over ``n_tiles`` records, every one of them
+    unmasked with at most ``rows`` rows per KV head (the plan checks: ``kv_groups.rest_small_unmasked``). ``block_n``
+    tokens per K/V block, the loop pipelined ``stages`` deep. ``timeline`` (diagnostics, GPU only): int64, 4 per
+    program, as :func:`~deft.kernels.tree_attention.launch_partials`'. ``warmup``: compile without running. Returns the
+    compiled kernel."""
+    n_kv, d = k_pool.shape[1], k_pool.shape[2]
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two of at least 16 (tl.dot), got {block_n}")
+    block_h = heads_per_program(n_kv, rows, d)
+    args = (
+        q, k_pool, v_pool, part_o, part_lse, meta, offsets["tok_slot"][0], offsets["queries"][0],
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        part_o.stride(0), part_o.stride(1), part_lse.stride(0), LOG2E / math.sqrt(d),
+        part_lse if timeline is None else timeline,
+    )  # fmt: skip
+    consts = dict(
+        GROUP=q.shape[1] // n_kv, ROWS=rows, N_KV=n_kv, BLOCK_H=block_h, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
+        DOT_F32=_dot_f32(q.dtype), TIMELINE=timeline is not None, num_warps=num_warps, num_stages=stages,
+    )  # fmt: skip
+    grid = (n_tiles, triton.cdiv(n_kv, block_h))
+    if warmup:
+        return branch_heads_kernel.warmup(*args, grid=tuple(max(x, 1) for x in grid), **consts)
+    return branch_heads_kernel[grid](*args, **consts)
