@@ -68,7 +68,7 @@ def _spin_kernel(ns, sink, ROWS: gl.constexpr):
 def spin_launcher(ns: int, sink: torch.Tensor):
     """A stand-in for :func:`~deft.kernels.prompt_gluon.launch_prompt_partials`: the same grid of placeholder CTAs."""
 
-    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, warmup=False, timeline=None):
+    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, **_):
         _spin_kernel[((n_tiles - n_pairs) * k_pool.shape[1],)](ns, sink, ROWS=SPIN_ROWS, num_warps=4)
 
     return launch
