@@ -215,7 +215,7 @@ def main() -> None:
                 m._side[dev] = side_s
                 n_ctas = plan.n_prompt - plan.n_pairs
                 n_rest = plan.groups.n_tiles - plan.n_prompt
-                rest_programs = n_rest * rest_head_blocks(plan)
+                rest_programs = (plan.rest_programs or n_rest) * rest_head_blocks(plan)
                 tls = (torch.empty(4 * n_ctas * SHAPE.n_kv_heads, dtype=torch.int64, device=dev),
                        torch.empty(4 * max(rest_programs, 1), dtype=torch.int64, device=dev))  # fmt: skip
                 out = torch.empty_like(q)

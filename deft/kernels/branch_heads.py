@@ -28,7 +28,7 @@ ACC_ELEMS = 16384
 
 
 @triton.jit(
-    do_not_specialize=["off_tok_slot", "off_queries"],
+    do_not_specialize=["off_tok_slot", "off_queries", "off_progs"],
     do_not_specialize_on_alignment=["meta"],
 )
 def branch_heads_kernel(
@@ -40,6 +40,7 @@ def branch_heads_kernel(
     meta,
     off_tok_slot,
     off_queries,
+    off_progs,
     stride_qn,
     stride_qh,
     stride_ks,
@@ -59,13 +60,45 @@ def branch_heads_kernel(
     BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SPREAD: tl.constexpr,
     TIMELINE: tl.constexpr,
 ):
-    """Partial attention of one small unmasked tile (record ``program_id(0)`` of ``meta``) for KV heads
-    ``[program_id(1) x BLOCK_H, + BLOCK_H)``: rows are (local query, query head of the KV head), ``ROWS`` per KV head."""
+    """Partial attention of small unmasked tiles for KV heads ``[program_id(1) x BLOCK_H, + BLOCK_H)``: tile record
+    ``program_id(0)`` of ``meta``, or with ``SPREAD`` the records ``[progs[p], progs[p + 1])`` of the plan's ``progs``
+    section (:func:`~deft.kernels.kv_groups.spread_rest_tiles`), one after the other."""
     if TIMELINE:  # diagnostics only: start, end (global ns) and SM at 4 int64 per program
         t_start = _globaltimer(q_ptr)
-    tile = tl.program_id(0)
+    if SPREAD:
+        r_lo = tl.load(meta + off_progs + tl.program_id(0))
+        r_hi = tl.load(meta + off_progs + tl.program_id(0) + 1)
+        for tile in range(r_lo, r_hi):
+            _branch_tile(
+                q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
+                stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
+                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32,
+            )  # fmt: skip
+    else:
+        _branch_tile(
+            q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
+            stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tl.program_id(0),
+            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32,
+        )  # fmt: skip
+    if TIMELINE:
+        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
+        tl.store(timeline + pid, t_start)
+        tl.store(timeline + pid + 1, _globaltimer(q_ptr))
+        tl.store(timeline + pid + 2, _smid(q_ptr).to(tl.int64))
+
+
+@triton.jit
+def _branch_tile(
+    q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
+    stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One tile record's partials for this program's block of KV heads: rows are (local query, query head of the KV
+    head), ``ROWS`` per KV head; the record's tokens are seen whole by its queries (no visibility test)."""
     rec = meta + tile * 6
     t_lo = tl.load(rec)
     t_hi = tl.load(rec + 1)
@@ -117,11 +150,6 @@ def branch_heads_kernel(
     lrow = tl.reshape(prow, [1, ROWS])
     lhead = tl.reshape(head, [BLOCK_H, ROWS])
     tl.store(part_lse + lrow * stride_ln + lhead, lse, mask=tl.reshape(row_ok, [BLOCK_H, ROWS]))
-    if TIMELINE:
-        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
-        tl.store(timeline + pid, t_start)
-        tl.store(timeline + pid + 1, _globaltimer(q_ptr))
-        tl.store(timeline + pid + 2, _smid(q_ptr).to(tl.int64))
 
 
 def heads_per_program(n_kv: int, rows: int, head_dim: int) -> int:
@@ -140,6 +168,7 @@ def launch_branch_heads(
     offsets: dict[str, tuple[int, int]],
     n_tiles: int,
     rows: int,
+    n_programs: int = 0,
     block_n: int = 16,
     stages: int = 3,
     num_warps: int = 8,
@@ -147,7 +176,9 @@ def launch_branch_heads(
     warmup: bool = False,
 ):
     """Launch one program per (tile record of ``meta``, block of KV heads) over ``n_tiles`` records, every one of them
-    unmasked with at most ``rows`` rows per KV head (the plan checks: ``kv_groups.rest_small_unmasked``). ``block_n``
+    unmasked with at most ``rows`` rows per KV head (the plan checks: ``kv_groups.rest_small_unmasked``); with
+    ``n_programs`` > 0, that many programs per block of heads, each over its run of records in ``offsets["progs"]``
+    (:func:`~deft.kernels.kv_groups.spread_rest_tiles`; ``n_tiles`` is then unused). ``block_n``
     tokens per K/V block, the loop pipelined ``stages`` deep. ``timeline`` (diagnostics, GPU only): int64, 4 per
     program, as :func:`~deft.kernels.tree_attention.launch_partials`'. ``warmup``: compile without running. Returns the
     compiled kernel."""
@@ -159,15 +190,17 @@ def launch_branch_heads(
     block_h = heads_per_program(n_kv, rows, d)
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta, offsets["tok_slot"][0], offsets["queries"][0],
+        offsets["progs"][0] if n_programs > 0 else 0,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0), LOG2E / math.sqrt(d),
         part_lse if timeline is None else timeline,
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, ROWS=rows, N_KV=n_kv, BLOCK_H=block_h, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
-        DOT_F32=_dot_f32(q.dtype), TIMELINE=timeline is not None, num_warps=num_warps, num_stages=stages,
+        DOT_F32=_dot_f32(q.dtype), SPREAD=n_programs > 0, TIMELINE=timeline is not None, num_warps=num_warps,
+        num_stages=stages,
     )  # fmt: skip
-    grid = (n_tiles, triton.cdiv(n_kv, block_h))
+    grid = (n_programs if n_programs > 0 else n_tiles, triton.cdiv(n_kv, block_h))
     if warmup:
         return branch_heads_kernel.warmup(*args, grid=tuple(max(x, 1) for x in grid), **consts)
     return branch_heads_kernel[grid](*args, **consts)

@@ -28,7 +28,7 @@ from deft.attention import (
     check_inputs,
 )
 from deft.kernels import plan_native
-from deft.kernels.branch_heads import launch_branch_heads
+from deft.kernels.branch_heads import heads_per_program, launch_branch_heads
 from deft.kernels.global_reduce import launch_reduce, pdl_supported, reduce_heads
 from deft.kernels.kv_groups import (
     CLASS_BIG_AFFINE,
@@ -47,6 +47,7 @@ from deft.kernels.kv_groups import (
     rest_small_unmasked,
     small_tile_rows,
     split_long_small_tiles,
+    spread_rest_tiles,
     tile_classes,
 )
 from deft.kernels.launch_model import lpt_makespan
@@ -92,6 +93,7 @@ class DeftPlan(Plan):
     rest_rows: int = 0  # small_rest: the rest's launch compiled for these tile rows alone (0: the fused kernel's)
     rest_args: dict | None = None  # small_rest: that launch's arguments (DeftAttention.rest_launch_args), once per plan
     rest_heads: int = 0  # branch_heads: the rest runs in the branches' kernel with these rows per KV head (0: not)
+    rest_programs: int = 0  # branch_heads with branch_spread: its programs per block of KV heads (0: one per tile)
 
 
 class _PlanContext:
@@ -331,6 +333,7 @@ class DeftAttention(AttentionMethod):
         branch_block_n: int = 16,
         branch_stages: int = 3,
         branch_warps: int = 8,
+        branch_spread: float = 1.0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -423,6 +426,9 @@ class DeftAttention(AttentionMethod):
         self.branch_block_n = int(branch_block_n)
         self.branch_stages = int(branch_stages)
         self.branch_warps = int(branch_warps)
+        if not 0.0 <= float(branch_spread) <= 16.0:
+            raise ValueError(f"branch_spread must be in [0, 16] (0: one program per tile), got {branch_spread}")
+        self.branch_spread = float(branch_spread)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -658,6 +664,7 @@ class DeftAttention(AttentionMethod):
             "branch_block_n": self.branch_block_n,
             "branch_stages": self.branch_stages,
             "branch_warps": self.branch_warps,
+            "branch_spread": self.branch_spread,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -708,7 +715,7 @@ class DeftAttention(AttentionMethod):
         gluon, share = self.prompt_plan(tree, shape)
         g = self.groups(tree, shape, staging.alloc if staging is not None else None, share)
         n_big = small = -1
-        n_prompt = n_pairs = rest_rows = rest_heads = 0
+        n_prompt = n_pairs = rest_rows = rest_heads = rest_programs = 0
         if self.split_launch:  # before the upload: the records are reordered in place
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
             if small < g.rows:
@@ -722,6 +729,9 @@ class DeftAttention(AttentionMethod):
             )
             if self.branch_heads and n_prompt and small < g.rows and rest_small_unmasked(g, n_prompt, shape.group_size, small):
                 rest_heads = small
+                if self.branch_spread > 0:
+                    rest_programs = self.branch_programs(n_prompt - n_pairs, small, shape)
+                    g = spread_rest_tiles(g, n_prompt, rest_programs, staging.alloc if staging is not None else None)
             elif self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
                 rest_rows = small
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
@@ -744,7 +754,7 @@ class DeftAttention(AttentionMethod):
             counters=self._counter_space(tree.n_queries * shape.n_heads, device) if self.fused_reduce else None,
             n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
             rest_rows=rest_rows, rest_args=self.rest_launch_args(rest_rows, shape.head_dim) if rest_rows else None,
-            rest_heads=rest_heads,
+            rest_heads=rest_heads, rest_programs=rest_programs,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -773,7 +783,7 @@ class DeftAttention(AttentionMethod):
             plan.counters is not None, plan.n_prompt, plan.n_pairs, sorted(g.offsets.items()), g.n_tiles, g.n_partials,
             self.partial_dtype,
             *((plan.rest_rows, sorted(plan.rest_args.items())) if plan.rest_rows else ()),
-            *((plan.rest_heads, self.branch_args()) if plan.rest_heads else ()),
+            *((plan.rest_heads, plan.rest_programs, self.branch_args()) if plan.rest_heads else ()),
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
@@ -940,7 +950,7 @@ class DeftAttention(AttentionMethod):
                 if plan.rest_heads:  # branch_heads: one program per branch tile and block of KV heads
                     self.last_kernel = launch_branch_heads(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_heads,
-                        **self.branch_args(), timeline=None if timelines is None else timelines[1],
+                        plan.rest_programs, **self.branch_args(), timeline=None if timelines is None else timelines[1],
                     )  # fmt: skip
                 elif plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
                     self.last_kernel = launch_partials(
@@ -955,6 +965,16 @@ class DeftAttention(AttentionMethod):
                     )  # fmt: skip
             if cuda:
                 cur.wait_stream(side)
+
+    def branch_programs(self, prompt_ctas: int, rows: int, shape: AttentionShape) -> int:
+        """``branch_spread``: the branches' kernel's programs per block of KV heads, ``branch_spread`` x the SMs the prompt
+        kernel's ``prompt_ctas`` x KV heads CTAs leave (one CTA per SM), or x all SMs when they leave fewer than an eighth
+        (the branches then run after the prompt)."""
+        free = self.n_sms - prompt_ctas * shape.n_kv_heads
+        if free < self.n_sms // 8:
+            free = self.n_sms
+        blocks = -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim))
+        return max(1, round(self.branch_spread * free / blocks))
 
     def branch_args(self) -> dict[str, int]:
         """``branch_heads``: :func:`~deft.kernels.branch_heads.launch_branch_heads`' keyword arguments from the knobs."""
@@ -1027,7 +1047,7 @@ class DeftAttention(AttentionMethod):
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
             self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel, self.small_rest, self.rest_stages,
-            *sorted(self.kernel_knobs().items()), self.branch_heads, *sorted(self.branch_args().items()),
+            *sorted(self.kernel_knobs().items()), self.branch_heads, self.branch_spread > 0, *sorted(self.branch_args().items()),
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -1073,9 +1093,10 @@ class DeftAttention(AttentionMethod):
             self._precompile_prompt(plan, device)
             small = small_tile_rows(s.group_size, self.block_m, self.small_m)
             if self.branch_heads and small < self.block_m:  # the branches' kernel, for the rest of a Gluon plan
+                spread = int(self.branch_spread > 0)  # a plan with the branches' kernel spreads its tiles when this is on
                 launch_branch_heads(
-                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, small, **self.branch_args(),
-                    warmup=True,
+                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, {**g.offsets, "progs": (0, 0)}, 1, small, spread,
+                    **self.branch_args(), warmup=True,
                 )  # fmt: skip
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)

@@ -204,22 +204,73 @@ def split_long_small_tiles(
         [lo, hi, src[:, 2], src[:, 3], np.where(j > 0, new_base, src[:, 4]), ((hi - lo) << FLAG_SHIFT) | (src[:, 5] & FLAG_CONTIG)],
         axis=1,
     )  # fmt: skip
-    tiles = np.concatenate([t[~cut], pieces_rec])
-    n_part = g.n_partials + int(extra.sum())
-    # the reduction: the sorted query of every partial row (the old rows from the old lists), then lists again
+    new = j > 0
+    return _repack(g, np.concatenate([t[~cut], pieces_rec]), src[new, 2], nq_p[new], out_alloc)
+
+
+def spread_rest_tiles(
+    g: KVGroups, first: int, n_programs: int, out_alloc: Callable[[int], np.ndarray] | None = None
+) -> KVGroups:
+    """Cut the tile records from ``first`` on (small unmasked tiles: one-query branches beside the prompt kernel) into
+    pieces so that ``n_programs`` programs, each taking a run of consecutive records, get near-equal token counts
+    (``DeftAttention.branch_heads``: the branches' kernel, :mod:`deft.kernels.branch_heads`). The records' tokens,
+    laid end to end in record order, are cut into ``n_programs`` equal ranges; a record crossing a cut becomes two
+    pieces (or more), each piece after a record's first with partial rows of its own, as
+    :func:`split_long_small_tiles` makes them. Adds a section ``progs``: ``n_programs + 1`` record indices, counted
+    from ``first``; program ``p`` runs records ``[progs[p], progs[p + 1])`` (so a program never waits on a tile longer
+    than its share, whatever the branches' lengths and the number of SMs the prompt leaves)."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
+    rest = t[first:]
+    n_tok = rest[:, 1] - rest[:, 0]
+    total = int(n_tok.sum())
+    n_prog = max(1, min(int(n_programs), total))
+    start = np.add.accumulate(n_tok) - n_tok  # each record's first token, records end to end
+    cuts = np.arange(1, n_prog, dtype=np.int64) * total // n_prog
+    bounds = np.union1d(start, cuts)  # every piece's first token
+    ends = np.r_[bounds[1:], total]
+    rec = np.searchsorted(start, bounds, side="right") - 1
+    src = rest[rec]
+    lo = src[:, 0] + bounds - start[rec]
+    hi = lo + (ends - bounds)
+    new = bounds != start[rec]  # not a record's first piece: partial rows of its own
+    nq_p = src[:, 3] - src[:, 2]
+    extra = np.where(new, nq_p, 0)
+    new_base = g.n_partials + np.add.accumulate(extra) - extra
+    pieces = np.stack(
+        [lo, hi, src[:, 2], src[:, 3], np.where(new, new_base, src[:, 4]), ((hi - lo) << FLAG_SHIFT) | (src[:, 5] & FLAG_CONTIG)],
+        axis=1,
+    )  # fmt: skip
+    prog = np.searchsorted(cuts, bounds, side="right")  # the program of each piece
+    progs = np.searchsorted(prog, np.arange(n_prog + 1), side="left")
+    return _repack(g, np.concatenate([t[:first], pieces]), src[new, 2], nq_p[new], out_alloc, progs)
+
+
+def _repack(
+    g: KVGroups,
+    tiles: np.ndarray,
+    new_q_lo: np.ndarray,
+    new_cnt: np.ndarray,
+    out_alloc: Callable[[int], np.ndarray] | None,
+    progs: np.ndarray | None = None,
+) -> KVGroups:
+    """``g`` with new tile records whose pieces after the first took new partial rows, in order after ``g``'s: the
+    ``k``-th new piece has ``new_cnt[k]`` rows, for the sorted queries from ``new_q_lo[k]`` on. Rebuilds the
+    reduction's lists (a query keeps its partials in row order); ``progs``, if given, goes in a last section."""
+    n_part = g.n_partials + int(new_cnt.sum())
     ptr = g.section("red_ptr").astype(np.int64)
     nq = ptr.size - 1
     part_q = np.empty(n_part, dtype=np.int64)
     part_q[g.section("red_idx")] = np.arange(nq).repeat(np.diff(ptr))
-    new = j > 0
-    cnt = nq_p[new]
-    part_q[g.n_partials :] = src[new, 2].repeat(cnt) + np.arange(int(cnt.sum())) - (np.add.accumulate(cnt) - cnt).repeat(cnt)
+    part_q[g.n_partials :] = new_q_lo.repeat(new_cnt) + np.arange(int(new_cnt.sum())) - (np.add.accumulate(new_cnt) - new_cnt).repeat(new_cnt)
     counts = np.bincount(part_q, minlength=nq)
-    sizes = {name: b - a for name, (a, b) in g.offsets.items()}
+    sizes = {name: b - a for name, (a, b) in g.offsets.items() if name in SECTIONS}
     sizes["tiles"] = tiles.size
     sizes["red_idx"] = n_part
+    names = SECTIONS + (("progs",) if progs is not None else ())
+    if progs is not None:
+        sizes["progs"] = progs.size
     offsets, end = {}, 0
-    for name in SECTIONS:
+    for name in names:
         offsets[name] = (end, end + sizes[name])
         end += sizes[name]
     old = g.packed.copy()  # the caller's buffer may be the one handed out again
@@ -233,6 +284,9 @@ def split_long_small_tiles(
     packed[a + 1 : b] = np.add.accumulate(counts)
     a, b = offsets["red_idx"]
     packed[a:b] = part_q.argsort(kind="stable")
+    if progs is not None:
+        a, b = offsets["progs"]
+        packed[a:b] = progs
     return KVGroups(
         packed=packed, offsets=offsets, n_tiles=len(tiles), n_chunks=g.n_chunks, n_tokens=g.n_tokens,
         n_partials=n_part, max_parts=int(counts.max()), rows=g.rows, chunk_size=g.chunk_size, classes=g.classes,

@@ -1,0 +1,145 @@
+"""The branches' kernel (``branch_heads``: one program per small unmasked tile and block of KV heads, or per run of
+tile pieces with ``branch_spread``): its plan on the CPU, its results against the fp64 reference under the
+interpreter (or on a GPU), and its choice per tree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deft.attention import AttentionShape
+from deft.kernels import branch_heads
+from deft.kernels.deft_flatten import DeftFlatten
+from deft.kernels.deft_node import DeftNodeChunk
+from deft.kernels.kv_groups import FLAG_MASK, FLAG_SHIFT, TILE_FIELDS, spread_rest_tiles
+from deft.tree import DecodingTree
+from tests.test_deft_kernels import check  # NaN-poisoned partials and output, against fp64
+from tests.test_prompt_gluon import INTERP, fan, needs_kernels, tile_records
+
+
+def branch_tree(
+    rng: np.random.Generator, prompt: int, lens: list[int], queries: list[int], causal: bool = True
+) -> DecodingTree:
+    """A prompt in consecutive slots and one branch per entry of ``lens`` (scattered slots) whose last ``queries[i]``
+    tokens are queries: causal among them (several queries per branch make it a masked tile), or with ``causal``
+    off each seeing the whole branch (an unmasked tile of several queries)."""
+    n_br = int(sum(lens))
+    slots = np.r_[np.arange(prompt), prompt + rng.permutation(n_br + 7)[:n_br]]
+    qn = np.concatenate([np.full(nq, i + 1) for i, nq in enumerate(queries)])
+    qv = np.concatenate([np.arange(n - nq + 1, n + 1) if causal else np.full(nq, n) for n, nq in zip(lens, queries, strict=True)])
+    return DecodingTree.from_arrays([-1] + [0] * len(lens), [prompt, *lens], slots, qn, qv, n_slots=prompt + n_br + 7)
+
+
+# ---------------------------------------------------------------------- the plan
+@pytest.mark.parametrize("seed", range(6))
+def test_spread_cuts_the_rest_into_equal_runs_and_keeps_every_token_and_row(seed):
+    """The rest's records cut so each program's run has its exact share of the tokens (the shares differ by at most
+    one token), every token of every tile in exactly one piece, a tile's first piece on its old partial rows, the
+    others on new rows after the plan's, and the reduction's lists holding every row of every query once."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 90, size=int(rng.integers(17, 40))).tolist()  # 68+ rows: two row tiles on the prompt
+    lens = [40] * len(lens) if seed == 0 else lens  # equal branches, as a few-shot step's
+    tree = branch_tree(rng, 700, lens, [1] * len(lens))
+    shape = AttentionShape(8, 2, 16, "float16")
+    m = DeftNodeChunk(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_spread=0, n_sms=24)
+    plan = m.plan(tree, shape, "cpu")
+    g, first = plan.groups, plan.n_prompt
+    assert first > 0 and plan.rest_heads == 16 and plan.rest_programs == 0
+    n_prog = int(rng.integers(1, 3 * (g.n_tiles - first)))
+    s = spread_rest_tiles(g, first, n_prog)
+    old, new = tile_records(plan), s.section("tiles").reshape(-1, len(TILE_FIELDS)).astype(np.int64)
+    assert np.array_equal(new[:first], old[:first])
+    rest_old, rest_new = old[first:], new[first:]
+    total = int((rest_old[:, 1] - rest_old[:, 0]).sum())
+    progs = s.section("progs").astype(np.int64)
+    n_prog = min(n_prog, total)
+    assert progs.size == n_prog + 1 and progs[0] == 0 and progs[-1] == len(rest_new) and (np.diff(progs) >= 0).all()
+    per_prog = [int((rest_new[a:b, 1] - rest_new[a:b, 0]).sum()) for a, b in zip(progs[:-1], progs[1:], strict=True)]
+    assert sum(per_prog) == total and max(per_prog) - min(per_prog) <= 1
+    # each old tile's tokens, exactly once, by its pieces (same queries), first piece on the old rows
+    for rec in rest_old:
+        mine = rest_new[(rest_new[:, 2] == rec[2]) & (rest_new[:, 0] >= rec[0]) & (rest_new[:, 1] <= rec[1])]
+        mine = mine[np.argsort(mine[:, 0])]
+        assert mine[0, 0] == rec[0] and mine[-1, 1] == rec[1] and (mine[1:, 0] == mine[:-1, 1]).all()
+        assert (mine[:, 3] == rec[3]).all() and mine[0, 4] == rec[4] and (mine[1:, 4] >= g.n_partials).all()
+        assert ((mine[:, 5] >> FLAG_SHIFT) == mine[:, 1] - mine[:, 0]).all() and not (mine[:, 5] & FLAG_MASK).any()
+    ptr, idx = s.section("red_ptr").astype(np.int64), s.section("red_idx").astype(np.int64)
+    assert np.array_equal(np.sort(idx), np.arange(s.n_partials)) and ptr[-1] == s.n_partials
+    assert s.n_partials == g.n_partials + int(((new[first:, 4] >= g.n_partials) * (new[first:, 3] - new[first:, 2])).sum())
+
+
+def test_spread_programs_follow_the_sms_the_prompt_leaves():
+    """Few-shot 16k at step 200 on 132 SMs: the prompt kernel's 80 CTAs leave 52 SMs, so 52 programs of 193-194
+    tokens over the 50 branches of 200; with ``branch_spread=0`` one program per branch."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan(16000, 50, 200, np.random.default_rng(0))
+    plan = DeftFlatten(n_sms=132, branch_heads=True).plan(tree, shape, "cpu")
+    ctas = (plan.n_prompt - plan.n_pairs) * 8
+    assert plan.rest_heads == 16 and plan.rest_programs == 132 - ctas
+    flat = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=0).plan(tree, shape, "cpu")
+    assert flat.rest_programs == 0 and flat.groups.n_tiles - flat.n_prompt == 50
+    assert DeftFlatten(n_sms=132).plan(tree, shape, "cpu").rest_heads == 0  # off by default
+
+
+def test_a_masked_or_big_rest_tile_keeps_the_fused_launch():
+    """``branch_heads`` only where every tile after the prompt kernel's is small and unmasked: a branch of eight
+    queries (32 rows, causal among them) keeps the fused kernel's launch."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    rng = np.random.default_rng(0)
+    m = DeftFlatten(n_sms=132, branch_heads=True)
+    tree = branch_tree(rng, 16000, [200] * 50, [1] * 49 + [8])
+    plan = m.plan(tree, shape, "cpu")
+    assert plan.n_prompt > 0 and plan.rest_heads == 0 and "progs" not in plan.groups.offsets
+
+
+def test_bad_branch_settings_are_refused():
+    for kw, msg in (({"branch_block_n": 8}, "branch_block_n"), ({"branch_stages": 0}, "branch_stages"),
+                    ({"branch_warps": 3}, "branch_warps"), ({"branch_spread": -1}, "branch_spread")):  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            DeftFlatten(**kw)
+
+
+def test_heads_per_program_keeps_the_accumulator_bounded():
+    assert branch_heads.heads_per_program(8, 16, 128) == 8
+    assert branch_heads.heads_per_program(8, 16, 64) == 8
+    assert branch_heads.heads_per_program(32, 16, 128) == 8 and branch_heads.heads_per_program(32, 16, 64) == 16
+    assert branch_heads.heads_per_program(3, 16, 16) == 4  # a power of two; the fourth head is masked
+
+
+# ---------------------------------------------------------------------- against fp64 (interpreter or GPU)
+D = 16 if INTERP else 64
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spread", [0.0, 1.0, 3.0])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2), (6, 3)])
+def test_branch_kernel_matches_reference(dtype, spread, heads):
+    """Prompt chunks in the prompt's launch, then 1-query and 2-query branches of 1-60 tokens in the branches'
+    kernel: GQA 4, 8 and 2 (3 KV heads: a masked fourth head in the program's block); one program per tile, or
+    runs of pieces over a twelfth, a quarter of the SMs or three per SM."""
+    rng = np.random.default_rng(int(spread * 10) + heads[0])
+    group = heads[0] // heads[1]
+    n = int(rng.integers(65 // group + 1, 65 // group + 12))  # two row tiles on the prompt (the Gluon path)
+    lens = rng.integers(2, 60, size=n).tolist()
+    nq = [int(x) for x in rng.integers(1, 3, size=n)] if group <= 4 else [1] * n
+    tree = branch_tree(rng, 512, lens, nq, causal=False)  # two queries seeing their whole branch: 8 rows, unmasked
+    m = DeftNodeChunk(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_spread=spread, n_sms=24)
+    plan = check(m, tree, heads[0], heads[1], D, dtype, seed=n)
+    assert plan.n_prompt > 0 and plan.rest_heads == 16
+    assert (plan.rest_programs > 0) == (spread > 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("block", [(16, 3, 8), (32, 2, 4), (16, 5, 4)])
+def test_branch_kernel_blocks_and_head_blocks_match_reference(block, monkeypatch):
+    """Other K/V blocks, depths and warps, and more than one block of KV heads (the accumulator bound lowered so a
+    program takes two of the four KV heads)."""
+    monkeypatch.setattr(branch_heads, "ACC_ELEMS", 16 * D * 2)
+    rng = np.random.default_rng(block[0] + block[1])
+    tree = branch_tree(rng, 400, rng.integers(1, 70, size=20).tolist(), [1] * 20)
+    m = DeftFlatten(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_block_n=block[0],
+                    branch_stages=block[1], branch_warps=block[2], n_sms=16)  # fmt: skip
+    plan = check(m, tree, 16, 4, D, torch.bfloat16, seed=3)
+    assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.rest_programs > 0
