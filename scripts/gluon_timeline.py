@@ -8,7 +8,8 @@ the prompt's CTAs, and what the join and the reduction add.
 For each snapshot of :func:`scripts.kernel_snapshots.snapshots` whose plan takes the Gluon kernel (default: the
 few-shot 16k ones) and each variant (``DEFT_GT_VARIANTS``, as ``scripts/timeline_probe.py``'s
 ``DEFT_TL_VARIANTS``) and stream-priority mode (``DEFT_GT_PRIOS``: ``same``, ``prompt_hi`` with the step on a
-high-priority stream, ``rest_hi`` with the side stream high): ``DEFT_GT_REPS`` (9) cold-L2 replays of the step
+high-priority stream, ``rest_hi`` with the side stream high; ``DEFT_GT_PROMPT_VARIANT``: a
+:data:`scripts.prompt_probe.VARIANTS` name, the prompt kernel's block and ring depth): ``DEFT_GT_REPS`` (9) cold-L2 replays of the step
 captured in a CUDA graph with both timelines on, the median-makespan one kept; and, in CUDA graphs without
 timelines (cold L2, median of 50), the step and its two partial launches alone. Writes ``$OUT/gluon_timeline_<date>[_<tag>].csv.gz`` (one row per CTA or program),
 ``$OUT/gluon_timeline_summary_<date>[_<tag>].csv`` and, for the first snapshot, per-SM pictures
@@ -193,6 +194,13 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = datetime.date.today().isoformat() + (f"_{tag}" if tag else "")
     prov = provenance(dev)
+    pv = os.environ.get("DEFT_GT_PROMPT_VARIANT")  # a scripts.prompt_probe variant: the Gluon prompt kernel's settings
+    if pv:
+        from scripts.prompt_probe import VARIANTS
+
+        for attr, val in VARIANTS[pv].items():
+            setattr(prompt_gluon, attr, val)
+        prov["prompt_gluon"] = pv
     n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     spin_up(dev)
     flush = l2_flush_buffer(dev)
