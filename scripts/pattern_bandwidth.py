@@ -13,7 +13,9 @@ tokens), summing what it reads into a few floats, with enough programs and pipel
 - ``step_heads`` / ``step_rows``: one launch reading the step's mix, the prompt's share of the tokens in slot order and
   the branches' in random order, by their shares of the programs, all per head (or all as whole rows).
 
-Prints bytes read / time for each (cold L2, median of ``DEFT_PB_REPS`` = 30) beside the measured copy bandwidth
+References: ``torch_sum`` (torch's reduction over the same tensor), and ``rows_seq_x8`` / ``torch_sum_x8`` over eight
+times the bytes (a long read's rate, without the launch's ramp and tail). Prints bytes read / time for each (cold L2,
+median of ``DEFT_PB_REPS`` = 30) beside the measured copy bandwidth
 (read + written bytes / time, the floor's), and writes the rows to ``$OUT/pattern_bandwidth_<date>.csv``. GPU only:
 ``python -m scripts.pattern_bandwidth`` (``DEFT_PB_PROMPT`` = 16000, ``DEFT_PB_BRANCH`` = 10000 tokens: few-shot
 16k, width 50, step 200).
@@ -72,6 +74,13 @@ def launch(x: torch.Tensor, slots: torch.Tensor, out: torch.Tensor, n_seq: int, 
                                  BLOCK_T=block, STAGES=4, num_warps=4)  # fmt: skip
 
 
+def row_of(prov: dict, name: str, nbytes: int, ms: float, copy: float, prompt: int, branch: int) -> dict:
+    """One result row: bytes read / time, and its fraction of the copy bandwidth."""
+    tbs = nbytes / (ms * 1e-3) / 1e12
+    return {**prov, "pattern": name, "bytes": nbytes, "us": ms * 1e3, "read_tb_s": tbs, "copy_tb_s": copy / 1e12,
+            "fraction_of_copy": tbs / (copy / 1e12), "prompt": prompt, "branch": branch}  # fmt: skip
+
+
 def main() -> None:
     dev = torch.device("cuda")
     prompt = int(os.environ.get("DEFT_PB_PROMPT", "16000"))
@@ -94,10 +103,16 @@ def main() -> None:
     rows = []
     for name, (slots, n_first, row) in patterns.items():
         stats = time_device(lambda s=slots, f=n_first, r=row: launch(x, s, out, f, r, n_sms), reps=reps, device=dev)
-        us = stats.median_ms * 1e3
-        tbs = x.numel() * x.element_size() / (us * 1e-6) / 1e12
-        rows.append({**prov, "pattern": name, "bytes": x.numel() * x.element_size(), "us": us, "read_tb_s": tbs,
-                     "copy_tb_s": copy / 1e12, "fraction_of_copy": tbs / (copy / 1e12), "prompt": prompt, "branch": branch})  # fmt: skip
+        rows.append(row_of(prov, name, x.numel() * x.element_size(), stats.median_ms, copy, prompt, branch))
+    # references: torch's own reduction over the same bytes, and a plain stream of 8x the bytes (a long read's rate)
+    stats = time_device(lambda: x.sum(dtype=torch.float32), reps=reps, device=dev)
+    rows.append(row_of(prov, "torch_sum", x.numel() * x.element_size(), stats.median_ms, copy, prompt, branch))
+    big = torch.empty(8 * n, 8, 128, dtype=torch.bfloat16, device=dev).normal_()
+    big_seq = torch.arange(8 * n, dtype=torch.int32, device=dev)
+    stats = time_device(lambda: launch(big, big_seq, out, 8 * n, 1024, n_sms), reps=reps, device=dev)
+    rows.append(row_of(prov, "rows_seq_x8", big.numel() * big.element_size(), stats.median_ms, copy, prompt, branch))
+    stats = time_device(lambda: big.sum(dtype=torch.float32), reps=reps, device=dev)
+    rows.append(row_of(prov, "torch_sum_x8", big.numel() * big.element_size(), stats.median_ms, copy, prompt, branch))
     df = pd.DataFrame(rows)
     out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
     out_dir.mkdir(parents=True, exist_ok=True)
