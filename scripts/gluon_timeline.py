@@ -35,7 +35,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up, time_device
+from deft.bench.timing import BACKLOG_CYCLES, flush_l2, l2_flush_buffer, spin_up, time_device
 from deft.kernels import prompt_gluon
 from deft.kernels.branch_heads import heads_per_program
 from deft.kernels.global_reduce import launch_reduce
@@ -123,7 +123,7 @@ def one_rep(graph: torch.cuda.CUDAGraph, tls, flush) -> tuple[np.ndarray, np.nda
     timelines (rows of 4 int64) and the replay's event µs."""
     for t in tls:
         t.fill_(-1)
-    flush.zero_()
+    flush_l2(flush)
     torch.cuda._sleep(BACKLOG_CYCLES)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     ev[0].record()

@@ -15,7 +15,8 @@ tokens), summing what it reads into a few floats, with enough programs and pipel
 
 References: ``torch_sum`` (torch's reduction over the same tensor), and ``rows_seq_x8`` / ``torch_sum_x8`` over eight
 times the bytes (a long read's rate, without the launch's ramp and tail). Prints bytes read / time for each (cold L2,
-median of ``DEFT_PB_REPS`` = 30) beside the measured copy bandwidth
+median of ``DEFT_PB_REPS`` = 30), after each flush of ``DEFT_PB_FLUSHES`` (``write,read``:
+:data:`deft.bench.timing.L2_FLUSHES`), beside the measured copy bandwidth
 (read + written bytes / time, the floor's), and writes the rows to ``$OUT/pattern_bandwidth_<date>.csv``. GPU only:
 ``python -m scripts.pattern_bandwidth`` (``DEFT_PB_PROMPT`` = 16000, ``DEFT_PB_BRANCH`` = 10000 tokens: few-shot
 16k, width 50, step 200).
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deft.bench.timing import copy_bandwidth, time_device
+from deft.bench.timing import copy_bandwidth, set_l2_flush, time_device
 from scripts.kernel_snapshots import provenance
 
 
@@ -101,23 +102,27 @@ def main() -> None:
     copy = copy_bandwidth(dev)
     prov = provenance(dev)
     rows = []
-    for name, (slots, n_first, row) in patterns.items():
-        stats = time_device(lambda s=slots, f=n_first, r=row: launch(x, s, out, f, r, n_sms), reps=reps, device=dev)
-        rows.append(row_of(prov, name, x.numel() * x.element_size(), stats.median_ms, copy, prompt, branch))
-    # references: torch's own reduction over the same bytes, and a plain stream of 8x the bytes (a long read's rate)
-    stats = time_device(lambda: x.sum(dtype=torch.float32), reps=reps, device=dev)
-    rows.append(row_of(prov, "torch_sum", x.numel() * x.element_size(), stats.median_ms, copy, prompt, branch))
     big = torch.empty(8 * n, 8, 128, dtype=torch.bfloat16, device=dev).normal_()
     big_seq = torch.arange(8 * n, dtype=torch.int32, device=dev)
-    stats = time_device(lambda: launch(big, big_seq, out, 8 * n, 1024, n_sms), reps=reps, device=dev)
-    rows.append(row_of(prov, "rows_seq_x8", big.numel() * big.element_size(), stats.median_ms, copy, prompt, branch))
-    stats = time_device(lambda: big.sum(dtype=torch.float32), reps=reps, device=dev)
-    rows.append(row_of(prov, "torch_sum_x8", big.numel() * big.element_size(), stats.median_ms, copy, prompt, branch))
+    nbytes, big_bytes = x.numel() * x.element_size(), big.numel() * big.element_size()
+    for mode in os.environ.get("DEFT_PB_FLUSHES", "write,read").split(","):
+        set_l2_flush(mode)
+        p = {**prov, "l2_flush": mode}
+        for name, (slots, n_first, row) in patterns.items():
+            stats = time_device(lambda s=slots, f=n_first, r=row: launch(x, s, out, f, r, n_sms), reps=reps, device=dev)
+            rows.append(row_of(p, name, nbytes, stats.median_ms, copy, prompt, branch))
+        # references: torch's own reduction over the same bytes, and a plain stream of 8x the bytes (a long read's rate)
+        stats = time_device(lambda: x.sum(dtype=torch.float32), reps=reps, device=dev)
+        rows.append(row_of(p, "torch_sum", nbytes, stats.median_ms, copy, prompt, branch))
+        stats = time_device(lambda: launch(big, big_seq, out, 8 * n, 1024, n_sms), reps=reps, device=dev)
+        rows.append(row_of(p, "rows_seq_x8", big_bytes, stats.median_ms, copy, prompt, branch))
+        stats = time_device(lambda: big.sum(dtype=torch.float32), reps=reps, device=dev)
+        rows.append(row_of(p, "torch_sum_x8", big_bytes, stats.median_ms, copy, prompt, branch))
     df = pd.DataFrame(rows)
     out_dir = Path(os.environ.get("OUT", "results/h100/probe"))
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / f"pattern_bandwidth_{datetime.date.today().isoformat()}.csv", index=False)
-    print(df[["pattern", "us", "read_tb_s", "copy_tb_s", "fraction_of_copy"]].round(3).to_string(index=False))
+    print(df[["l2_flush", "pattern", "us", "read_tb_s", "copy_tb_s", "fraction_of_copy"]].round(3).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deft.bench.timing import BACKLOG_CYCLES, l2_flush_buffer, spin_up
+from deft.bench.timing import BACKLOG_CYCLES, flush_l2, l2_flush_buffer, spin_up
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
 from deft.kernels.global_reduce import launch_reduce
@@ -60,7 +60,7 @@ def one_rep(m, plan, q, k, v, out, timeline: torch.Tensor, flush: torch.Tensor) 
     timeline (programs x 4 int64), and the partial kernel's and the reduction's CUDA-event times in µs."""
     g = plan.groups
     timeline.fill_(-1)
-    flush.zero_()
+    flush_l2(flush)
     torch.cuda._sleep(BACKLOG_CYCLES)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
     ev[0].record()

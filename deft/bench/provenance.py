@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from deft.bench.timing import l2_flush_mode
+
 _REPO = Path(__file__).resolve().parents[2]
 
 #: GPU name fragments -> results folder (``results/<slug>/``); anything else is slugified
@@ -90,6 +92,7 @@ def provenance(device: torch.device | str | None = None) -> dict[str, object]:
         "gpu": gpu_slug(name),
         **software(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "l2_flush": l2_flush_mode(),
         "git_commit": commit,
         "git_dirty": dirty,
         "host": platform.node(),

@@ -52,6 +52,38 @@ def l2_flush_buffer(device: torch.device, nbytes: int = 256 << 20) -> torch.Tens
     return buf
 
 
+#: how :func:`flush_l2` evicts the last repetition's data: ``"write"`` zeroes the flush buffer (sessions 1-18), which
+#: leaves L2 full of dirty lines (50 MB on the H100) that the timed work's misses then write back to HBM beside its own
+#: traffic; ``"read"`` reads the buffer instead, so L2 holds clean lines of it and the timed work starts from the state
+#: the design asks for (L2 not warm, as with rotating K/V pools) without that write-back. ``DEFT_L2_FLUSH`` picks it;
+#: rows carry it in their ``l2_flush`` column (:func:`~deft.bench.provenance.provenance`).
+L2_FLUSHES = ("write", "read")
+_L2_FLUSH = [os.environ.get("DEFT_L2_FLUSH", "write")]
+
+
+def l2_flush_mode() -> str:
+    """The flush :func:`time_device` and the probes use (``DEFT_L2_FLUSH``, or :func:`set_l2_flush`)."""
+    mode = _L2_FLUSH[0]
+    if mode not in L2_FLUSHES:
+        raise ValueError(f"DEFT_L2_FLUSH must be one of {L2_FLUSHES}, got {mode!r}")
+    return mode
+
+
+def set_l2_flush(mode: str) -> None:
+    """Use ``mode`` (one of :data:`L2_FLUSHES`) for the flushes from now on."""
+    if mode not in L2_FLUSHES:
+        raise ValueError(f"l2 flush must be one of {L2_FLUSHES}, got {mode!r}")
+    _L2_FLUSH[0] = mode
+
+
+def flush_l2(buf: torch.Tensor) -> None:
+    """Evict L2 with ``buf`` (:func:`l2_flush_buffer`) as :func:`l2_flush_mode` says: zero it, or read it."""
+    if l2_flush_mode() == "write":
+        buf.zero_()
+    else:
+        torch.sum(buf, dtype=torch.int64)
+
+
 _SPUN_UP: set[torch.device] = set()
 
 
@@ -108,7 +140,7 @@ def time_device(
         torch.cuda._sleep(int(lead_cycles))
     for i in range(reps):
         if flush is not None:
-            flush.zero_()
+            flush_l2(flush)
         if backlog_cycles > 0:
             torch.cuda._sleep(int(backlog_cycles))
         starts[i].record()
