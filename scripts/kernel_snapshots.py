@@ -31,7 +31,7 @@ import torch
 import triton
 
 from deft.attention import AttentionShape, floor_io
-from deft.bench.timing import copy_bandwidth, pinned_thread, time_device, time_host
+from deft.bench.timing import copy_bandwidth, l2_flush_mode, pinned_thread, time_device, time_host
 from deft.kernels.autotune import fan_tree
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
@@ -390,6 +390,7 @@ def provenance(dev: torch.device) -> dict[str, str]:
     return {
         "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "l2_flush": l2_flush_mode(),
     }  # fmt: skip
 
 

@@ -277,6 +277,15 @@ class DeftAttention(AttentionMethod):
     kernel compiled for the small tile's rows alone (:meth:`rest_launch_args`: 115 registers and 39 KB at 5 stages,
     four programs per SM, instead of 225 and 112 KB). H100, session 17: the branches alone 25.5 -> 25.0 µs (Nsight
     Compute), the few-shot 16k steps no faster (graph µs, geomean of three 64.2 -> 65.4; 3 stages 66.7).
+    ``branch_heads`` (off by default; session 19), ``branch_block_n`` / ``branch_stages`` / ``branch_warps`` and
+    ``branch_spread``: with the Gluon prompt kernel, when every tile after its own is small and unmasked (one-query
+    branches), the side stream's launch is the branches' kernel (:mod:`deft.kernels.branch_heads`: a program loads a
+    token's K and V rows for all KV heads at once), one program per tile, or with ``branch_spread`` > 0 that many times
+    the SMs the prompt kernel leaves, each over an equal run of tile pieces (:meth:`branch_programs`). H100, session 19,
+    graph µs: few-shot 16k step 200 61.5-62.4 -> 59.3-60.1 (one program per tile, 3 stages), but step 399 73.8-74.6 ->
+    76.2-77.3, and over the whole width-50 trace at 16k and 20k no net change (within the +-2 % spread of the default's
+    repeats): the branches' kernel moves its bytes faster alone (24.9 against 42 µs on the 52 SMs the prompt leaves at
+    step 200, 5 stages) and takes them from the prompt kernel in the step (``notes/deft_kernels.md``, session 19).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
