@@ -714,24 +714,12 @@ def _split_few_query_chunks(
     keep[1:-1] = ~(few[:-1] & few[1:])  # merge runs of few chunks
     merged = bounds[keep]
     merged_few = few[keep[:-1]]  # a merged region is few iff its first chunk is
-    # a few region that starts or ends inside a node whose own queries fit takes the whole node (so the node is cut
-    # as Node-Chunk cuts it, not at the neighbouring chunk's edge: no one-token pieces)
-    lo, hi = merged[:-1][merged_few], merged[1:][merged_few]
-    fits = (q_tin.searchsorted(nend) - q_tin.searchsorted(ntin)) * group <= rows
-    j = n_end.searchsorted(lo, "right")
-    lo = np.where((n_off[j] < lo) & fits[j], n_off[j], lo)
-    j = np.minimum(n_end.searchsorted(hi), n_end.size - 1)
-    hi = np.where((n_off[j] < hi) & (hi < n_end[j]) & fits[j], n_end[j], hi)
-    start = np.r_[True, lo[1:] >= np.maximum.accumulate(hi)[:-1]]  # regions that now overlap are one
-    lo, hi = lo[start], np.maximum.reduceat(hi, np.flatnonzero(start))
-    r = lo.searchsorted(merged, "right") - 1
-    outside = (r < 0) | (merged <= lo[np.maximum(r, 0)]) | (merged >= hi[np.maximum(r, 0)])
     per = (n_end - n_off + (chunk_size - 1)) // chunk_size  # Node-Chunk's cuts: node starts, then every chunk
     first_cut = np.add.accumulate(per) - per
     nc = n_off.repeat(per) + (np.arange(int(per.sum())) - first_cut.repeat(per)) * chunk_size
-    r = lo.searchsorted(nc, "right") - 1
-    inside = (r >= 0) & (nc > lo[np.maximum(r, 0)]) & (nc < hi[np.maximum(r, 0)])
-    return np.union1d(np.union1d(merged[outside], np.r_[lo, hi]), nc[inside])
+    region = merged.searchsorted(nc, "right") - 1
+    inside = (nc > merged[region]) & merged_few[region]
+    return np.union1d(merged, nc[inside])
 
 
 def _snap_to_nodes(bounds: np.ndarray, n_off: np.ndarray, n_end: np.ndarray, tol: float) -> np.ndarray:
