@@ -143,3 +143,29 @@ def test_branch_kernel_blocks_and_head_blocks_match_reference(block, monkeypatch
                     branch_stages=block[1], branch_warps=block[2], n_sms=16)  # fmt: skip
     plan = check(m, tree, 16, 4, D, torch.bfloat16, seed=3)
     assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.rest_programs > 0
+
+
+@pytest.mark.parametrize("spread", [0.0, 1.0])
+def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread):
+    """``io()`` with ``branch_heads``, from the plan's records: the same K/V as without it (every piece's tokens once,
+    all heads); the prompt kernel's records read per KV head as before; the branches' records (pieces, with
+    ``branch_spread``) once per block of KV heads, each with a slot index per token and one word per query, plus each
+    run's two bounds; partial rows and the reduction's lists as the plan has them."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan(16000, 50, 200, np.random.default_rng(0))
+    m = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=spread)
+    base = DeftFlatten(n_sms=132)
+    plan, io, io_base = m.plan(tree, shape, "cpu"), m.io(tree, shape), base.io(tree, shape)
+    t = tile_records(plan)
+    first, pairs, n = plan.n_prompt, plan.n_pairs, len(t)
+    ntok, nq = t[:, 1] - t[:, 0], t[:, 3] - t[:, 2]
+    assert first > 0 and plan.rest_heads == 16 and not (t[first:, 5] & FLAG_MASK).any()
+    assert io.kv == io_base.kv
+    assert io.q == int(nq.sum()) * shape.q_row_bytes and io.o == io_base.o
+    assert io.partial == 2 * plan.groups.n_partials * shape.n_heads * (shape.head_dim * 2 + 4)
+    before = (first * 6 + first - pairs + int(nq[:first].sum()) * 3) * 4  # prompt tiles: affine, one slot (a pair's once)
+    after = ((n - first) * 6 + int(ntok[first:].sum()) + int(nq[first:].sum()) + 2 * plan.rest_programs) * 4
+    reduce = shape.n_heads * (tree.n_queries * 12 + plan.groups.n_partials * 4)
+    assert io.meta == 8 * before + 1 * after + reduce
+    if spread == 0:
+        assert io.partial == io_base.partial and n == base.plan(tree, shape, "cpu").groups.n_tiles

@@ -1138,8 +1138,17 @@ class DeftAttention(AttentionMethod):
                 *partition_prompt_tiles(g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens),
                 BLOCK_N,
             )
+        branch = (0, 0, 0)
+        n_prompt, n_pairs = prompt[:2]
+        if self.branch_heads and n_prompt and small < g.rows and rest_small_unmasked(g, n_prompt, shape.group_size, small):
+            runs = self.branch_programs(n_prompt - n_pairs, small, shape) if self.branch_spread > 0 else 0
+            if runs:
+                g = spread_rest_tiles(g, n_prompt, runs)
+                heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
+            branch = (n_prompt, -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, small, shape.head_dim)), runs)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
-                         self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt)  # fmt: skip
+                         self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt,
+                         branch)  # fmt: skip
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
@@ -1190,6 +1199,7 @@ def groups_io(
     fused_reduce: bool = False,
     l2_prefetch: tuple[int, int] | None = None,
     prompt: tuple[int, int, int] = (0, 0, 0),
+    branch: tuple[int, int, int] = (0, 0, 0),
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores (``unified``: the
     kernel's ``unified_mask``, under which a masked tile runs the big tile, affine first phase included).
@@ -1214,6 +1224,10 @@ def groups_io(
     ``prompt`` (``prompt_kernel="gluon"``: the Gluon kernel's tiles, pairs and K/V box, records laid out by
     :func:`~deft.kernels.prompt_gluon.partition_prompt_tiles`): each of its CTAs (a pair of tiles over one chunk, or a
     single) loads the chunk's K and V once, in whole boxes (the last one overlaps the one before), and its slot once.
+    ``branch`` (``branch_heads``: the first record of the branches' kernel, its programs per tile or run, and the runs
+    of ``branch_spread``, 0 without): the records from the first on are read once per block of KV heads instead of once
+    per KV head, each with one slot index per token and one word per query (its index), and each program reads its
+    run's two bounds.
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -1226,7 +1240,8 @@ def groups_io(
     small = _runs_small(t, g.rows, shape.group_size, small_rows, unified)
     takes_affine = np.ones_like(small) if small_affine else ~small
     affine = ((t["flags"] & FLAG_CONTIG) != 0) & takes_affine if contiguous else np.zeros_like(masked)
-    slot_reads = int(np.where(affine, 1, unmasked).sum() + masked_tok.sum())
+    slot_tile = np.where(affine, 1, unmasked) + masked_tok
+    slot_reads = int(slot_tile.sum())
     kv_tok = int(ntok.sum())
     n_prompt, n_pairs, box = prompt
     if n_prompt:  # the CTAs' first records: the pairs' even ones, then the singles
@@ -1238,6 +1253,13 @@ def groups_io(
     per_program_meta = g.n_tiles * TILE_FIELDS * 4 + slot_reads * 4 + int(nq_t.sum()) * 12
     if l2_prefetch is not None:
         per_program_meta += int(np.minimum(2 * np.where(small, l2_prefetch[1], l2_prefetch[0]), ntok).sum()) * 4
+    first, blocks, runs = branch
+    if blocks:  # the branches' kernel's records: per block of heads, every slot and one word per query
+        before = (first * TILE_FIELDS + int(slot_tile[:first].sum()) - n_pairs + int(nq_t[:first].sum()) * 3) * 4
+        after = ((g.n_tiles - first) * TILE_FIELDS + int(ntok[first:].sum()) + int(nq_t[first:].sum()) + 2 * runs) * 4
+        programs_meta = kvh * before + blocks * after
+    else:
+        programs_meta = kvh * per_program_meta
     if fused_reduce:
         reduce_meta = int(nq_t.sum()) * heads * 16 + heads * (n_queries * 4 + g.n_partials * 4)
     else:
@@ -1248,5 +1270,5 @@ def groups_io(
         o=n_queries * shape.q_row_bytes,
         partial=2 * g.n_partials * heads * (d * p_bytes + 4),
         mask=kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
-        meta=kvh * per_program_meta + reduce_meta,
+        meta=programs_meta + reduce_meta,
     )
