@@ -42,6 +42,7 @@ from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
 from deft.tree import DecodingTree
 from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
+from scripts.prompt_probe import apply_variant
 from scripts.timeline_probe import parse_variants, plot_sm_lanes
 
 PRIOS = ("same", "prompt_hi", "rest_hi")
@@ -194,13 +195,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = datetime.date.today().isoformat() + (f"_{tag}" if tag else "")
     prov = provenance(dev)
-    pv = os.environ.get("DEFT_GT_PROMPT_VARIANT")  # a scripts.prompt_probe variant: the Gluon prompt kernel's settings
-    if pv:
-        from scripts.prompt_probe import VARIANTS
-
-        for attr, val in VARIANTS[pv].items():
-            setattr(prompt_gluon, attr, val)
-        prov["prompt_gluon"] = pv
+    apply_variant(os.environ.get("DEFT_GT_PROMPT_VARIANT"), prov)  # the Gluon prompt kernel's block and ring depth
     n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     spin_up(dev)
     flush = l2_flush_buffer(dev)

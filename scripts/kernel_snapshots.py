@@ -427,14 +427,9 @@ def main() -> None:
     torch.manual_seed(0)
     t_start = time.time()
     prov = provenance(dev)
-    pv = os.environ.get("DEFT_PROMPT_VARIANT")  # a scripts.prompt_probe variant: the Gluon prompt kernel's settings
-    if pv:
-        from deft.kernels import prompt_gluon
-        from scripts.prompt_probe import VARIANTS
+    from scripts.prompt_probe import apply_variant  # here: prompt_probe imports this module
 
-        for attr, val in VARIANTS[pv].items():
-            setattr(prompt_gluon, attr, val)
-        prov["prompt_gluon"] = pv
+    apply_variant(os.environ.get("DEFT_PROMPT_VARIANT"), prov)  # the Gluon prompt kernel's settings
     bw = copy_bandwidth(dev)
     print(f"{prov}  copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     date = datetime.date.today().isoformat()

@@ -28,6 +28,17 @@ VARIANTS = {
 }
 
 
+def apply_variant(name: str | None, prov: dict) -> None:
+    """Set the Gluon prompt kernel's module settings to :data:`VARIANTS` ``[name]`` for the rest of the process and
+    record the name in ``prov["prompt_gluon"]`` (nothing when ``name`` is empty): the ``DEFT_PROMPT_VARIANT`` /
+    ``DEFT_GT_PROMPT_VARIANT`` of ``kernel_snapshots`` and ``gluon_timeline``."""
+    if not name:
+        return
+    for attr, val in VARIANTS[name].items():
+        setattr(prompt_gluon, attr, val)
+    prov["prompt_gluon"] = name
+
+
 def probe(name: str, tree, dev: torch.device) -> list[dict]:
     """The rows of one snapshot: per variant, the prompt kernel alone and the whole step (CUDA graphs, cold L2), the
     kernel's partials' largest difference from the first variant's, and the step's error against fp64."""

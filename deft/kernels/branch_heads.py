@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deft.kernels.tree_attention import LOG2E, _dot_f32, _globaltimer, _smid
+from deft.kernels.tree_attention import LOG2E, _dot_f32, _globaltimer, _write_timeline
 
 #: fp32 accumulator elements a program holds (heads x rows x head_dim): 8 heads x 16 rows x 128 at 8 warps is 64 per
 #: thread, as the fused kernel's 64-row tile at 4 warps
@@ -84,10 +84,7 @@ def branch_heads_kernel(
             GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32,
         )  # fmt: skip
     if TIMELINE:
-        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
-        tl.store(timeline + pid, t_start)
-        tl.store(timeline + pid + 1, _globaltimer(q_ptr))
-        tl.store(timeline + pid + 2, _smid(q_ptr).to(tl.int64))
+        _write_timeline(timeline, t_start, q_ptr)
 
 
 @triton.jit

@@ -736,12 +736,10 @@ class DeftAttention(AttentionMethod):
             n_prompt, n_pairs = partition_prompt_tiles(
                 g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens
             )
-            if self.branch_heads and n_prompt and small < g.rows and rest_small_unmasked(g, n_prompt, shape.group_size, small):
-                rest_heads = small
-                if self.branch_spread > 0:
-                    rest_programs = self.branch_programs(n_prompt - n_pairs, small, shape)
-                    g = spread_rest_tiles(g, n_prompt, rest_programs, staging.alloc if staging is not None else None)
-            elif self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
+            g, rest_heads, rest_programs = self._branch_plan(
+                g, n_prompt, n_pairs, small, shape, staging.alloc if staging is not None else None
+            )
+            if not rest_heads and self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
                 rest_rows = small
         meta = staging.upload(g.packed.size) if staging is not None else torch.from_numpy(g.packed)
         part_o, part_lse = self._workspace(max(g.n_partials, 1), shape, device)
@@ -975,6 +973,22 @@ class DeftAttention(AttentionMethod):
             if cuda:
                 cur.wait_stream(side)
 
+    def _branch_plan(
+        self, g: KVGroups, n_prompt: int, n_pairs: int, small: int, shape: AttentionShape, out_alloc
+    ) -> tuple[KVGroups, int, int]:
+        """``branch_heads``: ``(plan, rows, runs)``: whether the tiles after the prompt kernel's ``n_prompt`` go to the
+        branches' kernel (``rows``, its rows per KV head; 0: they do not) and, with ``branch_spread``, the plan with
+        them cut into ``runs`` equal runs (:func:`~deft.kernels.kv_groups.spread_rest_tiles`; 0: one program per tile).
+        ``plan`` and ``io`` both take it from here."""
+        if not (self.branch_heads and n_prompt and small < g.rows) or not rest_small_unmasked(
+            g, n_prompt, shape.group_size, small
+        ):
+            return g, 0, 0
+        if self.branch_spread <= 0:
+            return g, small, 0
+        runs = self.branch_programs(n_prompt - n_pairs, small, shape)
+        return spread_rest_tiles(g, n_prompt, runs, out_alloc), small, runs
+
     def branch_programs(self, prompt_ctas: int, rows: int, shape: AttentionShape) -> int:
         """``branch_spread``: the branches' kernel's programs per block of KV heads, ``branch_spread`` x the SMs the prompt
         kernel's ``prompt_ctas`` x KV heads CTAs leave (one CTA per SM), or x all SMs when they leave fewer than an eighth
@@ -1139,13 +1153,10 @@ class DeftAttention(AttentionMethod):
                 BLOCK_N,
             )
         branch = (0, 0, 0)
-        n_prompt, n_pairs = prompt[:2]
-        if self.branch_heads and n_prompt and small < g.rows and rest_small_unmasked(g, n_prompt, shape.group_size, small):
-            runs = self.branch_programs(n_prompt - n_pairs, small, shape) if self.branch_spread > 0 else 0
-            if runs:
-                g = spread_rest_tiles(g, n_prompt, runs)
-                heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
-            branch = (n_prompt, -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, small, shape.head_dim)), runs)
+        g, rows, runs = self._branch_plan(g, prompt[0], prompt[1], small, shape, None)
+        if rows:
+            heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
+            branch = (prompt[0], -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim)), runs)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
                          self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt,
                          branch)  # fmt: skip

@@ -170,6 +170,16 @@ def _smid(anchor):
 
 # ``meta``'s alignment is not specialised either: a launch over a plan's later tiles (the Gluon path's rest, a split
 # plan's small tiles) gets a view starting ``n x TILE_FIELDS`` words in, 16-byte aligned or not with ``n``'s parity
+@triton.jit
+def _write_timeline(timeline, t_start, anchor):
+    """Diagnostics: this program's start (``t_start``), end (now, global ns) and SM at 4 int64 per program of a
+    2-D grid, in linear program order."""
+    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
+    tl.store(timeline + pid, t_start)
+    tl.store(timeline + pid + 1, _globaltimer(anchor))
+    tl.store(timeline + pid + 2, _smid(anchor).to(tl.int64))
+
+
 @triton.jit(
     do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries", "off_red_ptr", "off_red_idx"],
     do_not_specialize_on_alignment=["meta"],
@@ -279,10 +289,7 @@ def deft_partial_kernel(
             L2_PREFETCH=L2_PREFETCH, GATHER_BLOCK_N=BIG_GATHER_BLOCK_N, GATHER_STAGES=BIG_GATHER_STAGES,
         )  # fmt: skip
     if TIMELINE:
-        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
-        tl.store(timeline + pid, t_start)
-        tl.store(timeline + pid + 1, _globaltimer(q_ptr))
-        tl.store(timeline + pid + 2, _smid(q_ptr).to(tl.int64))
+        _write_timeline(timeline, t_start, q_ptr)
 
 
 @triton.jit
