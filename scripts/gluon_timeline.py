@@ -38,6 +38,7 @@ from triton.experimental.gluon import language as gl
 from deft.bench.timing import BACKLOG_CYCLES, flush_l2, l2_flush_buffer, spin_up, time_device
 from deft.kernels import prompt_gluon
 from deft.kernels.branch_heads import heads_per_program
+from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
 from deft.tree import DecodingTree
 from scripts.kernel_snapshots import SHAPE, inputs, provenance, snapshots
@@ -112,8 +113,10 @@ def capture(fn, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
 
 
 def step_with_timelines(m, q, k, v, plan, out, tls) -> None:
-    """The step's launches as ``run`` makes them (the reduction as ``prompt_join`` has it), both timelines on."""
-    m._run_prompt(q, k, v, plan, out, timelines=tls)
+    """The step's launches as ``run`` makes them, both timelines on, then the reduction."""
+    m._run_prompt(q, k, v, plan, timelines=tls)
+    g = plan.groups
+    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads)
 
 
 def one_rep(graph: torch.cuda.CUDAGraph, tls, flush) -> tuple[np.ndarray, np.ndarray, float]:

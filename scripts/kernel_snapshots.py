@@ -202,10 +202,6 @@ ALL_SWEEP = {
     "gluon_sr_ps1.4": {"small_rest": True, "prompt_share": 1.4},
     "gluon_sr_s3_ps1.25": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.25},
     "gluon_sr_s3_ps1.4": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.4},
-    # session 20: a Gluon plan's reduction launched as a programmatic dependent, after the join or on the side stream
-    # right after the rest's launch (prompt_join; the one-launch plans have had PDL since session 8)
-    "join_pdl": {"prompt_join": "pdl"},
-    "join_side": {"prompt_join": "side_pdl"},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -230,8 +230,6 @@ def test_bad_prompt_kernel_settings_are_refused():
         DeftFlatten(prompt_min_tokens=-1)
     with pytest.raises(ValueError, match="prompt_share"):
         DeftFlatten(prompt_share=-0.5)
-    with pytest.raises(ValueError, match="prompt_join"):
-        DeftFlatten(prompt_join="event")
 
 
 @pytest.mark.parametrize("knob", ["fused_reduce", "split_launch", "wide_pick"])
@@ -264,8 +262,7 @@ def test_prompt_tiles_in_their_own_launch_match_reference(cls, dtype, width, sma
     rng = np.random.default_rng(width)
     tree = fan(700, width, 5, rng)
     m = cls(chunk_size=int(rng.integers(150, 250)), block_n=16, prompt_kernel="gluon", prompt_min_tokens=0,
-            small_rest=small_rest, rest_stages=(0, 3)[width % 2],
-            prompt_join=("stream", "pdl", "side_pdl")[(width + small_rest) % 3])  # fmt: skip
+            small_rest=small_rest, rest_stages=(0, 3)[width % 2])  # fmt: skip
     plan = check(m, tree, 8, 2, 16 if INTERP else 64, dtype)
     assert plan.n_prompt > 0 and plan.n_pairs > 0 and plan.n_prompt > 2 * plan.n_pairs
     assert plan.n_prompt < plan.groups.n_tiles  # the branches are left to the fused kernel
@@ -365,22 +362,6 @@ def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim,
     # and again with Node-Chunk's fixed chunks, one of which is shorter than the others
     m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon", prompt_min_tokens=0)
     check(m, tree, 32, 8, head_dim, dtype, seed=1)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("join", ["pdl", "side_pdl"])
-@pytest.mark.parametrize("width,prompt,branch", [(50, 16384, 200), (37, 3000, 30), (50, 4096, 1)])
-def test_reductions_launched_early_wait_for_both_launches(join, width, prompt, branch):
-    """``prompt_join`` with PDL: the reduction may launch while the partial launches still run, and must read no
-    partial before both have written it. The partials and output are NaN-poisoned before each of five runs, so a
-    partial read early shows up as a NaN (or as the wrong output)."""
-    rng = np.random.default_rng(width + prompt)
-    tree = fan(prompt, width, branch, rng)
-    for seed in range(5):
-        m = DeftFlatten(prompt_join=join, prompt_min_tokens=0)
-        plan = check(m, tree, 32, 8, 128, torch.bfloat16, seed=seed)
-        assert plan.pdl and plan.n_prompt > 0
 
 
 @pytest.mark.gpu

@@ -62,8 +62,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 TILE_FIELDS = 6
 #: widths the reduction kernel is compiled for (a plan picks the one that holds its most partials per query)
 REDUCE_BLOCKS = (2, 4, 8, 16, 32, 64)
-#: ``prompt_join``: how a Gluon plan's reduction follows its two partial launches (see :class:`DeftAttention`)
-PROMPT_JOINS = ("stream", "pdl", "side_pdl")
 #: (device, shape, configuration) keys whose kernel variants are all compiled in this process
 _PRECOMPILED: set[tuple] = set()
 
@@ -288,13 +286,6 @@ class DeftAttention(AttentionMethod):
     76.2-77.3, and over the whole width-50 trace at 16k and 20k no net change (within the +-2 % spread of the default's
     repeats): the branches' kernel moves its bytes faster alone (24.9 against 42 µs on the 52 SMs the prompt leaves at
     step 200, 5 stages) and takes them from the prompt kernel in the step (``notes/deft_kernels.md``, session 19).
-    ``prompt_join`` (session 20): how a Gluon plan's reduction follows its two partial launches: ``"stream"`` (the
-    default) joins the side stream and launches the reduction after both; ``"pdl"`` does the same with the reduction
-    launched as a programmatic dependent (Hopper; with ``pdl``) and the rest's programs letting it launch as they
-    start; ``"side_pdl"`` launches it on the side stream right after the rest's launch (a programmatic dependent of
-    it, a full one of the prompt kernel) and joins after. Either way the reduction reads a partial only after
-    ``griddepcontrol.wait``, so the output is the same; what changes is how much of its launch hides behind the
-    longer half's tail.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -352,7 +343,6 @@ class DeftAttention(AttentionMethod):
         branch_stages: int = 3,
         branch_warps: int = 8,
         branch_spread: float = 1.0,
-        prompt_join: str = "stream",
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -448,9 +438,6 @@ class DeftAttention(AttentionMethod):
         if not 0.0 <= float(branch_spread) <= 16.0:
             raise ValueError(f"branch_spread must be in [0, 16] (0: one program per tile), got {branch_spread}")
         self.branch_spread = float(branch_spread)
-        if prompt_join not in PROMPT_JOINS:
-            raise ValueError(f"prompt_join must be one of {PROMPT_JOINS}, got {prompt_join!r}")
-        self.prompt_join = prompt_join
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -687,7 +674,6 @@ class DeftAttention(AttentionMethod):
             "branch_stages": self.branch_stages,
             "branch_warps": self.branch_warps,
             "branch_spread": self.branch_spread,
-            "prompt_join": self.prompt_join,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -768,8 +754,7 @@ class DeftAttention(AttentionMethod):
             n_queries=tree.n_queries, shape=shape, device=ctx.device_name, groups=g, meta=meta,
             part_o=part_o, part_lse=part_lse, block_m=g.rows, block_n=self.block_n,
             num_warps=launch[0], num_stages=launch[1], block_p=block_p, reduce_heads=heads,
-            pdl=ctx.pdl and n_big < 0 and not self.fused_reduce and (n_prompt == 0 or self.prompt_join != "stream"),
-            unified=self.unified_for(g, shape),
+            pdl=ctx.pdl and n_big < 0 and not self.fused_reduce and n_prompt == 0, unified=self.unified_for(g, shape),
             affine_big=self.specialise and n_big < 0 and n_prompt == 0 and self.affine_for(g, shape), n_big=n_big,
             small_rows=small if n_big >= 0 else 0,
             split=self._split_launches(g, meta, n_big, small, shape.head_dim, launch) if n_big >= 0 else (),
@@ -889,8 +874,7 @@ class DeftAttention(AttentionMethod):
         if plan.n_big >= 0:
             self._run_split(q, k_pool, v_pool, plan)
         elif plan.n_prompt > 0:
-            self._run_prompt(q, k_pool, v_pool, plan, out)
-            return out
+            self._run_prompt(q, k_pool, v_pool, plan)
         else:
             self.last_kernel = launch_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
@@ -899,7 +883,9 @@ class DeftAttention(AttentionMethod):
                 counters=plan.counters, **self.kernel_knobs(),
             )  # fmt: skip
         if plan.counters is None:
-            self._reduce(out, plan)
+            launch_reduce(
+                out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
+            )
         return out
 
     def _split_launches(
@@ -930,14 +916,12 @@ class DeftAttention(AttentionMethod):
         k_pool: torch.Tensor,
         v_pool: torch.Tensor,
         plan: DeftPlan,
-        out: torch.Tensor | None = None,
         timelines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """``prompt_kernel="gluon"``: the prompt tiles in the Gluon kernel on the current stream, the rest in the fused
         kernel on a side stream that starts with it (so the rest takes the SMs the prompt's CTAs leave and then
-        theirs), then the reduction into ``out`` after both (``prompt_join`` says how; None: no reduction, the
-        partial launches alone). Where the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools a TMA
-        descriptor cannot address) the prompt tiles run in the fused kernel, in a launch of their own.
+        theirs), joined before the reduction. Where the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools
+        a TMA descriptor cannot address) the prompt tiles run in the fused kernel, in a launch of their own.
         ``timelines`` (diagnostics, Gluon path only; ``scripts/gluon_timeline.py``): int64 tensors the prompt
         kernel's CTAs and the rest's programs write their start, end and SM into."""
         g = plan.groups
@@ -980,29 +964,14 @@ class DeftAttention(AttentionMethod):
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_rows,
                         **plan.rest_args, unified=plan.unified, timeline=None if timelines is None else timelines[1],
                     )  # fmt: skip
-                else:  # with prompt_join's PDL the programs let the reduction launch as they start
+                else:
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
-                        plan.num_warps, plan.num_stages, unified=plan.unified, pdl_trigger=plan.pdl,
+                        plan.num_warps, plan.num_stages, unified=plan.unified,
                         timeline=None if timelines is None else timelines[1], **knobs,
                     )  # fmt: skip
-                if cuda and out is not None and self.prompt_join == "side_pdl":
-                    side.wait_stream(cur)  # the prompt kernel: a full dependency; the rest's launch: a programmatic one
-                    self._reduce(out, plan)
             if cuda:
                 cur.wait_stream(side)
-            if out is None or (cuda and self.prompt_join == "side_pdl"):
-                return
-        if out is not None:
-            self._reduce(out, plan)
-
-    @staticmethod
-    def _reduce(out: torch.Tensor, plan: DeftPlan) -> None:
-        """The plan's global reduction into ``out`` on the current stream (as a programmatic dependent with ``plan.pdl``)."""
-        g = plan.groups
-        launch_reduce(
-            out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads, pdl=plan.pdl
-        )
 
     def _branch_plan(
         self, g: KVGroups, n_prompt: int, n_pairs: int, small: int, shape: AttentionShape, out_alloc
@@ -1117,7 +1086,7 @@ class DeftAttention(AttentionMethod):
             rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
             while True:
                 warps, stages = self._launch_config(rows, s.head_dim)
-                # prompt_kernel="gluon": the rest's launch triggers only with prompt_join's PDL
+                # prompt_kernel="gluon": the rest's launch has no PDL trigger (its plans reduce after two launches)
                 for p in (pdl, False) if self._gluon_on and pdl and not affine_big else (pdl,):
                     launch_partials(
                         q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps,
@@ -1142,7 +1111,7 @@ class DeftAttention(AttentionMethod):
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, small,
                     **self.rest_launch_args(small, s.head_dim), warmup=True, unified=unified,
                 )  # fmt: skip
-        two = (self.split_launch or self._gluon_on) and pdl  # plans of two launches reduce with PDL only by prompt_join
+        two = (self.split_launch or self._gluon_on) and pdl  # plans of two launches reduce without PDL
         if self._gluon_on:
             self._precompile_prompt(plan, device)
             small = small_tile_rows(s.group_size, self.block_m, self.small_m)
