@@ -385,6 +385,16 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
     }  # fmt: skip
 
 
+def plain_read_us(nbytes: int, dev: torch.device) -> float:
+    """Graph µs of one plain read of ``nbytes`` (``torch.sum`` over a bf16 tensor that size), timed as the kernels are
+    (cold L2 by the same flush, median of 50): what reading the snapshot's unique K/V bytes once costs with no attention
+    at all, the floor's reachable form (a single launch over ~100 MB pays its ramp, its tail and, under the zeroing
+    flush, the write-back of the flush's dirty L2 lines; session 19's ``pattern_bandwidth``)."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
+    us = time_device(graph_of(lambda: x.sum(dtype=torch.float32)).replay, reps=50, device=dev).median_ms * 1e3
+    return us
+
+
 def provenance(dev: torch.device) -> dict[str, str]:
     """GPU name, versions, commit and UTC time: the columns every row of these scripts carries."""
     return {
@@ -504,6 +514,7 @@ def main() -> None:
     for sname, tree in snaps:
         q, k, v, ref = inputs(tree, dev)
         kv_bytes = tree.unique_kv_tokens * SHAPE.kv_token_bytes
+        read_us = plain_read_us(kv_bytes, dev)
         for vname, (cls, kw) in table.items():
             m = cls(**kw)
             r = measure(m, tree, q, k, v, ref, kv_bytes, bw, dev)
@@ -516,6 +527,8 @@ def main() -> None:
                     "variant": vname,
                     "kwargs": str(kw),
                     **r,
+                    "read_us": read_us,
+                    "graph_frac_of_read": read_us / r["graph_us"],
                 }
             )
         write_rows(path, rows)
@@ -544,7 +557,7 @@ def main() -> None:
     if not any(r["phase"] == "table" for r in rows):
         return
     print(
-        f"{'snapshot':26s} {'variant':15s} {'eager':>7s} {'graph':>7s} {'plan':>6s} {'group':>6s} {'floor':>6s} {'TB/s':>5s} {'frac':>5s} {'gfrac':>5s} {'err':>7s} tiles chunk rows TFLOP/s"
+        f"{'snapshot':26s} {'variant':15s} {'eager':>7s} {'graph':>7s} {'plan':>6s} {'group':>6s} {'floor':>6s} {'read':>6s} {'TB/s':>5s} {'frac':>5s} {'gfrac':>5s} {'err':>7s} tiles chunk rows TFLOP/s"
     )
     # '=': the same plan and kernels as DeFT-Flatten's at that snapshot (launch_digest), so the gap is run-to-run spread
     flat = {r["snapshot"]: r["launch_digest"] for r in rows if r["phase"] == "table" and r["variant"] == "flatten"}
@@ -553,7 +566,7 @@ def main() -> None:
             same = "=" if r["variant"] != "flatten" and r["launch_digest"] == flat.get(r["snapshot"]) else " "
             print(
                 f"{r['snapshot'][:26]:26s} {r['variant']:15s} {r['median_us']:7.1f} {r['graph_us']:7.1f} {r['plan_us']:6.0f} "
-                f"{r['groups_us']:6.0f} {r['floor_us']:6.1f} {r['achieved_TBps']:5.2f} {r['frac_copy_bw']:5.2f} "
+                f"{r['groups_us']:6.0f} {r['floor_us']:6.1f} {r['read_us']:6.1f} {r['achieved_TBps']:5.2f} {r['frac_copy_bw']:5.2f} "
                 f"{r['graph_frac_copy_bw']:5.2f} {r['rel_err']:7.1e} {r['n_tiles']:5d} {r['chunk_size']:5d} {r['rows']:4d} "
                 f"{r['graph_mma_tflops']:6.0f} {same}"
             )
