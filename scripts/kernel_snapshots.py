@@ -18,7 +18,6 @@ pinned to it; default the last one the process may use; ``off``: unpinned). Run 
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import os
 import subprocess
@@ -313,10 +312,7 @@ def fresh(tree: DecodingTree) -> DecodingTree:
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Rewrite the CSV atomically after every snapshot, so a killed run keeps what it measured."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    pd.DataFrame(rows).to_csv(tmp, index=False)  # the union of the rows' columns (table rows have a few more)
     tmp.replace(path)
 
 
