@@ -201,6 +201,9 @@ ALL_SWEEP = {
     "gluon_sr_ps1.4": {"small_rest": True, "prompt_share": 1.4},
     "gluon_sr_s3_ps1.25": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.25},
     "gluon_sr_s3_ps1.4": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.4},
+    # session 20: the branches' launch kept from starting before the prompt kernel's CTAs (prompt_order)
+    "order_marker": {"prompt_order": "marker"},
+    "order_chain": {"prompt_order": "chain"},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

@@ -230,6 +230,8 @@ def test_bad_prompt_kernel_settings_are_refused():
         DeftFlatten(prompt_min_tokens=-1)
     with pytest.raises(ValueError, match="prompt_share"):
         DeftFlatten(prompt_share=-0.5)
+    with pytest.raises(ValueError, match="prompt_order"):
+        DeftFlatten(prompt_order="priority")
 
 
 @pytest.mark.parametrize("knob", ["fused_reduce", "split_launch", "wide_pick"])
@@ -362,6 +364,22 @@ def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim,
     # and again with Node-Chunk's fixed chunks, one of which is shorter than the others
     m = DeftNodeChunk(chunk_size=700, prompt_kernel="gluon", prompt_min_tokens=0)
     check(m, tree, 32, 8, head_dim, dtype, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("order", ["marker", "chain"])
+@pytest.mark.parametrize("width,prompt,branch", [(50, 16384, 200), (37, 3000, 30), (50, 4096, 1)])
+def test_prompt_orders_read_no_partial_early(order, width, prompt, branch):
+    """``prompt_order``: the branches' launch waits (programmatically) for the prompt kernel's CTAs to start, and the
+    reduction must still see both launches' partials, also where the branches end long before the prompt (one-token
+    branches). Partials and output are NaN-poisoned before each of five runs, so a partial read early shows."""
+    rng = np.random.default_rng(width + prompt)
+    tree = fan(prompt, width, branch, rng)
+    for seed in range(5):
+        m = DeftFlatten(prompt_order=order, prompt_min_tokens=0)
+        plan = check(m, tree, 32, 8, 128, torch.bfloat16, seed=seed)
+        assert plan.n_prompt > 0 and plan.groups.n_tiles > plan.n_prompt
 
 
 @pytest.mark.gpu

@@ -51,6 +51,7 @@ from deft.kernels.kv_groups import (
     tile_classes,
 )
 from deft.kernels.launch_model import lpt_makespan
+from deft.kernels.pdl_marker import launch_marker
 from deft.kernels.staging import PinnedStaging
 from deft.kernels.tree_attention import launch_partials
 from deft.tree import DecodingTree
@@ -62,6 +63,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 TILE_FIELDS = 6
 #: widths the reduction kernel is compiled for (a plan picks the one that holds its most partials per query)
 REDUCE_BLOCKS = (2, 4, 8, 16, 32, 64)
+#: ``prompt_order``: how a Gluon plan's second launch is kept from starting before the prompt kernel's CTAs
+PROMPT_ORDERS = ("streams", "marker", "chain")
 #: (device, shape, configuration) keys whose kernel variants are all compiled in this process
 _PRECOMPILED: set[tuple] = set()
 
@@ -343,6 +346,7 @@ class DeftAttention(AttentionMethod):
         branch_stages: int = 3,
         branch_warps: int = 8,
         branch_spread: float = 1.0,
+        prompt_order: str = "streams",
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -438,6 +442,9 @@ class DeftAttention(AttentionMethod):
         if not 0.0 <= float(branch_spread) <= 16.0:
             raise ValueError(f"branch_spread must be in [0, 16] (0: one program per tile), got {branch_spread}")
         self.branch_spread = float(branch_spread)
+        if prompt_order not in PROMPT_ORDERS:
+            raise ValueError(f"prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
+        self.prompt_order = prompt_order
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -674,6 +681,7 @@ class DeftAttention(AttentionMethod):
             "branch_stages": self.branch_stages,
             "branch_warps": self.branch_warps,
             "branch_spread": self.branch_spread,
+            "prompt_order": self.prompt_order,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -927,23 +935,31 @@ class DeftAttention(AttentionMethod):
         g = plan.groups
         n_rest = g.n_tiles - plan.n_prompt
         cuda = q.device.type == "cuda"
-        if cuda and n_rest:
-            cur = torch.cuda.current_stream(q.device)
-            side = self._side.get(q.device)
-            if side is None:
-                side = self._side[q.device] = torch.cuda.Stream(q.device)
-            side.wait_stream(cur)
         gluon = cuda and os.environ.get("TRITON_INTERPRET") != "1"
         if gluon:
             from deft.kernels import prompt_gluon
 
             gluon = prompt_gluon.supported(q, k_pool, v_pool)
+        # prompt_order: "marker" and "chain" need the Gluon kernel (its trigger) and the fused kernel for the rest
+        order = self.prompt_order if gluon and n_rest and not (plan.rest_heads or plan.rest_rows) else "streams"
+        two = cuda and n_rest and order != "chain"  # the rest on the side stream
+        if two:
+            cur = torch.cuda.current_stream(q.device)
+            side = self._side.get(q.device)
+            if side is None:
+                side = self._side[q.device] = torch.cuda.Stream(q.device)
+            if order == "streams":
+                side.wait_stream(cur)
         knobs = self.kernel_knobs()
         if gluon:
             prompt_gluon.launch_prompt_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs,
                 timeline=None if timelines is None else timelines[0], descriptors=self._descriptors,
+                pdl_trigger=order != "streams",
             )
+            if order == "marker":  # ends once every prompt CTA has started; the side stream waits for it
+                launch_marker(plan.part_lse)
+                side.wait_stream(cur)
         else:
             if timelines is not None:
                 raise ValueError("timelines are for the Gluon prompt kernel, which cannot run here")
@@ -953,7 +969,7 @@ class DeftAttention(AttentionMethod):
             )  # fmt: skip
         if n_rest:
             meta, offs = plan.rest
-            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            with torch.cuda.stream(side) if two else contextlib.nullcontext():
                 if plan.rest_heads:  # branch_heads: one program per branch tile and block of KV heads
                     self.last_kernel = launch_branch_heads(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_heads,
@@ -968,9 +984,9 @@ class DeftAttention(AttentionMethod):
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
                         plan.num_warps, plan.num_stages, unified=plan.unified,
-                        timeline=None if timelines is None else timelines[1], **knobs,
+                        timeline=None if timelines is None else timelines[1], launch_pdl=order == "chain", **knobs,
                     )  # fmt: skip
-            if cuda:
+            if two:
                 cur.wait_stream(side)
 
     def _branch_plan(

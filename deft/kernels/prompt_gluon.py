@@ -112,6 +112,13 @@ def _globaltimer(anchor):
 
 
 @gluon.jit
+def _launch_dependents(anchor):
+    """``griddepcontrol.launch_dependents`` (Gluon 3.6 has no wrapper for it); ``anchor`` is unused."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n mov.u32 $0, 0;", "=r,r", [anchor], dtype=gl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _smid(anchor):
     """The SM this CTA runs on."""
     return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [anchor], dtype=gl.int32, is_pure=False, pack=1)
@@ -223,7 +230,8 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
 def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok_slot, off_queries, n_pairs,
                           stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline,
                           GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr, TIMELINE: gl.constexpr):  # fmt: skip
+                          CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr, TIMELINE: gl.constexpr,
+                          PDL_TRIGGER: gl.constexpr = False):  # fmt: skip
     """Grid (CTAs, KV heads). CTA c < n_pairs runs tile records 2c (warpgroup 0) and 2c + 1 (warpgroup 1), which
     share a token range; CTA c >= n_pairs runs record n_pairs + c alone (warpgroup 1 computes zero rows and
     stores nothing). Records come first in the packed array (:func:`partition_prompt_tiles` put them there).
@@ -234,6 +242,8 @@ def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok
     c = gl.program_id(0)
     kvh = gl.program_id(1)
     tl_at = (kvh * gl.num_programs(0) + c).to(gl.int64) * 4
+    if PDL_TRIGGER:  # a programmatic dependent may launch once every CTA is here (all hold their SMs by then)
+        _launch_dependents(c)
     if TIMELINE:
         gl.store(timeline + tl_at, _globaltimer(c))
         gl.store(timeline + tl_at + 3, _smid(c).to(gl.int64))
@@ -398,6 +408,7 @@ def launch_prompt_partials(
     warmup: bool = False,
     timeline: torch.Tensor | None = None,
     descriptors: dict | None = None,
+    pdl_trigger: bool = False,
 ) -> None:
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
     ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
@@ -418,5 +429,5 @@ def launch_prompt_partials(
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
         part_lse.stride(0), LOG2E / math.sqrt(d), part_lse if timeline is None else timeline, GROUP=q.shape[1] // n_kv,
         BLOCK_N=BLOCK_N, STAGES=STAGES, CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, TIMELINE=timeline is not None,
-        num_warps=4, maxnreg=MAXNREG,
+        PDL_TRIGGER=bool(pdl_trigger), num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip

@@ -489,6 +489,7 @@ def launch_partials(
     l2_prefetch: bool = False,
     big_gather_block: int = 0,
     big_gather_stages: int = 0,
+    launch_pdl: bool = False,
 ):
     """Launch one program per (tile, KV head); tiles of one chunk are neighbours so they share L2.
     ``contiguous``: big tiles whose first phase the plan flagged as over consecutive slots use affine
@@ -540,6 +541,8 @@ def launch_partials(
         GROUP=q.shape[1] // n_kv, BLOCK_M=block_m, SMALL_M=small_tile_rows(q.shape[1] // n_kv, block_m, small_m), BLOCK_N=block_n, HEAD_DIM=d, PREFETCH=prefetch, DOT_F32=_dot_f32(q.dtype), IDX_INLOOP=idx_inloop and not prefetch,
         CONTIG=bool(contiguous), HEAD_FASTEST=bool(head_fastest), N_KV=n_kv, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger), UNIFIED=bool(unified), AFFINE_BIG=bool(affine_big), SMALL_STAGES=int(small_stages) or None, SMALL_BLOCK_N=int(small_block_n) or block_n, SMALL_AFFINE=bool(small_affine), FUSED_REDUCE=fused_out is not None, L2_PREFETCH=bool(l2_prefetch) and os.environ.get("TRITON_INTERPRET") != "1", BIG_GATHER_BLOCK_N=int(big_gather_block) or block_n, BIG_GATHER_STAGES=int(big_gather_stages) or None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if launch_pdl:  # a programmatic dependent of the kernel before it on the stream (its programs wait for nothing)
+        consts["launch_pdl"] = True
     grid = (n_tiles * n_kv,) if head_fastest else (n_tiles, n_kv)
     if warmup:
         return deft_partial_kernel.warmup(*args, grid=tuple(max(x, 1) for x in grid), **consts)
