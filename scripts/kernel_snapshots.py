@@ -201,9 +201,12 @@ ALL_SWEEP = {
     "gluon_sr_ps1.4": {"small_rest": True, "prompt_share": 1.4},
     "gluon_sr_s3_ps1.25": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.25},
     "gluon_sr_s3_ps1.4": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.4},
-    # session 20: the branches' launch kept from starting before the prompt kernel's CTAs (prompt_order)
-    "order_marker": {"prompt_order": "marker"},
+    # session 20: the branches' launch kept from starting before the prompt kernel's CTAs (prompt_order): on the same
+    # stream as a programmatic dependent of the prompt kernel (the default from session 20 on, so "default" =
+    # "order_chain"), or on a side stream forked before it (before). A PDL marker kernel with the side stream waiting
+    # for it was also measured (2b9b838): the wait then also waited for the prompt kernel's end (scripts/pdl_order_probe)
     "order_chain": {"prompt_order": "chain"},
+    "order_streams": {"prompt_order": "streams"},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {

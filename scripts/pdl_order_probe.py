@@ -10,7 +10,10 @@ and then a reader that sums ``A``'s flags (all set: the reader ran after ``A`` e
 - ``baseline_event``: A, an event, the reader on a second stream (no PDL): the flags must all be set.
 
 Each case runs eagerly and as a CUDA graph, and prints the flags each reader saw and the µs from A's start to the
-reader's start (``%globaltimer``). Prompt-order use: ``DeftAttention(prompt_order=...)`` relies on the answers.
+reader's start (``%globaltimer``). ``DeftAttention(prompt_order="chain")`` relies on the third case's answer (the plain
+launch after a PDL secondary waits for the primary too); the second says why a marker kernel with a second stream
+waiting for it does not work (the event after the marker completes only once the primary has ended). H100, session 20:
+``results/h100/probe/pdl_order_probe_2026-12-06_s20d.csv``.
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
-from deft.kernels.pdl_marker import launch_marker
-
 
 @triton.jit
 def _now(anchor):
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [anchor], dtype=tl.int64, is_pure=False,
                                      pack=1)  # fmt: skip
+
+
+@triton.jit
+def marker_kernel(x_ptr, WRITE: tl.constexpr):
+    if WRITE:  # never set: a kernel with no work of its own
+        tl.store(x_ptr, 0)
+
+
+def launch_marker(x: torch.Tensor) -> None:
+    """One program with no work, launched as a programmatic dependent of the kernel before it."""
+    marker_kernel[(1,)](x, WRITE=False, num_warps=1, launch_pdl=True)
 
 
 @triton.jit

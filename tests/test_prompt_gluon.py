@@ -368,12 +368,13 @@ def test_gluon_prompt_kernel_matches_reference_on_the_gpu(monkeypatch, head_dim,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("order", ["marker", "chain"])
+@pytest.mark.parametrize("order", ["chain", "streams"])
 @pytest.mark.parametrize("width,prompt,branch", [(50, 16384, 200), (37, 3000, 30), (50, 4096, 1)])
 def test_prompt_orders_read_no_partial_early(order, width, prompt, branch):
-    """``prompt_order``: the branches' launch waits (programmatically) for the prompt kernel's CTAs to start, and the
-    reduction must still see both launches' partials, also where the branches end long before the prompt (one-token
-    branches). Partials and output are NaN-poisoned before each of five runs, so a partial read early shows."""
+    """``prompt_order``: with ``"chain"`` the branches' launch is a programmatic dependent of the prompt kernel, and the
+    reduction (a plain launch after it) must still see both launches' partials, also where the branches end long before
+    the prompt (one-token branches); ``"streams"``, the two-stream form, likewise. Partials and output are NaN-poisoned
+    before each of five runs, so a partial read early shows."""
     rng = np.random.default_rng(width + prompt)
     tree = fan(prompt, width, branch, rng)
     for seed in range(5):

@@ -171,14 +171,16 @@ def launch_branch_heads(
     num_warps: int = 8,
     timeline: torch.Tensor | None = None,
     warmup: bool = False,
+    launch_pdl: bool = False,
 ):
     """Launch one program per (tile record of ``meta``, block of KV heads) over ``n_tiles`` records, every one of them
     unmasked with at most ``rows`` rows per KV head (the plan checks: ``kv_groups.rest_small_unmasked``); with
     ``n_programs`` > 0, that many programs per block of heads, each over its run of records in ``offsets["progs"]``
     (:func:`~deft.kernels.kv_groups.spread_rest_tiles`; ``n_tiles`` is then unused). ``block_n``
     tokens per K/V block, the loop pipelined ``stages`` deep. ``timeline`` (diagnostics, GPU only): int64, 4 per
-    program, as :func:`~deft.kernels.tree_attention.launch_partials`'. ``warmup``: compile without running. Returns the
-    compiled kernel."""
+    program, as :func:`~deft.kernels.tree_attention.launch_partials`'. ``warmup``: compile without running. ``launch_pdl``:
+    a programmatic dependent of the kernel before it on the stream (its programs read nothing that kernel writes).
+    Returns the compiled kernel."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
@@ -197,6 +199,8 @@ def launch_branch_heads(
         DOT_F32=_dot_f32(q.dtype), SPREAD=n_programs > 0, TIMELINE=timeline is not None, num_warps=num_warps,
         num_stages=stages,
     )  # fmt: skip
+    if launch_pdl:
+        consts["launch_pdl"] = True
     grid = (n_programs if n_programs > 0 else n_tiles, triton.cdiv(n_kv, block_h))
     if warmup:
         return branch_heads_kernel.warmup(*args, grid=tuple(max(x, 1) for x in grid), **consts)

@@ -51,7 +51,6 @@ from deft.kernels.kv_groups import (
     tile_classes,
 )
 from deft.kernels.launch_model import lpt_makespan
-from deft.kernels.pdl_marker import launch_marker
 from deft.kernels.staging import PinnedStaging
 from deft.kernels.tree_attention import launch_partials
 from deft.tree import DecodingTree
@@ -63,8 +62,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 TILE_FIELDS = 6
 #: widths the reduction kernel is compiled for (a plan picks the one that holds its most partials per query)
 REDUCE_BLOCKS = (2, 4, 8, 16, 32, 64)
-#: ``prompt_order``: how a Gluon plan's second launch is kept from starting before the prompt kernel's CTAs
-PROMPT_ORDERS = ("streams", "marker", "chain")
+#: ``prompt_order``: how a Gluon plan's second launch follows the prompt kernel (see :class:`DeftAttention`)
+PROMPT_ORDERS = ("chain", "streams")
 #: (device, shape, configuration) keys whose kernel variants are all compiled in this process
 _PRECOMPILED: set[tuple] = set()
 
@@ -289,6 +288,16 @@ class DeftAttention(AttentionMethod):
     76.2-77.3, and over the whole width-50 trace at 16k and 20k no net change (within the +-2 % spread of the default's
     repeats): the branches' kernel moves its bytes faster alone (24.9 against 42 µs on the 52 SMs the prompt leaves at
     step 200, 5 stages) and takes them from the prompt kernel in the step (``notes/deft_kernels.md``, session 19).
+    ``prompt_order`` (``"chain"`` by default since session 20; ``"streams"`` before): how a Gluon plan's second launch
+    (the rest) follows the prompt kernel. ``"chain"``: on the same stream, launched as a programmatic dependent (PDL)
+    of the prompt kernel, whose CTAs run ``griddepcontrol.launch_dependents`` as they start, so the rest starts once
+    every prompt CTA holds its SM, and the reduction after it (a plain launch) waits for both (the H100 runs a plain
+    launch after a PDL secondary only once the primary has ended too: ``scripts/pdl_order_probe.py``). ``"streams"``:
+    on a side stream forked before the prompt kernel and joined after; which of the two launches the GPU starts first
+    is then a race, and in a CUDA graph that the rest's 400 programs won (their two programs per SM took every SM, the
+    prompt's CTAs waited for them) the step took 100 µs instead of 75 (H100, session 20, few-shot 16k step 399, one of
+    three graphs captured). H100, session 20, graph µs, few-shot 16k steps 1 / 200 / 399: 52.2 / 63.3 / 75.9 ->
+    50.1 / 60.6 / 72.9.
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
@@ -346,7 +355,7 @@ class DeftAttention(AttentionMethod):
         branch_stages: int = 3,
         branch_warps: int = 8,
         branch_spread: float = 1.0,
-        prompt_order: str = "streams",
+        prompt_order: str = "chain",
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -926,10 +935,12 @@ class DeftAttention(AttentionMethod):
         plan: DeftPlan,
         timelines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """``prompt_kernel="gluon"``: the prompt tiles in the Gluon kernel on the current stream, the rest in the fused
-        kernel on a side stream that starts with it (so the rest takes the SMs the prompt's CTAs leave and then
-        theirs), joined before the reduction. Where the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools
-        a TMA descriptor cannot address) the prompt tiles run in the fused kernel, in a launch of their own.
+        """``prompt_kernel="gluon"``: the prompt tiles in the Gluon kernel on the current stream, then the rest (the
+        fused kernel, or the small-tile or branches' launch) so that it takes the SMs the prompt's CTAs leave and then
+        theirs: with ``prompt_order="chain"`` on the same stream as a programmatic dependent of the prompt kernel, whose
+        CTAs let it launch as they start; with ``"streams"`` on a side stream that starts with it, joined after. Where
+        the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools a TMA descriptor cannot address) the prompt
+        tiles run in the fused kernel, in a launch of their own, and the rest on the side stream.
         ``timelines`` (diagnostics, Gluon path only; ``scripts/gluon_timeline.py``): int64 tensors the prompt
         kernel's CTAs and the rest's programs write their start, end and SM into."""
         g = plan.groups
@@ -940,26 +951,21 @@ class DeftAttention(AttentionMethod):
             from deft.kernels import prompt_gluon
 
             gluon = prompt_gluon.supported(q, k_pool, v_pool)
-        # prompt_order: "marker" and "chain" need the Gluon kernel (its trigger) and the fused kernel for the rest
-        order = self.prompt_order if gluon and n_rest and not (plan.rest_heads or plan.rest_rows) else "streams"
-        two = cuda and n_rest and order != "chain"  # the rest on the side stream
+        chain = bool(gluon and n_rest) and self.prompt_order == "chain"  # needs the Gluon kernel's trigger
+        two = cuda and n_rest and not chain  # "streams": the rest on the side stream
         if two:
             cur = torch.cuda.current_stream(q.device)
             side = self._side.get(q.device)
             if side is None:
                 side = self._side[q.device] = torch.cuda.Stream(q.device)
-            if order == "streams":
-                side.wait_stream(cur)
+            side.wait_stream(cur)
         knobs = self.kernel_knobs()
         if gluon:
             prompt_gluon.launch_prompt_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs,
                 timeline=None if timelines is None else timelines[0], descriptors=self._descriptors,
-                pdl_trigger=order != "streams",
+                pdl_trigger=self.prompt_order == "chain",
             )
-            if order == "marker":  # ends once every prompt CTA has started; the side stream waits for it
-                launch_marker(plan.part_lse)
-                side.wait_stream(cur)
         else:
             if timelines is not None:
                 raise ValueError("timelines are for the Gluon prompt kernel, which cannot run here")
@@ -974,17 +980,19 @@ class DeftAttention(AttentionMethod):
                     self.last_kernel = launch_branch_heads(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_heads,
                         plan.rest_programs, **self.branch_args(), timeline=None if timelines is None else timelines[1],
+                        launch_pdl=chain,
                     )  # fmt: skip
                 elif plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_rows,
                         **plan.rest_args, unified=plan.unified, timeline=None if timelines is None else timelines[1],
+                        launch_pdl=chain,
                     )  # fmt: skip
                 else:
                     self.last_kernel = launch_partials(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.block_m, plan.block_n,
                         plan.num_warps, plan.num_stages, unified=plan.unified,
-                        timeline=None if timelines is None else timelines[1], launch_pdl=order == "chain", **knobs,
+                        timeline=None if timelines is None else timelines[1], launch_pdl=chain, **knobs,
                     )  # fmt: skip
             if two:
                 cur.wait_stream(side)
@@ -1066,7 +1074,8 @@ class DeftAttention(AttentionMethod):
             return
         try:
             prompt_gluon.launch_prompt_partials(
-                q, pool, pool, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, 1, 0, warmup=True
+                q, pool, pool, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, 1, 0, warmup=True,
+                pdl_trigger=self.prompt_order == "chain",
             )
         except Exception as e:  # noqa: BLE001 (a warm-up; the run reports the error itself)
             warnings.warn(f"prompt_kernel='gluon': compiling ahead of the first run failed: {e!r}", stacklevel=2)
@@ -1085,7 +1094,7 @@ class DeftAttention(AttentionMethod):
         key = (
             device, s.dtype, plan.part_o.dtype, s.n_heads, s.n_kv_heads, s.head_dim, self.block_m, self.block_n,
             self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
-            self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel, self.small_rest, self.rest_stages,
+            self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel, self.small_rest, self.rest_stages, self.prompt_order,
             *sorted(self.kernel_knobs().items()), self.branch_heads, self.branch_spread > 0, *sorted(self.branch_args().items()),
         )  # fmt: skip
         if key in _PRECOMPILED:
@@ -1098,16 +1107,23 @@ class DeftAttention(AttentionMethod):
             variants.append((self.unified_mask is not False, True))
         # a split plan's launches have none, nor has a fused reduction (no second launch); the method's other plans do
         pdl = self.pdl and pdl_supported(device) and not self.fused_reduce
+        chain = self._gluon_on and self.prompt_order == "chain" and pdl_supported(device)  # the Gluon plans' rest
         for unified, affine_big in variants:
             rows = max(16, 1 << max(0, s.group_size - 1).bit_length())  # tile_rows' smallest answer
             while True:
                 warps, stages = self._launch_config(rows, s.head_dim)
-                # prompt_kernel="gluon": the rest's launch has no PDL trigger (its plans reduce after two launches)
-                for p in (pdl, False) if self._gluon_on and pdl and not affine_big else (pdl,):
+                # prompt_kernel="gluon": the rest's launch has no PDL trigger (its plans reduce after two launches);
+                # with prompt_order="chain" it is a programmatic dependent of the prompt kernel
+                launches = [(pdl, False)]
+                if self._gluon_on and not affine_big:
+                    launches += [(False, False)] if pdl else []
+                    launches += [(False, True)] if chain else []
+                for p, dependent in launches:
                     launch_partials(
                         q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, rows, self.block_n, warps,
                         stages, warmup=True, pdl_trigger=p, unified=unified, affine_big=affine_big,
-                        fused_out=q if self.fused_reduce else None, counters=plan.counters, **self.kernel_knobs(),
+                        fused_out=q if self.fused_reduce else None, counters=plan.counters, launch_pdl=dependent,
+                        **self.kernel_knobs(),
                     )  # fmt: skip
                 small = small_tile_rows(s.group_size, rows, self.small_m)
                 if self.split_launch and small < rows and not affine_big:  # a split plan's big and small launches
@@ -1125,7 +1141,7 @@ class DeftAttention(AttentionMethod):
             if self._gluon_on and self.small_rest and small < self.block_m and not affine_big:  # the rest's launch
                 launch_partials(
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, g.offsets, 1, small,
-                    **self.rest_launch_args(small, s.head_dim), warmup=True, unified=unified,
+                    **self.rest_launch_args(small, s.head_dim), warmup=True, unified=unified, launch_pdl=chain,
                 )  # fmt: skip
         two = (self.split_launch or self._gluon_on) and pdl  # plans of two launches reduce without PDL
         if self._gluon_on:
@@ -1135,7 +1151,7 @@ class DeftAttention(AttentionMethod):
                 spread = int(self.branch_spread > 0)  # a plan with the branches' kernel spreads its tiles when this is on
                 launch_branch_heads(
                     q, kv, kv, plan.part_o, plan.part_lse, plan.meta, {**g.offsets, "progs": (0, 0)}, 1, small, spread,
-                    **self.branch_args(), warmup=True,
+                    **self.branch_args(), warmup=True, launch_pdl=chain,
                 )  # fmt: skip
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
