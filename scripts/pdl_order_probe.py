@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from scripts.kernel_snapshots import provenance
+
 
 @triton.jit
 def _now(anchor):
@@ -120,7 +122,7 @@ def main() -> None:
     print(df.to_string(index=False))
     out_dir = os.environ.get("OUT")
     if out_dir:
-        df.assign(gpu=torch.cuda.get_device_name(dev)).to_csv(os.path.join(out_dir, "pdl_order_probe.csv"), index=False)
+        df.assign(**provenance(dev)).to_csv(os.path.join(out_dir, "pdl_order_probe.csv"), index=False)
 
 
 if __name__ == "__main__":

@@ -809,6 +809,7 @@ class DeftAttention(AttentionMethod):
             *((plan.rest_rows, sorted(plan.rest_args.items())) if plan.rest_rows else ()),
             *((plan.rest_heads, plan.rest_programs, self.branch_args()) if plan.rest_heads else ()),
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
+            *((self.prompt_order,) if plan.n_prompt else ()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
         h.update(memoryview(np.ascontiguousarray(g.packed)).cast("B"))
