@@ -955,11 +955,7 @@ class DeftAttention(AttentionMethod):
         chain = bool(gluon and n_rest) and self.prompt_order == "chain"  # needs the Gluon kernel's trigger
         two = cuda and n_rest and not chain  # "streams": the rest on the side stream
         if two:
-            cur = torch.cuda.current_stream(q.device)
-            side = self._side.get(q.device)
-            if side is None:
-                side = self._side[q.device] = torch.cuda.Stream(q.device)
-            side.wait_stream(cur)
+            cur, side = self._fork(q.device)
         knobs = self.kernel_knobs()
         if gluon:
             prompt_gluon.launch_prompt_partials(
@@ -997,6 +993,15 @@ class DeftAttention(AttentionMethod):
                     )  # fmt: skip
             if two:
                 cur.wait_stream(side)
+
+    def _fork(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+        """(the current stream, this method's side stream on ``device``, made to wait for the current one's work so far)."""
+        cur = torch.cuda.current_stream(device)
+        side = self._side.get(device)
+        if side is None:
+            side = self._side[device] = torch.cuda.Stream(device)
+        side.wait_stream(cur)
+        return cur, side
 
     def _branch_plan(
         self, g: KVGroups, n_prompt: int, n_pairs: int, small: int, shape: AttentionShape, out_alloc
@@ -1048,11 +1053,7 @@ class DeftAttention(AttentionMethod):
         launches = plan.split
         cuda = q.device.type == "cuda" and len(launches) == 2
         if cuda:
-            cur = torch.cuda.current_stream(q.device)
-            side = self._side.get(q.device)
-            if side is None:
-                side = self._side[q.device] = torch.cuda.Stream(q.device)
-            side.wait_stream(cur)
+            cur, side = self._fork(q.device)
         for i, (meta, offs, n, (rows, block_n, warps, stages, contig)) in enumerate(launches):
             ctx = torch.cuda.stream(side) if cuda and i == 1 else contextlib.nullcontext()
             with ctx:
