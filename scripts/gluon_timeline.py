@@ -1,5 +1,6 @@
 """Timeline of a DeFT step that runs the shared prompt in the Gluon kernel: when each prompt CTA and each program
-of the rest's launch (the branches, on the side stream) started and ended (``%globaltimer`` ns) and on which SM.
+of the rest's launch (the branches: chained to the prompt kernel by PDL, or on a side stream with
+``prompt_order="streams"``) started and ended (``%globaltimer`` ns) and on which SM.
 
 It answers which half of the step is its critical path (the prompt kernel on its share of the SMs, or the branches
 on the SMs it leaves), how long SMs sit idle while the other half finishes, when the rest's programs start against
@@ -8,7 +9,8 @@ the prompt's CTAs, and what the join and the reduction add.
 For each snapshot of :func:`scripts.kernel_snapshots.snapshots` whose plan takes the Gluon kernel (default: the
 few-shot 16k ones) and each variant (``DEFT_GT_VARIANTS``, as ``scripts/timeline_probe.py``'s
 ``DEFT_TL_VARIANTS``) and stream-priority mode (``DEFT_GT_PRIOS``: ``same``, ``prompt_hi`` with the step on a
-high-priority stream, ``rest_hi`` with the side stream high; ``DEFT_GT_PROMPT_VARIANT``: a
+high-priority stream, ``rest_hi`` with the side stream high: with ``prompt_order="streams"`` only, the default
+chain has one stream; ``DEFT_GT_PROMPT_VARIANT``: a
 :data:`scripts.prompt_probe.VARIANTS` name, the prompt kernel's block and ring depth): ``DEFT_GT_REPS`` (9) cold-L2 replays of the step
 captured in a CUDA graph with both timelines on, the median-makespan one kept; and, in CUDA graphs without
 timelines (cold L2, median of 50), the step and its two partial launches alone. Writes ``$OUT/gluon_timeline_<date>[_<tag>].csv.gz`` (one row per CTA or program),
@@ -51,13 +53,16 @@ SPIN_ROWS = 160
 
 
 @gluon.jit
-def _spin_kernel(ns, sink, ROWS: gl.constexpr):
+def _spin_kernel(ns, sink, ROWS: gl.constexpr, PDL_TRIGGER: gl.constexpr):
     """Placeholder for the prompt kernel's CTAs: hold an SM (160 KB of shared memory) for ``ns`` nanoseconds
-    without touching HBM, so the rest's launch runs on the SMs the prompt leaves without its memory traffic."""
+    without touching HBM, so the rest's launch runs on the SMs the prompt leaves without its memory traffic; with
+    ``PDL_TRIGGER`` it lets a programmatic dependent launch as it starts, as the prompt kernel does (``prompt_order``)."""
     layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     row: gl.constexpr = gl.BlockedLayout([2], [32], [4], [0])
     buf = gl.allocate_shared_memory(gl.int32, [ROWS, 256], layout)
     c = gl.program_id(0)
+    if PDL_TRIGGER:
+        prompt_gluon._launch_dependents(c)
     buf.index(0).store(gl.full([256], 1, gl.int32, row))
     t0 = prompt_gluon._globaltimer(c)
     t = t0
@@ -70,8 +75,9 @@ def _spin_kernel(ns, sink, ROWS: gl.constexpr):
 def spin_launcher(ns: int, sink: torch.Tensor):
     """A stand-in for :func:`~deft.kernels.prompt_gluon.launch_prompt_partials`: the same grid of placeholder CTAs."""
 
-    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, **_):
-        _spin_kernel[((n_tiles - n_pairs) * k_pool.shape[1],)](ns, sink, ROWS=SPIN_ROWS, num_warps=4)
+    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, pdl_trigger=False, **_):
+        grid = ((n_tiles - n_pairs) * k_pool.shape[1],)
+        _spin_kernel[grid](ns, sink, ROWS=SPIN_ROWS, PDL_TRIGGER=bool(pdl_trigger), num_warps=4)
 
     return launch
 

@@ -65,9 +65,12 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def compile_prompt_for_hopper(head_dim: int = 128, dtype: str = "bf16", group: int = 4, timeline: bool = False):
+def compile_prompt_for_hopper(
+    head_dim: int = 128, dtype: str = "bf16", group: int = 4, timeline: bool = False, pdl_trigger: bool = False
+):
     """The Gluon prompt kernel (:mod:`deft.kernels.prompt_gluon`) compiled for sm_90 as its launcher launches it: a
-    host TMA descriptor specialises as ``tensordesc<dtype[box], layout>``; ptxas's reproducer dump is swallowed."""
+    host TMA descriptor specialises as ``tensordesc<dtype[box], layout>``; ptxas's reproducer dump is swallowed.
+    ``pdl_trigger``: the variant ``prompt_order="chain"`` launches (its CTAs trigger their programmatic dependents)."""
     import contextlib
     import io
 
@@ -82,9 +85,9 @@ def compile_prompt_for_hopper(head_dim: int = 128, dtype: str = "bf16", group: i
            "off_tok_slot": "i32", "off_queries": "i32", "n_pairs": "i32", "stride_qn": "i32", "stride_qh": "i32",
            "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32", "timeline": "*i64" if timeline else "*fp32",
            "GROUP": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "CONS_REGS": "constexpr",
-           "PROD_REGS": "constexpr", "TIMELINE": "constexpr"}  # fmt: skip
+           "PROD_REGS": "constexpr", "TIMELINE": "constexpr", "PDL_TRIGGER": "constexpr"}  # fmt: skip
     const = dict(GROUP=group, BLOCK_N=pg.BLOCK_N, STAGES=pg.STAGES, CONS_REGS=pg.CONS_REGS, PROD_REGS=pg.PRODUCER_REGS,
-                 TIMELINE=timeline)  # fmt: skip
+                 TIMELINE=timeline, PDL_TRIGGER=pdl_trigger)  # fmt: skip
     src = GluonASTSource(fn=pg.prompt_partial_kernel, signature=sig, constexprs=const, attrs=launch_hints(sig))
     with contextlib.redirect_stdout(io.StringIO()):
         return triton.compile(src, target=TARGET, options={"num_warps": 4, "maxnreg": pg.MAXNREG})

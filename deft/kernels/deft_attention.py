@@ -261,7 +261,7 @@ class DeftAttention(AttentionMethod):
     :func:`~deft.kernels.prompt_gluon.prompt_tile_mask`) run in a
     Gluon kernel of their own (:mod:`deft.kernels.prompt_gluon`: TMA ring, warp-specialised producer, two consumer
     warpgroups on asynchronous ``wgmma`` taking turns, one tile record each) on the current stream, and the other
-    tiles in the fused kernel on a side stream that starts with it; the reduction waits for both. Off a Hopper GPU,
+    tiles in the fused kernel beside it (``prompt_order``, below); the reduction waits for both. Off a Hopper GPU,
     or on pools a TMA descriptor cannot address, the prompt tiles run in the fused kernel instead, in a launch of
     their own (same plan, same partials: how the CPU tests check the split). ``prompt_min_tokens`` (2048) and
     ``prompt_share`` (1.1; 0: ``wide_waves``' fixed share) decide per tree (:meth:`prompt_plan`): the Gluon kernel's
@@ -275,13 +275,13 @@ class DeftAttention(AttentionMethod):
     and 30, Medusa 32; chunks of 1.1-1.4k tokens at the wide budget) ran 8-13 % slower over the trace in the Gluon
     kernel at 16k-20k, those with four (width 50, Medusa 64; 2.3k tokens and more) 10-22 % faster.
     ``small_rest`` (off by default; session 17) and ``rest_stages`` (0: ``small_stages``): with the Gluon prompt
-    kernel, when every tile after its own is small (one-query branches), the side stream's launch is the partial
+    kernel, when every tile after its own is small (one-query branches), the rest's launch is the partial
     kernel compiled for the small tile's rows alone (:meth:`rest_launch_args`: 115 registers and 39 KB at 5 stages,
     four programs per SM, instead of 225 and 112 KB). H100, session 17: the branches alone 25.5 -> 25.0 µs (Nsight
     Compute), the few-shot 16k steps no faster (graph µs, geomean of three 64.2 -> 65.4; 3 stages 66.7).
     ``branch_heads`` (off by default; session 19), ``branch_block_n`` / ``branch_stages`` / ``branch_warps`` and
     ``branch_spread``: with the Gluon prompt kernel, when every tile after its own is small and unmasked (one-query
-    branches), the side stream's launch is the branches' kernel (:mod:`deft.kernels.branch_heads`: a program loads a
+    branches), the rest's launch is the branches' kernel (:mod:`deft.kernels.branch_heads`: a program loads a
     token's K and V rows for all KV heads at once), one program per tile, or with ``branch_spread`` > 0 that many times
     the SMs the prompt kernel leaves, each over an equal run of tile pieces (:meth:`branch_programs`). H100, session 19,
     graph µs: few-shot 16k step 200 61.5-62.4 -> 59.3-60.1 (one program per tile, 3 stages), but step 399 73.8-74.6 ->
