@@ -389,9 +389,10 @@ def measure(m, tree: DecodingTree, q, k, v, ref, kv_bytes: int, bw: float, dev) 
 
 def plain_read_us(nbytes: int, dev: torch.device) -> float:
     """Graph µs of one plain read of ``nbytes`` (``torch.sum`` over a bf16 tensor that size), timed as the kernels are
-    (cold L2 by the same flush, median of 50): what reading the snapshot's unique K/V bytes once costs with no attention
-    at all, the floor's reachable form (a single launch over ~100 MB pays its ramp, its tail and, under the zeroing
-    flush, the write-back of the flush's dirty L2 lines; session 19's ``pattern_bandwidth``)."""
+    (cold L2 by the same flush, median of 50): what one launch reading the snapshot's unique K/V bytes once costs with no
+    attention at all (it pays a launch's ramp and tail and, under the zeroing flush, the write-back of the flush's dirty
+    L2 lines; session 19's ``pattern_bandwidth``). A reference, not a bound: torch's reduction is not the fastest read at
+    every size (H100, session 20: 1.9 TB/s over few-shot 16k step 399's 147 MB, where DeFT-Flatten's step is faster)."""
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
     us = time_device(graph_of(lambda: x.sum(dtype=torch.float32)).replay, reps=50, device=dev).median_ms * 1e3
     return us
