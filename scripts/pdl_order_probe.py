@@ -25,13 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deft.kernels.tree_attention import _globaltimer
 from scripts.kernel_snapshots import provenance
-
-
-@triton.jit
-def _now(anchor):
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [anchor], dtype=tl.int64, is_pure=False,
-                                     pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -49,18 +44,18 @@ def launch_marker(x: torch.Tensor) -> None:
 def spin_kernel(flags, t_start, ns):
     pid = tl.program_id(0)
     tl.extra.cuda.gdc_launch_dependents()
-    t0 = _now(pid)
+    t0 = _globaltimer(flags)
     if pid == 0:
         tl.store(t_start, t0)
     t = t0
     while t - t0 < ns:
-        t = _now(pid)
+        t = _globaltimer(flags)
     tl.store(flags + pid, 1)
 
 
 @triton.jit
 def read_kernel(flags, n, out, t_read, BLOCK: tl.constexpr):
-    t = _now(n)
+    t = _globaltimer(flags)
     offs = tl.arange(0, BLOCK)
     tl.store(out, tl.sum(tl.load(flags + offs, mask=offs < n, other=0, volatile=True)))
     tl.store(t_read, t)
