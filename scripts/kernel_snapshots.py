@@ -8,7 +8,8 @@ bandwidth. Also checks random trees and ranks the autotune candidates. Writes th
 ``$OUT/kernel_snapshots_<date>.csv`` (or ``./results/h100``) and prints a short table last.
 
 Environment: ``DEFT_SNAP_SWEEP`` (the DeFT-Flatten configurations swept, names from ``ALL_SWEEP``),
-``DEFT_SNAP_TABLE`` (the table's variants), ``DEFT_PROMPT_VARIANT`` (a :data:`scripts.prompt_probe.VARIANTS`
+``DEFT_SNAP_TABLE`` (the table's variants), ``DEFT_SNAP_TABLE_CONFIG`` (an ``ALL_SWEEP`` name: the table's
+configuration; default: the sweep's fastest), ``DEFT_PROMPT_VARIANT`` (a :data:`scripts.prompt_probe.VARIANTS`
 name: the Gluon prompt kernel's module settings for the whole run, recorded in a ``prompt_gluon`` column), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
 all 9), ``DEFT_TRACES_DIR``, ``DEFT_PLAN_CORE`` (the CPU the plan's host time is measured on, the timing thread
 pinned to it; default the last one the process may use; ``off``: unpinned). Run on the GPU machine:
@@ -207,6 +208,16 @@ ALL_SWEEP = {
     # for it was also measured (2b9b838): the wait then also waited for the prompt kernel's end (scripts/pdl_order_probe)
     "order_chain": {"prompt_order": "chain"},
     "order_streams": {"prompt_order": "streams"},
+    # session 21: the branches' kernel (branch_heads, session 19) again, now chained to the prompt kernel and timed with
+    # the reading flush: spread over the free SMs (branch_spread 1, the knob's default) or one program per tile, 3 or 5
+    # stages, and with the prompt's share scaled
+    "bh": {"branch_heads": True},
+    "bh_s5": {"branch_heads": True, "branch_stages": 5},
+    "bh_tile": {"branch_heads": True, "branch_spread": 0},
+    "bh_tile_s5": {"branch_heads": True, "branch_spread": 0, "branch_stages": 5},
+    "bh_ps1.0": {"branch_heads": True, "prompt_share": 1.0},
+    "bh_ps1.25": {"branch_heads": True, "prompt_share": 1.25},
+    "bh_tile_ps1.25": {"branch_heads": True, "branch_spread": 0, "prompt_share": 1.25},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
@@ -502,11 +513,12 @@ def main() -> None:
         best,
     )
 
-    tiles = {k: v for k, v in SWEEP[best].items() if k not in ("ctas_per_sm", "chunk_size", "snap")}
+    best = os.environ.get("DEFT_SNAP_TABLE_CONFIG") or best  # an ALL_SWEEP name: the table at it, not at the best
+    tiles = {k: v for k, v in ALL_SWEEP[best].items() if k not in ("ctas_per_sm", "chunk_size", "snap")}
     table = {
-        "flatten": (DeftFlatten, SWEEP[best]),
+        "flatten": (DeftFlatten, ALL_SWEEP[best]),
         "node": (DeftNode, tiles),
-        "node_chunk": (DeftNodeChunk, SWEEP[best]),
+        "node_chunk": (DeftNodeChunk, ALL_SWEEP[best]),
         "node_chunk_default": (DeftNodeChunk, {}),
     }
     if best != "default":
@@ -553,7 +565,7 @@ def main() -> None:
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
         print("plan profile (200 plans of fewshot_16k step 200):", "\n".join(buf.getvalue().splitlines()[4:22]))
 
-    print(f"\ncopy BW {bw / 1e12:.3f} TB/s; {prov['gpu']}; rows in {path}; best flatten config {best}: {SWEEP[best]}")
+    print(f"\ncopy BW {bw / 1e12:.3f} TB/s; {prov['gpu']}; rows in {path}; table config {best}: {ALL_SWEEP[best]}")
     sweep = pd.DataFrame([r for r in rows if r["phase"] == "sweep"])
     if not sweep.empty:
         print(sweep_summary(sweep).round(3).to_string())

@@ -80,6 +80,12 @@ def _join(vals) -> str:
     return ", ".join(vals) if vals else "n/a"
 
 
+def l2_flushes(df: pd.DataFrame) -> pd.Series:
+    """Each row's L2 flush (``deft.bench.timing.L2_FLUSHES``); rows from before the column (session 19) zeroed it."""
+    col = df["l2_flush"] if "l2_flush" in df else pd.Series(np.nan, index=df.index)
+    return col.astype(object).where(col.notna(), "write").astype(str)
+
+
 def provenance_line(df: pd.DataFrame) -> str:
     """Where the rows of a table come from: GPU, versions, dates, commits."""
     if df.empty:
@@ -97,6 +103,8 @@ def provenance_line(df: pd.DataFrame) -> str:
     for lib in ("flashinfer", "xformers"):
         if lib in df and df[lib].notna().any():
             parts.append(f"{lib} {_join(df[lib].astype(str))}")
+    if "bench" not in df or (df["bench"] != "io").any():  # timed rows: the L2 flush before each repetition
+        parts.append(f"L2 flush {_join(l2_flushes(df))}")
     parts.append(f"dates {dates[0]}..{dates[-1]}" if dates else "dates n/a")
     parts.append(f"commits {', '.join(sorted(set(commits)))}")
     return "Source: " + "; ".join(parts) + "."

@@ -171,3 +171,34 @@ def test_sweep_ledger_ratios_are_within_one_call(tmp_path):
     assert (led.loc["a", "gpu"], led.loc["a", "commit"], led.loc["a", "snapshots"]) == ("h100", "abc1234", 2)
     tables.build_all(tmp_path, tmp_path / "out")
     assert "| a | h100 | abc1234 | knob |" in (tmp_path / "out" / "kernel_sweeps.md").read_text()
+
+
+def test_provenance_names_the_l2_flush_and_reads_rows_without_the_column_as_zeroed():
+    old = pd.DataFrame([{**PROV, "bench": "attention"}])
+    new = pd.DataFrame([{**PROV, "bench": "attention", "l2_flush": "read"}])
+    assert "L2 flush write;" in tables.provenance_line(old)
+    assert "L2 flush read;" in tables.provenance_line(new)
+    assert "L2 flush read, write;" in tables.provenance_line(pd.concat([old, new]))
+    assert "L2 flush" not in tables.provenance_line(pd.DataFrame([{**PROV, "bench": "io"}]))
+
+
+def test_timing_reads_the_flush_buffer_unless_told_to_zero_it(monkeypatch):
+    import importlib
+
+    import torch
+
+    from deft.bench import timing
+
+    monkeypatch.delenv("DEFT_L2_FLUSH", raising=False)
+    assert importlib.reload(timing).l2_flush_mode() == "read"  # the default (session 21 on)
+    seen = []
+    monkeypatch.setattr(timing, "_L2_FLUSH", ["read"])
+    buf = torch.ones(8, dtype=torch.int32)
+    timing.flush_l2(buf)
+    seen.append(int(buf.sum()))
+    timing.set_l2_flush("write")
+    timing.flush_l2(buf)
+    seen.append(int(buf.sum()))
+    assert seen == [8, 0]
+    with pytest.raises(ValueError, match="l2 flush"):
+        timing.set_l2_flush("zero")

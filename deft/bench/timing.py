@@ -44,7 +44,7 @@ _FLUSH: dict[torch.device, torch.Tensor] = {}
 
 
 def l2_flush_buffer(device: torch.device, nbytes: int = 256 << 20) -> torch.Tensor:
-    """A buffer larger than L2 (50 MB on H100); writing it evicts whatever the last repetition left."""
+    """A buffer larger than L2 (50 MB on H100); reading or writing it evicts whatever the last repetition left."""
     buf = _FLUSH.get(device)
     if buf is None or buf.numel() * 4 < nbytes:
         buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
@@ -52,13 +52,15 @@ def l2_flush_buffer(device: torch.device, nbytes: int = 256 << 20) -> torch.Tens
     return buf
 
 
-#: how :func:`flush_l2` evicts the last repetition's data: ``"write"`` zeroes the flush buffer (sessions 1-18), which
-#: leaves L2 full of dirty lines (50 MB on the H100) that the timed work's misses then write back to HBM beside its own
-#: traffic; ``"read"`` reads the buffer instead, so L2 holds clean lines of it and the timed work starts from the state
-#: the design asks for (L2 not warm, as with rotating K/V pools) without that write-back. ``DEFT_L2_FLUSH`` picks it;
-#: rows carry it in their ``l2_flush`` column (:func:`~deft.bench.provenance.provenance`).
-L2_FLUSHES = ("write", "read")
-_L2_FLUSH = [os.environ.get("DEFT_L2_FLUSH", "write")]
+#: how :func:`flush_l2` evicts the last repetition's data: ``"read"`` (the default from session 21) reads the flush
+#: buffer, so L2 holds clean lines of it and the timed work starts from the state the design asks for (L2 not warm, as
+#: with rotating K/V pools larger than L2: what a decode loop leaves, the previous layers having read other tensors);
+#: ``"write"`` zeroes it, as Triton's ``do_bench`` does (sessions 1-20, and every row without an ``l2_flush`` column),
+#: which leaves L2 full of dirty lines (50 MB on the H100) that the timed work's misses write back to HBM beside its own
+#: traffic (9.4 µs on a 106 MB read, session 19). ``DEFT_L2_FLUSH`` picks it; rows carry it in their ``l2_flush``
+#: column (:func:`~deft.bench.provenance.provenance`) and the tables say which they hold.
+L2_FLUSHES = ("read", "write")
+_L2_FLUSH = [os.environ.get("DEFT_L2_FLUSH", "read")]
 
 
 def l2_flush_mode() -> str:
