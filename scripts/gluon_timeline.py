@@ -75,7 +75,9 @@ def _spin_kernel(ns, sink, ROWS: gl.constexpr, PDL_TRIGGER: gl.constexpr):
 def spin_launcher(ns: int, sink: torch.Tensor):
     """A stand-in for :func:`~deft.kernels.prompt_gluon.launch_prompt_partials`: the same grid of placeholder CTAs."""
 
-    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, pdl_trigger=False, **_):
+    def launch(q, k_pool, v_pool, part_o, part_lse, meta, offsets, n_tiles, n_pairs, pdl_trigger=False, signal=None, **_):
+        if signal is not None:
+            raise SystemExit("DEFT_GT_REST_ALONE: the placeholder CTAs do not count themselves done (branch_merge)")
         grid = ((n_tiles - n_pairs) * k_pool.shape[1],)
         _spin_kernel[grid](ns, sink, ROWS=SPIN_ROWS, PDL_TRIGGER=bool(pdl_trigger), num_warps=4)
 
@@ -119,10 +121,11 @@ def capture(fn, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
 
 
 def step_with_timelines(m, q, k, v, plan, out, tls) -> None:
-    """The step's launches as ``run`` makes them, both timelines on, then the reduction."""
-    m._run_prompt(q, k, v, plan, timelines=tls)
-    g = plan.groups
-    launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads)
+    """The step's launches as ``run`` makes them, both timelines on, then the reduction (none when the branches'
+    kernel merged: ``branch_merge``)."""
+    if not m._run_prompt(q, k, v, plan, timelines=tls, out=out):
+        g = plan.groups
+        launch_reduce(out, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.block_p, heads=plan.reduce_heads)
 
 
 def one_rep(graph: torch.cuda.CUDAGraph, tls, flush) -> tuple[np.ndarray, np.ndarray, float]:

@@ -66,11 +66,13 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4
 
 
 def compile_prompt_for_hopper(
-    head_dim: int = 128, dtype: str = "bf16", group: int = 4, timeline: bool = False, pdl_trigger: bool = False
+    head_dim: int = 128, dtype: str = "bf16", group: int = 4, timeline: bool = False, pdl_trigger: bool = False,
+    signal: bool = False,
 ):
     """The Gluon prompt kernel (:mod:`deft.kernels.prompt_gluon`) compiled for sm_90 as its launcher launches it: a
     host TMA descriptor specialises as ``tensordesc<dtype[box], layout>``; ptxas's reproducer dump is swallowed.
-    ``pdl_trigger``: the variant ``prompt_order="chain"`` launches (its CTAs trigger their programmatic dependents)."""
+    ``pdl_trigger``: the variant ``prompt_order="chain"`` launches (its CTAs trigger their programmatic dependents).
+    ``signal``: the variant ``branch_merge`` launches (each warpgroup counts itself done)."""
     import contextlib
     import io
 
@@ -84,10 +86,10 @@ def compile_prompt_for_hopper(
     sig = {"q_ptr": f"*{dtype}", "k_desc": td, "v_desc": td, "part_o": f"*{dtype}", "part_lse": "*fp32", "meta": "*i32",
            "off_tok_slot": "i32", "off_queries": "i32", "n_pairs": "i32", "stride_qn": "i32", "stride_qh": "i32",
            "stride_pn": "i32", "stride_ph": "i32", "stride_ln": "i32", "qk_scale": "fp32", "timeline": "*i64" if timeline else "*fp32",
-           "GROUP": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "CONS_REGS": "constexpr",
-           "PROD_REGS": "constexpr", "TIMELINE": "constexpr", "PDL_TRIGGER": "constexpr"}  # fmt: skip
+           "signal": "*i32", "GROUP": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "CONS_REGS": "constexpr",
+           "PROD_REGS": "constexpr", "TIMELINE": "constexpr", "PDL_TRIGGER": "constexpr", "SIGNAL": "constexpr"}  # fmt: skip
     const = dict(GROUP=group, BLOCK_N=pg.BLOCK_N, STAGES=pg.STAGES, CONS_REGS=pg.CONS_REGS, PROD_REGS=pg.PRODUCER_REGS,
-                 TIMELINE=timeline, PDL_TRIGGER=pdl_trigger)  # fmt: skip
+                 TIMELINE=timeline, PDL_TRIGGER=pdl_trigger, SIGNAL=signal)  # fmt: skip
     src = GluonASTSource(fn=pg.prompt_partial_kernel, signature=sig, constexprs=const, attrs=launch_hints(sig))
     with contextlib.redirect_stdout(io.StringIO()):
         return triton.compile(src, target=TARGET, options={"num_warps": 4, "maxnreg": pg.MAXNREG})

@@ -14,8 +14,8 @@ from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNodeChunk
 from deft.kernels.kv_groups import FLAG_MASK, FLAG_SHIFT, TILE_FIELDS, spread_rest_tiles
 from deft.tree import DecodingTree
-from tests.test_deft_kernels import check  # NaN-poisoned partials and output, against fp64
-from tests.test_prompt_gluon import INTERP, fan, needs_kernels, tile_records
+from tests.test_deft_kernels import check, tensors  # check: NaN-poisoned partials and output, against fp64
+from tests.test_prompt_gluon import HOPPER, INTERP, fan, needs_kernels, tile_records
 
 
 def branch_tree(
@@ -169,3 +169,114 @@ def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread):
     assert io.meta == 8 * before + 1 * after + reduce
     if spread == 0:
         assert io.partial == io_base.partial and n == base.plan(tree, shape, "cpu").groups.n_tiles
+
+
+# ---------------------------------------------------------------------- branch_merge: no reduction launch
+def test_branch_merge_needs_one_program_per_branch_tile():
+    with pytest.raises(ValueError, match="branch_merge"):
+        DeftFlatten(branch_merge=True)  # branch_heads off
+    with pytest.raises(ValueError, match="branch_merge"):
+        DeftFlatten(branch_merge=True, branch_heads=True)  # branch_spread 1 (the default)
+
+
+def test_one_rest_tile_per_query_tells_which_plans_merge():
+    """A plan merges only where every query is in exactly one tile after the prompt kernel's: a branch cut into two
+    tiles (longer than the chunk) gives its query two, and the reduction stays."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    rng = np.random.default_rng(2)
+    kw = dict(n_sms=132, branch_heads=True, branch_spread=0, branch_merge=True)
+    plan = DeftFlatten(**kw).plan(branch_tree(rng, 16000, [200] * 50, [1] * 50), shape, "cpu")
+    assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.merge
+    long = DeftNodeChunk(chunk_size=256, prompt_min_tokens=0, **kw).plan(branch_tree(rng, 4000, [300] + [20] * 39, [1] * 40), shape, "cpu")
+    assert long.n_prompt > 0 and long.rest_heads == 16 and not long.merge
+    t = tile_records(long)[long.n_prompt :]
+    assert ((t[:, 2] <= 0) & (t[:, 3] > 0)).sum() == 2  # query 0's branch: two rest tiles
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2), (6, 3)])
+def test_branch_merge_matches_reference_without_a_reduction(dtype, heads, monkeypatch):
+    """``branch_merge``: the branches' programs merge the prompt's partial rows into their own and write the output;
+    no reduction launch (a spy), the sync words back at zero after each of three runs, no merge gave up. 1- and
+    2-query branches (unmasked) of 1-60 tokens, GQA 4, 8 and 2 (a masked fourth KV head in the block); partials and
+    output NaN-poisoned before each run."""
+    from deft.kernels import deft_attention
+
+    calls = []
+    real = deft_attention.launch_reduce
+    monkeypatch.setattr(deft_attention, "launch_reduce", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    rng = np.random.default_rng(heads[0] + 7)
+    group = heads[0] // heads[1]
+    n = int(rng.integers(65 // group + 1, 65 // group + 12))
+    lens = rng.integers(1, 60, size=n).tolist()
+    nq = [int(x) for x in rng.integers(1, 3, size=n)] if group <= 4 else [1] * n
+    tree = branch_tree(rng, 512, lens, nq, causal=False)
+    m = DeftNodeChunk(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_spread=0,
+                      branch_merge=True, n_sms=24)  # fmt: skip
+    for seed in range(3):
+        plan = check(m, tree, heads[0], heads[1], D, dtype, seed=seed)
+        assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.merge
+        dev = plan.part_o.device
+        assert m._sync_words(dev)[:3].tolist() == [0, 0, 0] and m.merge_errors(dev) == 0
+    assert calls == []
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_io_of_a_merging_plan_drops_the_branches_partials_and_the_reduction(merge):
+    """``io()`` with ``branch_merge``: K/V, q and o as without it; partial rows only the prompt kernel's (written and
+    read back once); meta: the reduction's programs replaced by the branches' reads of their queries' lists and the
+    count words."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan(16000, 50, 200, np.random.default_rng(0))
+    m = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=0, branch_merge=merge)
+    base = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=0)
+    plan, io, io_base = m.plan(tree, shape, "cpu"), m.io(tree, shape), base.io(tree, shape)
+    assert plan.merge == merge
+    if not merge:
+        assert io == io_base
+        return
+    t = tile_records(plan)
+    first, pairs, n = plan.n_prompt, plan.n_pairs, len(t)
+    nq = t[:, 3] - t[:, 2]
+    assert (io.kv, io.q, io.o, io.mask) == (io_base.kv, io_base.q, io_base.o, io_base.mask)
+    assert io.partial == 2 * int(nq[:first].sum()) * shape.n_heads * (shape.head_dim * 2 + 4)
+    reduce_base = shape.n_heads * (tree.n_queries * 12 + plan.groups.n_partials * 4)
+    merge_meta = (first - pairs) * 8 * 8 + (2 * tree.n_queries + plan.groups.n_partials) * 4 + (n - first) * 12
+    assert io.meta == io_base.meta - reduce_base + merge_meta
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("width,prompt,branch", [(50, 16384, 200), (37, 3000, 30), (50, 4096, 1)])
+def test_branch_merge_waits_for_the_prompt_kernel_on_the_gpu(width, prompt, branch):
+    """``branch_merge`` on the GPU: the branches' programs (chained to the Gluon prompt kernel) merge only once its
+    warpgroups have counted their partials stored, also where the branches end long before the prompt (one-token
+    branches); five eager runs and five replays of one CUDA graph, partials and output NaN-poisoned before each, the
+    count words back at zero after each and no merge given up."""
+    from deft.reference import TOLERANCE, reference_attention, relative_error
+
+    rng = np.random.default_rng(width + prompt)
+    tree = fan(prompt, width, branch, rng)
+    m = DeftFlatten(prompt_min_tokens=0, branch_heads=True, branch_spread=0, branch_merge=True)
+    for seed in range(5):
+        plan = check(m, tree, 32, 8, 128, torch.bfloat16, seed=seed)
+        assert plan.merge and plan.n_prompt > 0
+        assert m._sync_words(plan.part_o.device)[:3].tolist() == [0, 0, 0]
+    q, k, v = tensors(tree, 32, 8, 128, torch.bfloat16, 9)
+    ref = reference_attention(q, k, v, tree)
+    out = torch.empty_like(q)
+    m.run(q, k, v, plan, out=out)  # compiled and warm before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        m.run(q, k, v, plan, out=out)
+    for _ in range(5):
+        plan.part_o.fill_(float("nan"))
+        plan.part_lse.fill_(float("nan"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+        assert m._sync_words(q.device)[:3].tolist() == [0, 0, 0]
+    assert m.merge_errors(q.device) == 0

@@ -320,8 +320,10 @@ from scripts.gluon_probe import resource_usage
 from scripts.kernel_aot import compile_prompt_for_hopper
 out = {}
 for d, dt, pdl in [(128, "bf16", True), (64, "fp16", False)]:
-    k = compile_prompt_for_hopper(d, dt, pdl_trigger=pdl)
-    out[f"{d}_{dt}"] = {**resource_usage(k), "pdl": pdl, "trigger": "griddepcontrol.launch_dependents" in k.asm["ptx"]}
+    k = compile_prompt_for_hopper(d, dt, pdl_trigger=pdl, signal=pdl)
+    ptx = k.asm["ptx"]
+    out[f"{d}_{dt}"] = {**resource_usage(k), "pdl": pdl, "trigger": "griddepcontrol.launch_dependents" in ptx,
+                        "signal": "fence.acq_rel.gpu" in ptx and "atom.global.gpu.release.add" in ptx}
 print(json.dumps(out))
 """
 
@@ -329,7 +331,8 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_prompt_kernel_compiles_for_hopper_without_spills(tmp_path):
     """sm_90 build in a child process without the interpreter and with an empty cache (see test_gluon_probe.py), with
-    and without ``prompt_order="chain"``'s trigger (which must be in the PTX exactly when asked for)."""
+    and without ``prompt_order="chain"``'s trigger and ``branch_merge``'s count (each in the PTX exactly when asked
+    for)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
@@ -339,7 +342,7 @@ def test_prompt_kernel_compiles_for_hopper_without_spills(tmp_path):
         assert r["spill_st"] == 0 and r["local_ops"] == 0 and not r["serialized"], (name, r)
         assert 0 < r["smem"] <= 232448 and {24, 240} <= set(r["setmaxnreg"]), (name, r)
         assert r["warps"] == prompt_gluon.NUM_WARPS
-        assert r["trigger"] == r["pdl"], (name, r)
+        assert r["trigger"] == r["pdl"] and r["signal"] == r["pdl"], (name, r)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,13 @@ pool), so each round trip moves ``BLOCK_H`` times the bytes, the slot indices ar
 launch has ``BLOCK_H`` times fewer programs. The scores and the P·V product are batched ``tl.dot`` over the heads
 (``[heads, rows, head_dim] x [heads, head_dim, tokens]``); the partials go where the fused kernel's would, so the
 reduction is the same.
+
+With ``MERGE`` (``DeftAttention.branch_merge``) a program whose tile is the only one after the prompt kernel's for its
+queries does the global reduction of its rows itself: it keeps its partial in registers, waits until the prompt kernel
+has counted every one of its warpgroups done (``sync[0]``, raised with release semantics after their partial stores:
+:func:`~deft.kernels.prompt_gluon.prompt_partial_kernel`'s ``SIGNAL``), merges the prompt's partial rows of its queries
+into it and writes the final rows, so the step has no reduction launch. The last program past the wait (``sync[1]``)
+sets both words back to zero for the next step; a wait that gives up (:data:`WAIT_LIMIT` polls) raises ``sync[2]``.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from deft.kernels.tree_attention import LOG2E, _dot_f32, _globaltimer, _write_ti
 #: fp32 accumulator elements a program holds (heads x rows x head_dim): 8 heads x 16 rows x 128 at 8 warps is 64 per
 #: thread, as the fused kernel's 64-row tile at 4 warps
 ACC_ELEMS = 16384
+#: polls of the prompt kernel's count before a merging program gives up and raises the error word (``sync[2]``); each
+#: poll is an L2 atomic (about a microsecond), so this is seconds, far beyond any step
+WAIT_LIMIT = tl.constexpr(1 << 22)
 
 
 @triton.jit(
-    do_not_specialize=["off_tok_slot", "off_queries", "off_progs"],
+    do_not_specialize=["off_tok_slot", "off_queries", "off_progs", "off_red_ptr", "off_red_idx", "sync_target", "n_programs"],
     do_not_specialize_on_alignment=["meta"],
 )
 def branch_heads_kernel(
@@ -41,6 +51,14 @@ def branch_heads_kernel(
     off_tok_slot,
     off_queries,
     off_progs,
+    out_ptr,
+    sync,
+    off_red_ptr,
+    off_red_idx,
+    sync_target,
+    n_programs,
+    stride_on,
+    stride_oh,
     stride_qn,
     stride_qh,
     stride_ks,
@@ -62,10 +80,13 @@ def branch_heads_kernel(
     DOT_F32: tl.constexpr,
     SPREAD: tl.constexpr,
     TIMELINE: tl.constexpr,
+    MERGE: tl.constexpr = False,
 ):
     """Partial attention of small unmasked tiles for KV heads ``[program_id(1) x BLOCK_H, + BLOCK_H)``: tile record
     ``program_id(0)`` of ``meta``, or with ``SPREAD`` the records ``[progs[p], progs[p + 1])`` of the plan's ``progs``
-    section (:func:`~deft.kernels.kv_groups.spread_rest_tiles`), one after the other."""
+    section (:func:`~deft.kernels.kv_groups.spread_rest_tiles`), one after the other. ``MERGE`` (one tile per
+    program): the tile's rows merged with the prompt kernel's partials into ``out`` instead (module docstring)."""
+    tl.static_assert(not (MERGE and SPREAD), "MERGE runs one tile per program")
     if TIMELINE:  # diagnostics only: start, end (global ns) and SM at 4 int64 per program
         t_start = _globaltimer(q_ptr)
     if SPREAD:
@@ -75,13 +96,15 @@ def branch_heads_kernel(
             _branch_tile(
                 q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
                 stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
-                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32,
+                out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
+                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False,
             )  # fmt: skip
     else:
         _branch_tile(
             q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
             stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tl.program_id(0),
-            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32,
+            out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
+            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE,
         )  # fmt: skip
     if TIMELINE:
         _write_timeline(timeline, t_start, q_ptr)
@@ -91,8 +114,9 @@ def branch_heads_kernel(
 def _branch_tile(
     q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
     stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
+    out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
     GROUP: tl.constexpr, ROWS: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr, MERGE: tl.constexpr,
 ):  # fmt: skip
     """One tile record's partials for this program's block of KV heads: rows are (local query, query head of the KV
     head), ``ROWS`` per KV head; the record's tokens are seen whole by its queries (no visibility test)."""
@@ -139,14 +163,57 @@ def _branch_tile(
         l_i = l_i * alpha + tl.sum(p, 2)
         acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    seen = l_i > 0.0
-    o = acc / tl.where(seen, l_i, 1.0)[:, :, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     prow = (pbase + lq).to(tl.int64)  # [1, R, 1]
-    tl.store(part_o + prow * stride_pn + head * stride_ph + offs_d, o.to(part_o.dtype.element_ty), mask=row_ok)
-    lrow = tl.reshape(prow, [1, ROWS])
     lhead = tl.reshape(head, [BLOCK_H, ROWS])
-    tl.store(part_lse + lrow * stride_ln + lhead, lse, mask=tl.reshape(row_ok, [BLOCK_H, ROWS]))
+    if MERGE:
+        # the reduction of these rows, here: every other partial row of their queries is the prompt kernel's
+        s_ok = lq < n_q  # [1, R, 1]
+        lo = tl.load(meta + off_red_ptr + q_lo + lq, mask=s_ok, other=0)
+        hi = tl.load(meta + off_red_ptr + q_lo + lq + 1, mask=s_ok, other=0)
+        n_max = tl.max(tl.reshape(hi - lo, [ROWS]), 0)
+        _wait_prompt(sync, sync_target, n_programs)
+        m2 = tl.reshape(m_i, [BLOCK_H, ROWS, 1])
+        l2 = tl.reshape(l_i, [BLOCK_H, ROWS, 1])
+        for j in range(0, n_max):
+            jj = lo + j
+            on = jj < hi  # [1, R, 1]
+            other = tl.load(meta + off_red_idx + jj, mask=on, other=0).to(tl.int64)
+            use = on & (other != prow) & row_ok  # [H, R, 1]
+            lse_p = tl.load(part_lse + other * stride_ln + head, mask=use, other=float("-inf"), cache_modifier=".cg")
+            o_p = tl.load(part_o + other * stride_pn + head * stride_ph + offs_d, mask=use, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m2, lse_p)
+            alpha = tl.exp2(m2 - m_new)
+            w = tl.exp2(lse_p - m_new)
+            l2 = l2 * alpha + w
+            acc = acc * alpha + o_p.to(tl.float32) * w
+            m2 = m_new
+        out = out_ptr + qid * stride_on + head * stride_oh + offs_d
+        tl.store(out, (acc / tl.where(l2 > 0.0, l2, 1.0)).to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        seen = l_i > 0.0
+        o = acc / tl.where(seen, l_i, 1.0)[:, :, None]
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_o + prow * stride_pn + head * stride_ph + offs_d, o.to(part_o.dtype.element_ty), mask=row_ok)
+        lrow = tl.reshape(prow, [1, ROWS])
+        tl.store(part_lse + lrow * stride_ln + lhead, lse, mask=tl.reshape(row_ok, [BLOCK_H, ROWS]))
+
+
+@triton.jit
+def _wait_prompt(sync, target, n_programs):
+    """Wait until ``sync[0]`` (the prompt kernel's warpgroups done, each counted after its partial stores with release
+    semantics) reaches ``target``; acquire, so this program's loads after it see those stores. The last of the
+    ``n_programs`` merging programs to get past it zeroes ``sync[0]`` and ``sync[1]`` for the next step. Gives up after
+    :data:`WAIT_LIMIT` polls, raising ``sync[2]`` (a plan whose prompt never signals: a bug, reported, not a hang)."""
+    seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (seen < target) & (polls < WAIT_LIMIT):
+        seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if seen < target:
+        tl.atomic_add(sync + 2, 1, sem="relaxed", scope="gpu")
+    if tl.atomic_add(sync + 1, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
+        tl.atomic_xchg(sync, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync + 1, 0, sem="relaxed", scope="gpu")
 
 
 def heads_per_program(n_kv: int, rows: int, head_dim: int) -> int:
@@ -172,6 +239,7 @@ def launch_branch_heads(
     timeline: torch.Tensor | None = None,
     warmup: bool = False,
     launch_pdl: bool = False,
+    merge: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ):
     """Launch one program per (tile record of ``meta``, block of KV heads) over ``n_tiles`` records, every one of them
     unmasked with at most ``rows`` rows per KV head (the plan checks: ``kv_groups.rest_small_unmasked``); with
@@ -179,29 +247,36 @@ def launch_branch_heads(
     (:func:`~deft.kernels.kv_groups.spread_rest_tiles`; ``n_tiles`` is then unused). ``block_n``
     tokens per K/V block, the loop pipelined ``stages`` deep. ``timeline`` (diagnostics, GPU only): int64, 4 per
     program, as :func:`~deft.kernels.tree_attention.launch_partials`'. ``warmup``: compile without running. ``launch_pdl``:
-    a programmatic dependent of the kernel before it on the stream (its programs read nothing that kernel writes).
-    Returns the compiled kernel."""
+    a programmatic dependent of the kernel before it on the stream (its programs read nothing that kernel writes, or
+    with ``merge`` only after its count). ``merge`` = (``out``, ``sync``, target): one program per tile (no ``n_programs``),
+    each the only one after the prompt kernel's for its queries, merges its rows with the other partial rows of its
+    queries (the prompt kernel's, stored once ``sync[0]`` reaches target) into ``out`` (module docstring); ``sync``: three
+    int32 words, zero before the launch, zero after it. Returns the compiled kernel."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two of at least 16 (tl.dot), got {block_n}")
+    if merge is not None and n_programs > 0:
+        raise ValueError("merge runs one program per tile (n_programs must be 0)")
     block_h = heads_per_program(n_kv, rows, d)
+    grid = (n_programs if n_programs > 0 else n_tiles, triton.cdiv(n_kv, block_h))
+    out, sync, target = merge if merge is not None else (q, part_lse, 0)
     args = (
         q, k_pool, v_pool, part_o, part_lse, meta, offsets["tok_slot"][0], offsets["queries"][0],
-        offsets["progs"][0] if n_programs > 0 else 0,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        offsets["progs"][0] if n_programs > 0 else 0, out, sync, offsets["red_ptr"][0], offsets["red_idx"][0], target,
+        grid[0] * grid[1], out.stride(0), out.stride(1), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+        v_pool.stride(0), v_pool.stride(1),
         part_o.stride(0), part_o.stride(1), part_lse.stride(0), LOG2E / math.sqrt(d),
         part_lse if timeline is None else timeline,
     )  # fmt: skip
     consts = dict(
         GROUP=q.shape[1] // n_kv, ROWS=rows, N_KV=n_kv, BLOCK_H=block_h, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
-        DOT_F32=_dot_f32(q.dtype), SPREAD=n_programs > 0, TIMELINE=timeline is not None, num_warps=num_warps,
-        num_stages=stages,
+        DOT_F32=_dot_f32(q.dtype), SPREAD=n_programs > 0, TIMELINE=timeline is not None, MERGE=merge is not None,
+        num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
     if launch_pdl:
         consts["launch_pdl"] = True
-    grid = (n_programs if n_programs > 0 else n_tiles, triton.cdiv(n_kv, block_h))
     if warmup:
         return branch_heads_kernel.warmup(*args, grid=tuple(max(x, 1) for x in grid), **consts)
     return branch_heads_kernel[grid](*args, **consts)

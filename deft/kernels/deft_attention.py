@@ -41,6 +41,7 @@ from deft.kernels.kv_groups import (
     KVGroups,
     auto_chunk_size,
     build_groups,
+    one_rest_tile_per_query,
     order_tiles_longest_first,
     partition_small_last,
     rest_all_small,
@@ -96,6 +97,7 @@ class DeftPlan(Plan):
     rest_args: dict | None = None  # small_rest: that launch's arguments (DeftAttention.rest_launch_args), once per plan
     rest_heads: int = 0  # branch_heads: the rest runs in the branches' kernel with these rows per KV head (0: not)
     rest_programs: int = 0  # branch_heads with branch_spread: its programs per block of KV heads (0: one per tile)
+    merge: bool = False  # branch_merge: the branches' kernel merges every query's partials (no reduction launch)
 
 
 class _PlanContext:
@@ -356,6 +358,7 @@ class DeftAttention(AttentionMethod):
         branch_warps: int = 8,
         branch_spread: float = 1.0,
         prompt_order: str = "chain",
+        branch_merge: bool = False,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -454,11 +457,15 @@ class DeftAttention(AttentionMethod):
         if prompt_order not in PROMPT_ORDERS:
             raise ValueError(f"prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
         self.prompt_order = prompt_order
+        if branch_merge and not (branch_heads and float(branch_spread) == 0):
+            raise ValueError("branch_merge needs branch_heads=True and branch_spread=0 (one program per branch tile)")
+        self.branch_merge = bool(branch_merge)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
         self._ws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._counters: dict[torch.device, torch.Tensor] = {}  # fused_reduce: zero between launches
+        self._sync: dict[torch.device, torch.Tensor] = {}  # branch_merge: the prompt's count, zero between launches
         self._side: dict[torch.device, torch.cuda.Stream] = {}  # split_launch: the small tiles' stream
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -691,6 +698,7 @@ class DeftAttention(AttentionMethod):
             "branch_warps": self.branch_warps,
             "branch_spread": self.branch_spread,
             "prompt_order": self.prompt_order,
+            "branch_merge": self.branch_merge,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -779,6 +787,7 @@ class DeftAttention(AttentionMethod):
             n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
             rest_rows=rest_rows, rest_args=self.rest_launch_args(rest_rows, shape.head_dim) if rest_rows else None,
             rest_heads=rest_heads, rest_programs=rest_programs,
+            merge=bool(self.branch_merge and rest_heads and one_rest_tile_per_query(g, n_prompt, tree.n_queries)),
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -809,7 +818,7 @@ class DeftAttention(AttentionMethod):
             *((plan.rest_rows, sorted(plan.rest_args.items())) if plan.rest_rows else ()),
             *((plan.rest_heads, plan.rest_programs, self.branch_args()) if plan.rest_heads else ()),
             self.small_block_n if plan.n_big >= 0 else 0, sorted(self.kernel_knobs().items()),
-            *((self.prompt_order,) if plan.n_prompt else ()),
+            *((self.prompt_order,) if plan.n_prompt else ()), *(("merge",) if plan.merge else ()),
         )  # fmt: skip
         h = hashlib.blake2b(repr(launch).encode(), digest_size=8)
         h.update(memoryview(np.ascontiguousarray(g.packed)).cast("B"))
@@ -892,7 +901,8 @@ class DeftAttention(AttentionMethod):
         if plan.n_big >= 0:
             self._run_split(q, k_pool, v_pool, plan)
         elif plan.n_prompt > 0:
-            self._run_prompt(q, k_pool, v_pool, plan)
+            if self._run_prompt(q, k_pool, v_pool, plan, out=out):
+                return out  # branch_merge: the branches' kernel wrote it
         else:
             self.last_kernel = launch_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, g.n_tiles,
@@ -935,7 +945,8 @@ class DeftAttention(AttentionMethod):
         v_pool: torch.Tensor,
         plan: DeftPlan,
         timelines: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
+        out: torch.Tensor | None = None,
+    ) -> bool:
         """``prompt_kernel="gluon"``: the prompt tiles in the Gluon kernel on the current stream, then the rest (the
         fused kernel, or the small-tile or branches' launch) so that it takes the SMs the prompt's CTAs leave and then
         theirs: with ``prompt_order="chain"`` on the same stream as a programmatic dependent of the prompt kernel, whose
@@ -943,7 +954,10 @@ class DeftAttention(AttentionMethod):
         the Gluon kernel cannot run (no Hopper GPU, the interpreter, pools a TMA descriptor cannot address) the prompt
         tiles run in the fused kernel, in a launch of their own, and the rest on the side stream.
         ``timelines`` (diagnostics, Gluon path only; ``scripts/gluon_timeline.py``): int64 tensors the prompt
-        kernel's CTAs and the rest's programs write their start, end and SM into."""
+        kernel's CTAs and the rest's programs write their start, end and SM into.
+        With a ``merge`` plan (``branch_merge``) and the chain (or no GPU: the interpreter runs the launches one after
+        the other) the branches' kernel writes the final rows into ``out``, the prompt kernel counting its warpgroups
+        done in the method's ``sync`` words, and this returns True (no reduction to launch); otherwise False."""
         g = plan.groups
         n_rest = g.n_tiles - plan.n_prompt
         cuda = q.device.type == "cuda"
@@ -953,6 +967,11 @@ class DeftAttention(AttentionMethod):
 
             gluon = prompt_gluon.supported(q, k_pool, v_pool)
         chain = bool(gluon and n_rest) and self.prompt_order == "chain"  # needs the Gluon kernel's trigger
+        merge = plan.merge and out is not None and (chain or not cuda)
+        sync = target = None
+        if merge:
+            sync = self._sync_words(q.device)
+            target = prompt_gluon.signal_target(plan.n_prompt, plan.n_pairs, k_pool.shape[1]) if gluon else 1
         two = cuda and n_rest and not chain  # "streams": the rest on the side stream
         if two:
             cur, side = self._fork(q.device)
@@ -961,7 +980,7 @@ class DeftAttention(AttentionMethod):
             prompt_gluon.launch_prompt_partials(
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.n_pairs,
                 timeline=None if timelines is None else timelines[0], descriptors=self._descriptors,
-                pdl_trigger=self.prompt_order == "chain",
+                pdl_trigger=self.prompt_order == "chain", signal=sync,
             )
         else:
             if timelines is not None:
@@ -970,6 +989,8 @@ class DeftAttention(AttentionMethod):
                 q, k_pool, v_pool, plan.part_o, plan.part_lse, plan.meta, g.offsets, plan.n_prompt, plan.block_m,
                 plan.block_n, plan.num_warps, plan.num_stages, unified=plan.unified, **knobs,
             )  # fmt: skip
+            if merge:  # no GPU here: the launches run one after the other, so the prompt's partials are stored
+                sync[0] = target
         if n_rest:
             meta, offs = plan.rest
             with torch.cuda.stream(side) if two else contextlib.nullcontext():
@@ -977,7 +998,7 @@ class DeftAttention(AttentionMethod):
                     self.last_kernel = launch_branch_heads(
                         q, k_pool, v_pool, plan.part_o, plan.part_lse, meta, offs, n_rest, plan.rest_heads,
                         plan.rest_programs, **self.branch_args(), timeline=None if timelines is None else timelines[1],
-                        launch_pdl=chain,
+                        launch_pdl=chain, merge=(out, sync, target) if merge else None,
                     )  # fmt: skip
                 elif plan.rest_rows:  # small_rest: the partial kernel compiled for the small tiles alone
                     self.last_kernel = launch_partials(
@@ -993,6 +1014,21 @@ class DeftAttention(AttentionMethod):
                     )  # fmt: skip
             if two:
                 cur.wait_stream(side)
+        return merge
+
+    def _sync_words(self, device: torch.device) -> torch.Tensor:
+        """``branch_merge``'s int32 words (the prompt kernel's count, the merging programs past it, an error count),
+        zero between steps: the branches' kernel sets the first two back to zero (:mod:`deft.kernels.branch_heads`)."""
+        w = self._sync.get(device)
+        if w is None:
+            w = self._sync[device] = torch.zeros(4, dtype=torch.int32, device=device)
+        return w
+
+    def merge_errors(self, device: str | torch.device = "cuda") -> int:
+        """``branch_merge``: how many merging programs gave up waiting for the prompt kernel's count since the method
+        was made (a bug if not 0: the rows they wrote lack the prompt's partials). Synchronises."""
+        w = self._sync.get(torch.device(device))
+        return 0 if w is None else int(w[2].item())
 
     def _fork(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         """(the current stream, this method's side stream on ``device``, made to wait for the current one's work so far)."""
@@ -1075,10 +1111,11 @@ class DeftAttention(AttentionMethod):
         if not prompt_gluon.supported(q, pool, pool):
             return
         try:
-            prompt_gluon.launch_prompt_partials(
-                q, pool, pool, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, 1, 0, warmup=True,
-                pdl_trigger=self.prompt_order == "chain",
-            )
+            for signal in [None] + ([self._sync_words(device)] if self.branch_merge else []):
+                prompt_gluon.launch_prompt_partials(
+                    q, pool, pool, plan.part_o, plan.part_lse, plan.meta, plan.groups.offsets, 1, 0, warmup=True,
+                    pdl_trigger=self.prompt_order == "chain", signal=signal,
+                )
         except Exception as e:  # noqa: BLE001 (a warm-up; the run reports the error itself)
             warnings.warn(f"prompt_kernel='gluon': compiling ahead of the first run failed: {e!r}", stacklevel=2)
 
@@ -1098,6 +1135,7 @@ class DeftAttention(AttentionMethod):
             self.num_warps, self.num_stages, self.reduce_heads, plan.pdl, self.unified_mask, self.specialise,
             self.split_launch, self.small_block_n, self.fused_reduce, self.prompt_kernel, self.small_rest, self.rest_stages, self.prompt_order,
             *sorted(self.kernel_knobs().items()), self.branch_heads, self.branch_spread > 0, *sorted(self.branch_args().items()),
+            self.branch_merge,
         )  # fmt: skip
         if key in _PRECOMPILED:
             return
@@ -1151,10 +1189,12 @@ class DeftAttention(AttentionMethod):
             small = small_tile_rows(s.group_size, self.block_m, self.small_m)
             if self.branch_heads and small < self.block_m:  # the branches' kernel, for the rest of a Gluon plan
                 spread = int(self.branch_spread > 0)  # a plan with the branches' kernel spreads its tiles when this is on
-                launch_branch_heads(
-                    q, kv, kv, plan.part_o, plan.part_lse, plan.meta, {**g.offsets, "progs": (0, 0)}, 1, small, spread,
-                    **self.branch_args(), warmup=True, launch_pdl=chain,
-                )  # fmt: skip
+                merges = [None] + ([(q, self._sync_words(device), 0)] if self.branch_merge and chain else [])
+                for merge in merges:  # a branch_merge plan whose queries have several rest tiles does not merge
+                    launch_branch_heads(
+                        q, kv, kv, plan.part_o, plan.part_lse, plan.meta, {**g.offsets, "progs": (0, 0)}, 1, small,
+                        spread, **self.branch_args(), warmup=True, launch_pdl=chain, merge=merge,
+                    )  # fmt: skip
         for block_p in REDUCE_BLOCKS:
             heads = reduce_heads(s.n_heads, s.head_dim, block_p, self.reduce_heads)
             for p in (pdl, False) if two else (pdl,):
@@ -1187,13 +1227,15 @@ class DeftAttention(AttentionMethod):
                 BLOCK_N,
             )
         branch = (0, 0, 0)
+        merge = False
         g, rows, runs = self._branch_plan(g, prompt[0], prompt[1], small, shape, None)
         if rows:
             heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
             branch = (prompt[0], -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim)), runs)
+            merge = self.branch_merge and one_rest_tile_per_query(g, prompt[0], tree.n_queries)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
                          self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt,
-                         branch)  # fmt: skip
+                         branch, merge)  # fmt: skip
 
 
 #: attributes whose change invalidates a method's cached plan arguments and contexts
@@ -1245,6 +1287,7 @@ def groups_io(
     l2_prefetch: tuple[int, int] | None = None,
     prompt: tuple[int, int, int] = (0, 0, 0),
     branch: tuple[int, int, int] = (0, 0, 0),
+    merge: bool = False,
 ) -> IOCounts:
     """HBM bytes of one layer for grouping ``g``, following the kernels' real loads and stores (``unified``: the
     kernel's ``unified_mask``, under which a masked tile runs the big tile, affine first phase included).
@@ -1273,6 +1316,10 @@ def groups_io(
     of ``branch_spread``, 0 without): the records from the first on are read once per block of KV heads instead of once
     per KV head, each with one slot index per token and one word per query (its index), and each program reads its
     run's two bounds.
+    ``merge`` (``branch_merge``, with ``branch``): no reduction launch and no partial rows from the branches' kernel;
+    the prompt kernel's partial rows are written and read back once, each of its CTAs adds to the count twice (one
+    word each), and each branches' program reads its queries' list pointers (two words each) and partial-row indices
+    and makes three atomic accesses to the count words (one word each).
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -1305,7 +1352,12 @@ def groups_io(
         programs_meta = kvh * before + blocks * after
     else:
         programs_meta = kvh * per_program_meta
-    if fused_reduce:
+    n_part = g.n_partials
+    if merge:
+        n_part = int(nq_t[:first].sum())  # the prompt kernel's partial rows; the branches merge theirs in registers
+        ctas = (n_prompt - n_pairs) * kvh
+        reduce_meta = ctas * 2 * 4 + blocks * ((2 * n_queries + g.n_partials) * 4 + (g.n_tiles - first) * 12)
+    elif fused_reduce:
         reduce_meta = int(nq_t.sum()) * heads * 16 + heads * (n_queries * 4 + g.n_partials * 4)
     else:
         reduce_meta = heads // reduce_heads * (n_queries * 3 * 4 + g.n_partials * 4)
@@ -1313,7 +1365,7 @@ def groups_io(
         kv=kv_tok * shape.kv_token_bytes,
         q=int(nq_t.sum()) * shape.q_row_bytes,
         o=n_queries * shape.q_row_bytes,
-        partial=2 * g.n_partials * heads * (d * p_bytes + 4),
+        partial=2 * n_part * heads * (d * p_bytes + 4),
         mask=kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
         meta=programs_meta + reduce_meta,
     )

@@ -245,6 +245,18 @@ def spread_rest_tiles(
     return _repack(g, np.concatenate([t[:first], pieces]), src[new, 2], nq_p[new], out_alloc, progs)
 
 
+def one_rest_tile_per_query(g: KVGroups, first: int, n_queries: int) -> bool:
+    """Whether every query is in exactly one tile record from ``first`` on (``DeftAttention.branch_merge``: that
+    tile's program is then the one to merge the query's partials, all others being the records before ``first``)."""
+    t = g.section("tiles").reshape(-1, len(TILE_FIELDS))[first:]
+    if n_queries == 0 or len(t) == 0:
+        return False
+    edges = np.zeros(n_queries + 1, dtype=np.int64)
+    np.add.at(edges, t[:, 2], 1)
+    np.add.at(edges, t[:, 3], -1)
+    return bool((np.add.accumulate(edges[:-1]) == 1).all())
+
+
 def _repack(
     g: KVGroups,
     tiles: np.ndarray,

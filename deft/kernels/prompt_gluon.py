@@ -119,6 +119,14 @@ def _launch_dependents(anchor):
 
 
 @gluon.jit
+def _fence_release(anchor):
+    """``fence.acq_rel.gpu`` in every thread: its stores so far are ordered before its (or, after a barrier, its
+    warpgroup's) next release; ``anchor`` is unused."""
+    gl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.u32 $0, 0;", "=r,r", [anchor], dtype=gl.int32, is_pure=False,
+                              pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _smid(anchor):
     """The SM this CTA runs on."""
     return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [anchor], dtype=gl.int32, is_pure=False, pack=1)
@@ -126,14 +134,14 @@ def _smid(anchor):
 
 @gluon.jit
 def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              W: gl.constexpr, TIMELINE: gl.constexpr):  # fmt: skip
+              W: gl.constexpr, TIMELINE: gl.constexpr, SIGNAL: gl.constexpr):  # fmt: skip
     """Warpgroup W: the online-softmax attention of one tile record's rows (``n_q`` queries x GROUP heads, padded
     to 64 with zero rows that are not stored) over the chunk, then its partials.
 
     Iteration i (1 <= i < n_iter) issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}, waits for S_i alone, frees K_i,
     runs block i's softmax while the PV GEMM runs, waits for it, frees V_{i-1} and rescales O by block i's alpha."""
     (q_ptr, meta, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, off_queries, head0,
-     n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline, tl_at) = common
+     n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline, tl_at, signal) = common
     NW: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = q_smem.type.shape[0]
     D: gl.constexpr = q_smem.type.shape[1]
@@ -219,6 +227,10 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
     o_ptrs = part_o + gl.expand_dims(prow * stride_pn + head * stride_ph, 1) + gl.expand_dims(d, 0)
     gl.store(o_ptrs, out.to(part_o.dtype.element_ty), mask=gl.expand_dims(ok, 1))
     gl.store(part_lse + prow * stride_ln + head, gl.convert_layout(m_i, row_o) + gl.log2(l_o), mask=ok)
+    if SIGNAL:  # count this warpgroup done, after every thread's stores (the branches' kernel merges on the count)
+        _fence_release(n_iter)
+        gl.thread_barrier()
+        gl.atomic_add(signal, 1, sem="release", scope="gpu")
     if TIMELINE:  # this warpgroup's end, after its stores
         gl.store(timeline + tl_at + 1 + W, _globaltimer(n_iter))
 
@@ -228,15 +240,16 @@ def _consumer(common, q_smem, q_lo, n_q, pbase, GROUP: gl.constexpr, BLOCK_N: gl
 # end-to-end few-shot 16k run lost 2.06 s in one step that way, session 18)
 @gluon.jit(do_not_specialize=["off_tok_slot", "off_queries", "n_pairs"], do_not_specialize_on_alignment=["meta"])
 def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok_slot, off_queries, n_pairs,
-                          stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline,
+                          stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline, signal,
                           GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           CONS_REGS: gl.constexpr, PROD_REGS: gl.constexpr, TIMELINE: gl.constexpr,
-                          PDL_TRIGGER: gl.constexpr = False):  # fmt: skip
+                          PDL_TRIGGER: gl.constexpr = False, SIGNAL: gl.constexpr = False):  # fmt: skip
     """Grid (CTAs, KV heads). CTA c < n_pairs runs tile records 2c (warpgroup 0) and 2c + 1 (warpgroup 1), which
     share a token range; CTA c >= n_pairs runs record n_pairs + c alone (warpgroup 1 computes zero rows and
     stores nothing). Records come first in the packed array (:func:`partition_prompt_tiles` put them there).
     ``TIMELINE`` (diagnostics): CTA (c, kvh) writes its start, each warpgroup's end (``%globaltimer`` ns) and its SM
-    at ``timeline[4 (kvh x CTAs + c) :][:4]``."""
+    at ``timeline[4 (kvh x CTAs + c) :][:4]``. ``SIGNAL``: each consumer warpgroup adds one to ``signal[0]`` (int32)
+    after its partial stores, with release semantics (a merging launch after it waits for 2 x CTAs x KV heads)."""
     D: gl.constexpr = k_desc.block_type.shape[1]
     DT: gl.constexpr = k_desc.dtype
     c = gl.program_id(0)
@@ -286,11 +299,11 @@ def prompt_partial_kernel(q_ptr, k_desc, v_desc, part_o, part_lse, meta, off_tok
     q_smem = gl.allocate_shared_memory(DT, [2, 64, D], q_layout)
     common = (q_ptr, meta, part_o, part_lse, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, turn, off_queries,
               head0, n_iter, shift, stride_qn, stride_qh, stride_pn, stride_ph, stride_ln, qk_scale, timeline,
-              tl_at)  # fmt: skip
+              tl_at, signal)  # fmt: skip
     prod = (k_desc, v_desc, k_bufs, v_bufs, ready_k, ready_v, empty_k, empty_v, s_lo, s_lo + n_tok, n_iter, col)
     gl.warp_specialize([
-        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0, TIMELINE)),
-        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1, TIMELINE)),
+        (_consumer, (common, q_smem.index(0), q_lo_a, n_q_a, pbase_a, GROUP, BLOCK_N, STAGES, 0, TIMELINE, SIGNAL)),
+        (_consumer, (common, q_smem.index(1), q_lo_b, n_q_b, pbase_b, GROUP, BLOCK_N, STAGES, 1, TIMELINE, SIGNAL)),
         (_producer, (prod, BLOCK_N, STAGES)),
     ], [4, 1], [CONS_REGS, PROD_REGS])  # fmt: skip
 
@@ -409,13 +422,15 @@ def launch_prompt_partials(
     timeline: torch.Tensor | None = None,
     descriptors: dict | None = None,
     pdl_trigger: bool = False,
+    signal: torch.Tensor | None = None,
 ) -> None:
     """Partials of the first ``n_tiles`` tile records of ``meta`` (laid out by :func:`partition_prompt_tiles`,
     ``n_pairs`` pairs first), every KV head, into the workspace rows the records name. ``warmup``: compile (or
     load) the kernel for these arguments' types without running it. ``timeline`` (diagnostics): an int64 tensor of
     at least 4 x CTAs x KV heads entries, each CTA's start, its two warpgroups' ends and its SM (see
     :func:`prompt_partial_kernel`; ``scripts/gluon_timeline.py``). ``descriptors``: the caller's cache of the
-    pools' TMA descriptors (:func:`_descriptor`).
+    pools' TMA descriptors (:func:`_descriptor`). ``signal`` (int32): each consumer warpgroup of each CTA adds one to
+    ``signal[0]`` once its partials are stored (:func:`signal_target` in all).
     The block and the ring depth are this module's :data:`BLOCK_N` and :data:`STAGES`, read at each launch (so a
     probe can set them)."""
     if n_tiles == 0 and not warmup:
@@ -427,7 +442,14 @@ def launch_prompt_partials(
     kernel(
         q, _descriptor(k_pool, descriptors), _descriptor(v_pool, descriptors), part_o, part_lse, meta, offsets["tok_slot"][0],
         offsets["queries"][0], n_pairs, q.stride(0), q.stride(1), part_o.stride(0), part_o.stride(1),
-        part_lse.stride(0), LOG2E / math.sqrt(d), part_lse if timeline is None else timeline, GROUP=q.shape[1] // n_kv,
-        BLOCK_N=BLOCK_N, STAGES=STAGES, CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, TIMELINE=timeline is not None,
-        PDL_TRIGGER=bool(pdl_trigger), num_warps=4, maxnreg=MAXNREG,
+        part_lse.stride(0), LOG2E / math.sqrt(d), part_lse if timeline is None else timeline,
+        meta if signal is None else signal, GROUP=q.shape[1] // n_kv, BLOCK_N=BLOCK_N, STAGES=STAGES,
+        CONS_REGS=CONS_REGS, PROD_REGS=PRODUCER_REGS, TIMELINE=timeline is not None, PDL_TRIGGER=bool(pdl_trigger),
+        SIGNAL=signal is not None, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
+
+
+def signal_target(n_tiles: int, n_pairs: int, n_kv_heads: int) -> int:
+    """What ``signal[0]`` reaches when :func:`launch_prompt_partials` with these tiles and pairs is done: two consumer
+    warpgroups per CTA, ``n_tiles - n_pairs`` CTAs per KV head."""
+    return 2 * (n_tiles - n_pairs) * n_kv_heads
