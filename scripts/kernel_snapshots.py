@@ -218,6 +218,12 @@ ALL_SWEEP = {
     "bh_ps1.0": {"branch_heads": True, "prompt_share": 1.0},
     "bh_ps1.25": {"branch_heads": True, "prompt_share": 1.25},
     "bh_tile_ps1.25": {"branch_heads": True, "branch_spread": 0, "prompt_share": 1.25},
+    # ... and merging each query's partials in the branches' programs once the prompt kernel has counted its own
+    # stored (branch_merge: no reduction launch)
+    "bhm": {"branch_heads": True, "branch_spread": 0, "branch_merge": True},
+    "bhm_s5": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "branch_stages": 5},
+    "bhm_ps1.0": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "prompt_share": 1.0},
+    "bhm_w4": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "branch_warps": 4},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
