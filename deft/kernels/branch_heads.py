@@ -12,11 +12,13 @@ launch has ``BLOCK_H`` times fewer programs. The scores and the P·V product are
 reduction is the same.
 
 With ``MERGE`` (``DeftAttention.branch_merge``) a program whose tile is the only one after the prompt kernel's for its
-queries does the global reduction of its rows itself: it keeps its partial in registers, waits until the prompt kernel
-has counted every one of its warpgroups done (``sync[0]``, raised with release semantics after their partial stores:
-:func:`~deft.kernels.prompt_gluon.prompt_partial_kernel`'s ``SIGNAL``), merges the prompt's partial rows of its queries
-into it and writes the final rows, so the step has no reduction launch. The last program past the wait (``sync[1]``)
-sets both words back to zero for the next step; a wait that gives up (:data:`WAIT_LIMIT` polls) raises ``sync[2]``.
+queries does the global reduction of its queries (for its block of heads) itself: it stores its partial rows as
+without, waits until the prompt kernel has counted every one of its warpgroups done (``sync[0]``, raised with release
+semantics after their partial stores: :func:`~deft.kernels.prompt_gluon.prompt_partial_kernel`'s ``SIGNAL``), merges
+each of its queries' partial rows (up to ``ACC_ELEMS`` elements at once, as the reduction kernel does: one L2 round
+trip for a few-shot branch's query) and writes the final rows, so the step has no reduction launch. The last program
+past the wait (``sync[1]``) sets both words back to zero for the next step; a wait that gives up (:data:`WAIT_LIMIT`
+polls) raises ``sync[2]``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def branch_heads_kernel(
     SPREAD: tl.constexpr,
     TIMELINE: tl.constexpr,
     MERGE: tl.constexpr = False,
+    MERGE_H: tl.constexpr = 1,
+    MERGE_P: tl.constexpr = 1,
 ):
     """Partial attention of small unmasked tiles for KV heads ``[program_id(1) x BLOCK_H, + BLOCK_H)``: tile record
     ``program_id(0)`` of ``meta``, or with ``SPREAD`` the records ``[progs[p], progs[p + 1])`` of the plan's ``progs``
@@ -97,14 +101,14 @@ def branch_heads_kernel(
                 q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
                 stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
                 out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
-                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False,
+                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False, MERGE_H, MERGE_P,
             )  # fmt: skip
     else:
         _branch_tile(
             q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
             stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tl.program_id(0),
             out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
-            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE,
+            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE, MERGE_H, MERGE_P,
         )  # fmt: skip
     if TIMELINE:
         _write_timeline(timeline, t_start, q_ptr)
@@ -117,6 +121,7 @@ def _branch_tile(
     out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
     GROUP: tl.constexpr, ROWS: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr, MERGE: tl.constexpr,
+    MERGE_H: tl.constexpr, MERGE_P: tl.constexpr,
 ):  # fmt: skip
     """One tile record's partials for this program's block of KV heads: rows are (local query, query head of the KV
     head), ``ROWS`` per KV head; the record's tokens are seen whole by its queries (no visibility test)."""
@@ -164,38 +169,50 @@ def _branch_tile(
         acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     prow = (pbase + lq).to(tl.int64)  # [1, R, 1]
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, :, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(part_o + prow * stride_pn + head * stride_ph + offs_d, o.to(part_o.dtype.element_ty), mask=row_ok)
+    lrow = tl.reshape(prow, [1, ROWS])
     lhead = tl.reshape(head, [BLOCK_H, ROWS])
-    if MERGE:
-        # the reduction of these rows, here: every other partial row of their queries is the prompt kernel's
-        s_ok = lq < n_q  # [1, R, 1]
-        lo = tl.load(meta + off_red_ptr + q_lo + lq, mask=s_ok, other=0)
-        hi = tl.load(meta + off_red_ptr + q_lo + lq + 1, mask=s_ok, other=0)
-        n_max = tl.max(tl.reshape(hi - lo, [ROWS]), 0)
+    tl.store(part_lse + lrow * stride_ln + lhead, lse, mask=tl.reshape(row_ok, [BLOCK_H, ROWS]))
+    if MERGE:  # the reduction of this tile's queries, for this program's heads, once the prompt's partials are stored
+        offs_p = tl.arange(0, MERGE_P)  # partial rows merged at once
+        hb = tl.arange(0, MERGE_H)  # this program's query heads (a power of two at least)
+        heads = tl.program_id(1) * BLOCK_H * GROUP + hb
+        h_ok = (hb < BLOCK_H * GROUP) & (heads < N_KV * GROUP)
+        d1 = tl.arange(0, HEAD_DIM)
+        tl.debug_barrier()  # this program's own partial rows, stored above by all its threads, are read below
+        lo = tl.load(meta + off_red_ptr + q_lo)
+        hi = tl.load(meta + off_red_ptr + q_lo + 1)
+        rows = tl.load(meta + off_red_idx + lo + offs_p, mask=lo + offs_p < hi, other=0).to(tl.int64)
         _wait_prompt(sync, sync_target, n_programs)
-        m2 = tl.reshape(m_i, [BLOCK_H, ROWS, 1])
-        l2 = tl.reshape(l_i, [BLOCK_H, ROWS, 1])
-        for j in range(0, n_max):
-            jj = lo + j
-            on = jj < hi  # [1, R, 1]
-            other = tl.load(meta + off_red_idx + jj, mask=on, other=0).to(tl.int64)
-            use = on & (other != prow) & row_ok  # [H, R, 1]
-            lse_p = tl.load(part_lse + other * stride_ln + head, mask=use, other=float("-inf"), cache_modifier=".cg")
-            o_p = tl.load(part_o + other * stride_pn + head * stride_ph + offs_d, mask=use, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m2, lse_p)
-            alpha = tl.exp2(m2 - m_new)
-            w = tl.exp2(lse_p - m_new)
-            l2 = l2 * alpha + w
-            acc = acc * alpha + o_p.to(tl.float32) * w
-            m2 = m_new
-        out = out_ptr + qid * stride_on + head * stride_oh + offs_d
-        tl.store(out, (acc / tl.where(l2 > 0.0, l2, 1.0)).to(out_ptr.dtype.element_ty), mask=row_ok)
-    else:
-        seen = l_i > 0.0
-        o = acc / tl.where(seen, l_i, 1.0)[:, :, None]
-        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(part_o + prow * stride_pn + head * stride_ph + offs_d, o.to(part_o.dtype.element_ty), mask=row_ok)
-        lrow = tl.reshape(prow, [1, ROWS])
-        tl.store(part_lse + lrow * stride_ln + lhead, lse, mask=tl.reshape(row_ok, [BLOCK_H, ROWS]))
+        for lq1 in range(0, n_q):  # one query in a few-shot branch's tile
+            if lq1 > 0:
+                lo = tl.load(meta + off_red_ptr + q_lo + lq1)
+                hi = tl.load(meta + off_red_ptr + q_lo + lq1 + 1)
+                rows = tl.load(meta + off_red_idx + lo + offs_p, mask=lo + offs_p < hi, other=0).to(tl.int64)
+            m = tl.full([MERGE_H], -1.0e30, dtype=tl.float32)
+            l_sum = tl.zeros([MERGE_H], dtype=tl.float32)
+            acc2 = tl.zeros([MERGE_H, HEAD_DIM], dtype=tl.float32)
+            for j0 in range(lo, hi, MERGE_P):
+                ok = (j0 + offs_p < hi)[:, None] & h_ok[None, :]  # [MP, NH]
+                lse_p = tl.load(part_lse + rows[:, None] * stride_ln + heads[None, :], mask=ok, other=float("-inf"),
+                                cache_modifier=".cg")  # fmt: skip
+                o_p = tl.load(part_o + rows[:, None, None] * stride_pn + heads[None, :, None] * stride_ph
+                              + d1[None, None, :], mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                j = j0 + MERGE_P + offs_p  # the next block's rows (a few-shot branch's query has one or two blocks)
+                rows = tl.load(meta + off_red_idx + j, mask=j < hi, other=0).to(tl.int64)
+                m_new = tl.maximum(m, tl.max(lse_p, 0))
+                w = tl.exp2(lse_p - m_new[None, :])
+                alpha = tl.exp2(m - m_new)
+                l_sum = l_sum * alpha + tl.sum(w, 0)
+                acc2 = acc2 * alpha[:, None] + tl.sum(o_p.to(tl.float32) * w[:, :, None], 0)
+                m = m_new
+            qid1 = tl.load(meta + off_queries + (q_lo + lq1) * 3).to(tl.int64)
+            dst = out_ptr + qid1 * stride_on + heads[:, None] * stride_oh + d1[None, :]
+            tl.store(dst, (acc2 / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=h_ok[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -204,11 +221,12 @@ def _wait_prompt(sync, target, n_programs):
     semantics) reaches ``target``; acquire, so this program's loads after it see those stores. The last of the
     ``n_programs`` merging programs to get past it zeroes ``sync[0]`` and ``sync[1]`` for the next step. Gives up after
     :data:`WAIT_LIMIT` polls, raising ``sync[2]`` (a plan whose prompt never signals: a bug, reported, not a hang)."""
-    seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+    seen = tl.load(sync, volatile=True)
     polls = 0
-    while (seen < target) & (polls < WAIT_LIMIT):
-        seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+    while (seen < target) & (polls < WAIT_LIMIT):  # plain (volatile) loads while waiting: lighter on L2 than atomics
+        seen = tl.load(sync, volatile=True)
         polls += 1
+    seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")  # then one acquire, for the loads after it
     if seen < target:
         tl.atomic_add(sync + 2, 1, sem="relaxed", scope="gpu")
     if tl.atomic_add(sync + 1, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
@@ -275,6 +293,9 @@ def launch_branch_heads(
         DOT_F32=_dot_f32(q.dtype), SPREAD=n_programs > 0, TIMELINE=timeline is not None, MERGE=merge is not None,
         num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
+    if merge is not None:  # the merge's tile: the program's query heads x up to MERGE_P partial rows x head_dim
+        consts["MERGE_H"] = triton.next_power_of_2(block_h * (q.shape[1] // n_kv))
+        consts["MERGE_P"] = min(16, max(1, 1 << (ACC_ELEMS // (consts["MERGE_H"] * d)).bit_length() - 1))
     if launch_pdl:
         consts["launch_pdl"] = True
     if warmup:
