@@ -253,11 +253,11 @@ def test_io_of_a_merging_plan_drops_the_branches_partials_and_the_reduction(merg
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("width,prompt,branch", [(50, 16384, 200), (37, 3000, 30), (50, 4096, 1)])
+@pytest.mark.parametrize("width,prompt,branch", [(50, 16384, 200), (37, 3000, 30), (50, 4096, 16)])
 def test_branch_merge_waits_for_the_prompt_kernel_on_the_gpu(width, prompt, branch):
     """``branch_merge`` on the GPU: the branches' programs (chained to the Gluon prompt kernel) merge only once its
-    warpgroups have counted their partials stored, also where the branches end long before the prompt (one-token
-    branches); five eager runs and five replays of one CUDA graph, partials and output NaN-poisoned before each, the
+    warpgroups have counted their partials stored, also where the branches end long before the prompt (16-token
+    branches: shorter ones share masked tiles, which keep the fused launch and the reduction); five eager runs and five replays of one CUDA graph, partials and output NaN-poisoned before each, the
     count words back at zero after each and no merge given up."""
     from deft.reference import TOLERANCE, reference_attention, relative_error
 
