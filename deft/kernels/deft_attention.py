@@ -290,6 +290,13 @@ class DeftAttention(AttentionMethod):
     76.2-77.3, and over the whole width-50 trace at 16k and 20k no net change (within the +-2 % spread of the default's
     repeats): the branches' kernel moves its bytes faster alone (24.9 against 42 µs on the 52 SMs the prompt leaves at
     step 200, 5 stages) and takes them from the prompt kernel in the step (``notes/deft_kernels.md``, session 19).
+    ``branch_merge`` (off; session 21; needs ``branch_heads`` and ``branch_spread=0``): where every query is in exactly
+    one tile after the prompt kernel's (:func:`~deft.kernels.kv_groups.one_rest_tile_per_query`) and the rest is chained
+    to the Gluon kernel, the branches' kernel does the global reduction (no reduction launch): the prompt kernel's
+    warpgroups count their partials stored in a word of the method's (release), each branch program waits for the count
+    (acquire) and merges its queries' partial rows into the output (:mod:`deft.kernels.branch_heads`). H100, session 21,
+    graph µs at few-shot 16k step 200: 60.7-73.0 against 51.9 without the merge (the branch programs end 10-21 µs after
+    the prompt kernel); :meth:`merge_errors` counts waits that gave up.
     ``prompt_order`` (``"chain"`` by default since session 20; ``"streams"`` before): how a Gluon plan's second launch
     (the rest) follows the prompt kernel. ``"chain"``: on the same stream, launched as a programmatic dependent (PDL)
     of the prompt kernel, whose CTAs run ``griddepcontrol.launch_dependents`` as they start, so the rest starts once
