@@ -35,7 +35,7 @@ from deft.kernels.tree_attention import LOG2E, _dot_f32, _globaltimer, _write_ti
 #: thread, as the fused kernel's 64-row tile at 4 warps
 ACC_ELEMS = 16384
 #: polls of the prompt kernel's count before a merging program gives up and raises the error word (``sync[2]``); each
-#: poll is an L2 atomic (about a microsecond), so this is seconds, far beyond any step
+#: poll is an L2 round trip (about half a microsecond), so this is about two seconds, far beyond any step
 WAIT_LIMIT = tl.constexpr(1 << 22)
 
 
