@@ -148,10 +148,15 @@ def frame(tl_p: np.ndarray, tl_r: np.ndarray) -> pd.DataFrame:
     the first start."""
     p = pd.DataFrame({"kind": "prompt", "start": tl_p[:, 0], "end": tl_p[:, 1:3].max(1), "sm": tl_p[:, 3],
                       "wg_end_gap_us": np.abs(tl_p[:, 1] - tl_p[:, 2]) / 1e3})  # fmt: skip
-    r = pd.DataFrame({"kind": "rest", "start": tl_r[:, 0], "end": tl_r[:, 1], "sm": tl_r[:, 2], "wg_end_gap_us": 0.0})
+    r = pd.DataFrame({"kind": "rest", "start": tl_r[:, 0], "end": tl_r[:, 1], "sm": tl_r[:, 2], "wg_end_gap_us": 0.0,
+                      "wait": tl_r[:, 3]})  # fmt: skip
     df = pd.concat([p, r], ignore_index=True)
     t0 = df.start.min()
-    return df.assign(start_us=(df.start - t0) / 1e3, end_us=(df.end - t0) / 1e3).drop(columns=["start", "end"])
+    # a branch_merge program's fourth word: when its wait for the prompt kernel's count ended (0 otherwise)
+    wait_us = np.where(df.wait.fillna(0).to_numpy() > 0, (df.wait.fillna(0) - t0) / 1e3, np.nan)
+    return df.assign(start_us=(df.start - t0) / 1e3, end_us=(df.end - t0) / 1e3, wait_end_us=wait_us).drop(
+        columns=["start", "end", "wait"]
+    )
 
 
 def summarise(df: pd.DataFrame, n_sms: int) -> dict:
@@ -179,6 +184,7 @@ def summarise(df: pd.DataFrame, n_sms: int) -> dict:
         "rest_programs": len(r), "rest_first_start_us": float(r.start_us.min()) if len(r) else 0.0,
         "rest_end_p90_us": float(r.end_us.quantile(0.9)) if len(r) else 0.0,
         "rest_end_max_us": float(r.end_us.max()) if len(r) else 0.0,
+        "rest_wait_end_med_us": float(r.wait_end_us.median()) if len(r) and r.wait_end_us.notna().any() else float("nan"),
         "rest_sms_before_prompt_end": int(r[r.start_us < p.end_us.min()].sm.nunique()) if len(r) else 0,
         "idle_sm_frac": 1.0 - busy / (n_sms * span) if span > 0 else 0.0,
         "critical": "prompt" if len(r) == 0 or p.end_us.max() >= r.end_us.max() else "rest",
@@ -229,7 +235,7 @@ def main() -> None:
                 n_rest = plan.groups.n_tiles - plan.n_prompt
                 rest_programs = (plan.rest_programs or n_rest) * rest_head_blocks(plan)
                 tls = (torch.empty(4 * n_ctas * SHAPE.n_kv_heads, dtype=torch.int64, device=dev),
-                       torch.empty(4 * max(rest_programs, 1), dtype=torch.int64, device=dev))  # fmt: skip
+                       torch.zeros(4 * max(rest_programs, 1), dtype=torch.int64, device=dev))  # fmt: skip
                 out = torch.empty_like(q)
                 main_s.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(main_s):
@@ -275,7 +281,7 @@ def main() -> None:
                 pd.concat(rows).to_csv(out_dir / f"gluon_timeline_{suffix}.csv.gz", index=False)
                 pd.DataFrame(summary).to_csv(out_dir / f"gluon_timeline_summary_{suffix}.csv", index=False)
     cols = ["snapshot", "variant", "prio", "graph_step_us", "graph_partials_us", "timeline_step_us", "span_us", "prompt_last_start_us",
-            "prompt_end_med_us", "prompt_end_max_us", "rest_first_start_us", "rest_end_p90_us", "rest_end_max_us",
+            "prompt_end_med_us", "prompt_end_max_us", "rest_first_start_us", "rest_end_p90_us", "rest_end_max_us", "rest_wait_end_med_us",
             "idle_sm_frac", "critical", "rest_alone_p90_us", "rest_alone_end_us"]  # fmt: skip
     if summary:
         df = pd.DataFrame(summary)

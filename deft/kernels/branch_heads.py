@@ -101,14 +101,14 @@ def branch_heads_kernel(
                 q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
                 stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
                 out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
-                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False, MERGE_H, MERGE_P,
+                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False, MERGE_H, MERGE_P, timeline, False,
             )  # fmt: skip
     else:
         _branch_tile(
             q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
             stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tl.program_id(0),
             out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
-            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE, MERGE_H, MERGE_P,
+            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE, MERGE_H, MERGE_P, timeline, TIMELINE,
         )  # fmt: skip
     if TIMELINE:
         _write_timeline(timeline, t_start, q_ptr)
@@ -121,7 +121,7 @@ def _branch_tile(
     out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
     GROUP: tl.constexpr, ROWS: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr, MERGE: tl.constexpr,
-    MERGE_H: tl.constexpr, MERGE_P: tl.constexpr,
+    MERGE_H: tl.constexpr, MERGE_P: tl.constexpr, timeline, TIMELINE: tl.constexpr,
 ):  # fmt: skip
     """One tile record's partials for this program's block of KV heads: rows are (local query, query head of the KV
     head), ``ROWS`` per KV head; the record's tokens are seen whole by its queries (no visibility test)."""
@@ -187,6 +187,9 @@ def _branch_tile(
         hi = tl.load(meta + off_red_ptr + q_lo + 1)
         rows = tl.load(meta + off_red_idx + lo + offs_p, mask=lo + offs_p < hi, other=0).to(tl.int64)
         _wait_prompt(sync, sync_target, n_programs)
+        if TIMELINE:  # diagnostics: when the wait ended, in the program's fourth timeline word
+            pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 4
+            tl.store(timeline + pid + 3, _globaltimer(q_ptr))
         for lq1 in range(0, n_q):  # one query in a few-shot branch's tile
             if lq1 > 0:
                 lo = tl.load(meta + off_red_ptr + q_lo + lq1)
