@@ -15,16 +15,14 @@ With ``MERGE`` (``DeftAttention.branch_merge``) a program whose tile is the only
 queries does the global reduction of its queries (for its block of heads) itself: it stores its partial rows as
 without, waits until the prompt kernel has counted every one of its warpgroups done (``sync[0]``, raised with release
 semantics after their partial stores: :func:`~deft.kernels.prompt_gluon.prompt_partial_kernel`'s ``SIGNAL``), merges
-each of its queries' partial rows (up to ``ACC_ELEMS`` elements at once, as the reduction kernel does: one L2 round
-trip for a few-shot branch's query) and writes the final rows, so the step has no reduction launch. The last program
-past the wait (``sync[1]``) sets both words back to zero for the next step; a wait that gives up (:data:`WAIT_LIMIT`
-polls) raises ``sync[2]``.
+each of its queries' partial rows (:data:`MERGE_ROWS` at a time, every head of its block at once) and writes the final
+rows, so the step has no reduction launch. The last program past the wait (``sync[1]``) sets both words back to zero
+for the next step; a wait that gives up (:data:`WAIT_LIMIT` polls) raises ``sync[2]``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -38,6 +36,8 @@ ACC_ELEMS = 16384
 #: polls of the prompt kernel's count before a merging program gives up and raises the error word (``sync[2]``); each
 #: poll is an L2 round trip (about half a microsecond), so this is about two seconds, far beyond any step
 WAIT_LIMIT = tl.constexpr(1 << 22)
+#: partial rows a merging program loads per iteration (all its query heads x head_dim each)
+MERGE_ROWS = 1
 
 
 @triton.jit(
@@ -86,7 +86,6 @@ def branch_heads_kernel(
     MERGE: tl.constexpr = False,
     MERGE_H: tl.constexpr = 1,
     MERGE_P: tl.constexpr = 1,
-    MERGE_CM: tl.constexpr = ".cg",
 ):
     """Partial attention of small unmasked tiles for KV heads ``[program_id(1) x BLOCK_H, + BLOCK_H)``: tile record
     ``program_id(0)`` of ``meta``, or with ``SPREAD`` the records ``[progs[p], progs[p + 1])`` of the plan's ``progs``
@@ -103,14 +102,14 @@ def branch_heads_kernel(
                 q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
                 stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tile,
                 out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
-                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False, MERGE_H, MERGE_P, timeline, False, MERGE_CM,
+                GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, False, MERGE_H, MERGE_P, timeline, False,
             )  # fmt: skip
     else:
         _branch_tile(
             q_ptr, k_ptr, v_ptr, part_o, part_lse, meta, off_tok_slot, off_queries, stride_qn, stride_qh,
             stride_ks, stride_kh, stride_vs, stride_vh, stride_pn, stride_ph, stride_ln, qk_scale, tl.program_id(0),
             out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
-            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE, MERGE_H, MERGE_P, timeline, TIMELINE, MERGE_CM,
+            GROUP, ROWS, N_KV, BLOCK_H, HEAD_DIM, BLOCK_N, STAGES, DOT_F32, MERGE, MERGE_H, MERGE_P, timeline, TIMELINE,
         )  # fmt: skip
     if TIMELINE:
         _write_timeline(timeline, t_start, q_ptr)
@@ -123,7 +122,7 @@ def _branch_tile(
     out_ptr, sync, off_red_ptr, off_red_idx, sync_target, n_programs, stride_on, stride_oh,
     GROUP: tl.constexpr, ROWS: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr, MERGE: tl.constexpr,
-    MERGE_H: tl.constexpr, MERGE_P: tl.constexpr, timeline, TIMELINE: tl.constexpr, MERGE_CM: tl.constexpr,
+    MERGE_H: tl.constexpr, MERGE_P: tl.constexpr, timeline, TIMELINE: tl.constexpr,
 ):  # fmt: skip
     """One tile record's partials for this program's block of KV heads: rows are (local query, query head of the KV
     head), ``ROWS`` per KV head; the record's tokens are seen whole by its queries (no visibility test)."""
@@ -203,9 +202,9 @@ def _branch_tile(
             for j0 in range(lo, hi, MERGE_P):
                 ok = (j0 + offs_p < hi)[:, None] & h_ok[None, :]  # [MP, NH]
                 lse_p = tl.load(part_lse + rows[:, None] * stride_ln + heads[None, :], mask=ok, other=float("-inf"),
-                                cache_modifier=MERGE_CM)  # fmt: skip
+                                cache_modifier=".cg")  # fmt: skip
                 o_p = tl.load(part_o + rows[:, None, None] * stride_pn + heads[None, :, None] * stride_ph
-                              + d1[None, None, :], mask=ok[:, :, None], other=0.0, cache_modifier=MERGE_CM)  # fmt: skip
+                              + d1[None, None, :], mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
                 j = j0 + MERGE_P + offs_p  # the next block's rows (a few-shot branch's query has one or two blocks)
                 rows = tl.load(meta + off_red_idx + j, mask=j < hi, other=0).to(tl.int64)
                 m_new = tl.maximum(m, tl.max(lse_p, 0))
@@ -300,12 +299,9 @@ def launch_branch_heads(
     )  # fmt: skip
     if merge is not None:  # the merge's tile: the program's query heads x up to MERGE_P partial rows x head_dim
         consts["MERGE_H"] = triton.next_power_of_2(block_h * (q.shape[1] // n_kv))
-        consts["MERGE_P"] = min(16, max(1, 1 << (ACC_ELEMS // (consts["MERGE_H"] * d)).bit_length() - 1))
-        dbg = os.environ.get("DEFT_MERGE_DEBUG", "")  # session 21 diagnostics (temporary): "p1", "nocg"
-        if "p1" in dbg:
-            consts["MERGE_P"] = 1
-        if "nocg" in dbg:
-            consts["MERGE_CM"] = ""
+        # one partial row per iteration: H100, session 21, few-shot 16k step 200, the merge after the wait took 3.5 µs
+        # so against 20 µs loading four rows at once ([4, 32 heads, 128]), with or without .cg loads
+        consts["MERGE_P"] = MERGE_ROWS
     if launch_pdl:
         consts["launch_pdl"] = True
     if warmup:
