@@ -295,8 +295,9 @@ class DeftAttention(AttentionMethod):
     to the Gluon kernel, the branches' kernel does the global reduction (no reduction launch): the prompt kernel's
     warpgroups count their partials stored in a word of the method's (release), each branch program waits for the count
     (acquire) and merges its queries' partial rows into the output (:mod:`deft.kernels.branch_heads`). H100, session 21,
-    graph µs at few-shot 16k step 200: 60.7-73.0 against 51.9 without the merge (the branch programs end 10-21 µs after
-    the prompt kernel); :meth:`merge_errors` counts waits that gave up.
+    graph µs at few-shot 16k step 200: 56.3-56.6 against 52.3-52.8 without the merge (no reduction launch, but the
+    prompt's warpgroups end ~1.8 µs later and the wait and the merge add 4.8 µs after them); :meth:`merge_errors` counts
+    waits that gave up.
     ``prompt_order`` (``"chain"`` by default since session 20; ``"streams"`` before): how a Gluon plan's second launch
     (the rest) follows the prompt kernel. ``"chain"``: on the same stream, launched as a programmatic dependent (PDL)
     of the prompt kernel, whose CTAs run ``griddepcontrol.launch_dependents`` as they start, so the rest starts once
