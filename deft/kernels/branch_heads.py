@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deft.kernels.global_reduce import merge_partials
 from deft.kernels.tree_attention import LOG2E, _dot_f32, _globaltimer, _write_timeline
 
 #: fp32 accumulator elements a program holds (heads x rows x head_dim): 8 heads x 16 rows x 128 at 8 warps is 64 per
@@ -207,12 +208,7 @@ def _branch_tile(
                               + d1[None, None, :], mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
                 j = j0 + MERGE_P + offs_p  # the next block's rows (a few-shot branch's query has one or two blocks)
                 rows = tl.load(meta + off_red_idx + j, mask=j < hi, other=0).to(tl.int64)
-                m_new = tl.maximum(m, tl.max(lse_p, 0))
-                w = tl.exp2(lse_p - m_new[None, :])
-                alpha = tl.exp2(m - m_new)
-                l_sum = l_sum * alpha + tl.sum(w, 0)
-                acc2 = acc2 * alpha[:, None] + tl.sum(o_p.to(tl.float32) * w[:, :, None], 0)
-                m = m_new
+                m, l_sum, acc2 = merge_partials(m, l_sum, acc2, lse_p, o_p)
             qid1 = tl.load(meta + off_queries + (q_lo + lq1) * 3).to(tl.int64)
             dst = out_ptr + qid1 * stride_on + heads[:, None] * stride_oh + d1[None, :]
             tl.store(dst, (acc2 / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]).to(out_ptr.dtype.element_ty),

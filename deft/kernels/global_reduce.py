@@ -71,14 +71,22 @@ def global_reduce_kernel(
         )
         j = j0 + BLOCK_P + offs_p  # the next block's rows (most queries have one block)
         prow = tl.load(red_idx + j, mask=j < hi, other=0).to(tl.int64)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new[None, :])
-        alpha = tl.exp2(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(w, 0)
-        acc = acc * alpha[:, None] + tl.sum(o.to(tl.float32) * w[:, :, None], 0)
-        m = m_new
+        m, l_sum, acc = merge_partials(m, l_sum, acc, lse, o)
     out = out_ptr + qid * stride_on + offs_h[:, None] * stride_oh + offs_d[None, :]
     tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def merge_partials(m, l_sum, acc, lse, o):
+    """One online-softmax merge step: the running max ``m``, sum ``l_sum`` ([heads]) and weighted output ``acc``
+    ([heads, head_dim]) with a block of partial rows (``lse`` [rows, heads] in the log2 domain, ``o`` [rows, heads,
+    head_dim] normalised). Shared by the reduction and ``branch_heads``' merge."""
+    m_new = tl.maximum(m, tl.max(lse, 0))
+    w = tl.exp2(lse - m_new[None, :])
+    alpha = tl.exp2(m - m_new)
+    l_sum = l_sum * alpha + tl.sum(w, 0)
+    acc = acc * alpha[:, None] + tl.sum(o.to(tl.float32) * w[:, :, None], 0)
+    return m_new, l_sum, acc
 
 
 def reduce_heads(n_heads: int, head_dim: int, block_p: int, heads: int = 0) -> int:
