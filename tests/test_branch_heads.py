@@ -229,9 +229,8 @@ def test_branch_merge_matches_reference_without_a_reduction(dtype, heads, monkey
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_io_of_a_merging_plan_drops_the_branches_partials_and_the_reduction(merge):
-    """``io()`` with ``branch_merge``: K/V, q and o as without it; partial rows only the prompt kernel's (written and
-    read back once); meta: the reduction's programs replaced by the branches' reads of their queries' lists and the
-    count words."""
+    """``io()`` with ``branch_merge``: K/V, q, o and the partial rows (each written and read back once) as without
+    it; meta: the reduction's programs replaced by the branches' reads of their queries' lists and the count words."""
     shape = AttentionShape(32, 8, 128, "bfloat16")
     tree = fan(16000, 50, 200, np.random.default_rng(0))
     m = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=0, branch_merge=merge)
@@ -243,9 +242,8 @@ def test_io_of_a_merging_plan_drops_the_branches_partials_and_the_reduction(merg
         return
     t = tile_records(plan)
     first, pairs, n = plan.n_prompt, plan.n_pairs, len(t)
-    nq = t[:, 3] - t[:, 2]
-    assert (io.kv, io.q, io.o, io.mask) == (io_base.kv, io_base.q, io_base.o, io_base.mask)
-    assert io.partial == 2 * int(nq[:first].sum()) * shape.n_heads * (shape.head_dim * 2 + 4)
+    assert (io.kv, io.q, io.o, io.mask, io.partial) == (io_base.kv, io_base.q, io_base.o, io_base.mask, io_base.partial)
+    assert io.partial == 2 * plan.groups.n_partials * shape.n_heads * (shape.head_dim * 2 + 4)
     reduce_base = shape.n_heads * (tree.n_queries * 12 + plan.groups.n_partials * 4)
     merge_meta = (first - pairs) * 8 * 8 + (2 * tree.n_queries + plan.groups.n_partials) * 4 + (n - first) * 12
     assert io.meta == io_base.meta - reduce_base + merge_meta

@@ -1324,10 +1324,11 @@ def groups_io(
     of ``branch_spread``, 0 without): the records from the first on are read once per block of KV heads instead of once
     per KV head, each with one slot index per token and one word per query (its index), and each program reads its
     run's two bounds.
-    ``merge`` (``branch_merge``, with ``branch``): no reduction launch and no partial rows from the branches' kernel;
-    the prompt kernel's partial rows are written and read back once, each of its CTAs adds to the count twice (one
-    word each), and each branches' program reads its queries' list pointers (two words each) and partial-row indices
-    and makes three atomic accesses to the count words (one word each).
+    ``merge`` (``branch_merge``, with ``branch``): no reduction launch; every partial row is still written and read
+    back once (a branches' program stores its own rows and merges them with the prompt kernel's from the workspace);
+    each of the prompt kernel's CTAs adds to the count twice (one word each), and each branches' program reads its
+    queries' list pointers (two words each) and partial-row indices and makes three atomic accesses to the count words
+    (one word each).
     """
     t = g.records("tiles")
     ntok = t["tok_hi"] - t["tok_lo"]
@@ -1360,9 +1361,7 @@ def groups_io(
         programs_meta = kvh * before + blocks * after
     else:
         programs_meta = kvh * per_program_meta
-    n_part = g.n_partials
     if merge:
-        n_part = int(nq_t[:first].sum())  # the prompt kernel's partial rows; the branches merge theirs in registers
         ctas = (n_prompt - n_pairs) * kvh
         reduce_meta = ctas * 2 * 4 + blocks * ((2 * n_queries + g.n_partials) * 4 + (g.n_tiles - first) * 12)
     elif fused_reduce:
@@ -1373,7 +1372,7 @@ def groups_io(
         kv=kv_tok * shape.kv_token_bytes,
         q=int(nq_t.sum()) * shape.q_row_bytes,
         o=n_queries * shape.q_row_bytes,
-        partial=2 * n_part * heads * (d * p_bytes + 4),
+        partial=2 * g.n_partials * heads * (d * p_bytes + 4),
         mask=kvh * int(masked_tok.sum()) * 4 + (g.section("nodes").size * 4 if masked.any() else 0),
         meta=programs_meta + reduce_meta,
     )
