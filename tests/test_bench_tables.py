@@ -183,14 +183,18 @@ def test_provenance_names_the_l2_flush_and_reads_rows_without_the_column_as_zero
 
 
 def test_timing_reads_the_flush_buffer_unless_told_to_zero_it(monkeypatch):
-    import importlib
+    import os
+    import subprocess
+    import sys
 
     import torch
 
     from deft.bench import timing
 
-    monkeypatch.delenv("DEFT_L2_FLUSH", raising=False)
-    assert importlib.reload(timing).l2_flush_mode() == "read"  # the default (session 21 on)
+    env = {k: v for k, v in os.environ.items() if k != "DEFT_L2_FLUSH"}
+    code = "from deft.bench.timing import l2_flush_mode; print(l2_flush_mode())"
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() == "read"  # the default (session 21 on), in a process without DEFT_L2_FLUSH
     seen = []
     monkeypatch.setattr(timing, "_L2_FLUSH", ["read"])
     buf = torch.ones(8, dtype=torch.int32)

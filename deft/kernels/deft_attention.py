@@ -758,6 +758,7 @@ class DeftAttention(AttentionMethod):
         g = self.groups(tree, shape, staging.alloc if staging is not None else None, share)
         n_big = small = -1
         n_prompt = n_pairs = rest_rows = rest_heads = rest_programs = 0
+        merge = False
         if self.split_launch:  # before the upload: the records are reordered in place
             small = small_tile_rows(shape.group_size, g.rows, self.small_m)
             if small < g.rows:
@@ -769,8 +770,8 @@ class DeftAttention(AttentionMethod):
             n_prompt, n_pairs = partition_prompt_tiles(
                 g, shape.group_size, small if small < g.rows else 0, self.prompt_min_tokens
             )
-            g, rest_heads, rest_programs = self._branch_plan(
-                g, n_prompt, n_pairs, small, shape, staging.alloc if staging is not None else None
+            g, rest_heads, rest_programs, merge = self._branch_plan(
+                g, n_prompt, n_pairs, small, shape, tree.n_queries, staging.alloc if staging is not None else None
             )
             if not rest_heads and self.small_rest and n_prompt and small < g.rows and rest_all_small(g, n_prompt, shape.group_size, small):
                 rest_rows = small
@@ -795,7 +796,7 @@ class DeftAttention(AttentionMethod):
             n_prompt=n_prompt, n_pairs=n_pairs, rest=self._shifted(g, meta, n_prompt) if n_prompt else (),
             rest_rows=rest_rows, rest_args=self.rest_launch_args(rest_rows, shape.head_dim) if rest_rows else None,
             rest_heads=rest_heads, rest_programs=rest_programs,
-            merge=bool(self.branch_merge and rest_heads and one_rest_tile_per_query(g, n_prompt, tree.n_queries)),
+            merge=merge,
         )  # fmt: skip
         if not ctx.compiled:
             self._precompile(plan, device)
@@ -1048,20 +1049,21 @@ class DeftAttention(AttentionMethod):
         return cur, side
 
     def _branch_plan(
-        self, g: KVGroups, n_prompt: int, n_pairs: int, small: int, shape: AttentionShape, out_alloc
-    ) -> tuple[KVGroups, int, int]:
-        """``branch_heads``: ``(plan, rows, runs)``: whether the tiles after the prompt kernel's ``n_prompt`` go to the
-        branches' kernel (``rows``, its rows per KV head; 0: they do not) and, with ``branch_spread``, the plan with
-        them cut into ``runs`` equal runs (:func:`~deft.kernels.kv_groups.spread_rest_tiles`; 0: one program per tile).
-        ``plan`` and ``io`` both take it from here."""
+        self, g: KVGroups, n_prompt: int, n_pairs: int, small: int, shape: AttentionShape, n_queries: int, out_alloc
+    ) -> tuple[KVGroups, int, int, bool]:
+        """``branch_heads``: ``(plan, rows, runs, merge)``: whether the tiles after the prompt kernel's ``n_prompt`` go to
+        the branches' kernel (``rows``, its rows per KV head; 0: they do not) and, with ``branch_spread``, the plan with
+        them cut into ``runs`` equal runs (:func:`~deft.kernels.kv_groups.spread_rest_tiles`; 0: one program per tile);
+        with ``branch_merge``, whether that kernel merges (every query in one of its tiles). ``plan`` and ``io`` both
+        take it from here."""
         if not (self.branch_heads and n_prompt and small < g.rows) or not rest_small_unmasked(
             g, n_prompt, shape.group_size, small
         ):
-            return g, 0, 0
+            return g, 0, 0, False
         if self.branch_spread <= 0:
-            return g, small, 0
+            return g, small, 0, self.branch_merge and one_rest_tile_per_query(g, n_prompt, n_queries)
         runs = self.branch_programs(n_prompt - n_pairs, small, shape)
-        return spread_rest_tiles(g, n_prompt, runs, out_alloc), small, runs
+        return spread_rest_tiles(g, n_prompt, runs, out_alloc), small, runs, False
 
     def branch_programs(self, prompt_ctas: int, rows: int, shape: AttentionShape) -> int:
         """``branch_spread``: the branches' kernel's programs per block of KV heads, ``branch_spread`` x the SMs the prompt
@@ -1235,12 +1237,10 @@ class DeftAttention(AttentionMethod):
                 BLOCK_N,
             )
         branch = (0, 0, 0)
-        merge = False
-        g, rows, runs = self._branch_plan(g, prompt[0], prompt[1], small, shape, None)
+        g, rows, runs, merge = self._branch_plan(g, prompt[0], prompt[1], small, shape, tree.n_queries, None)
         if rows:
             heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
             branch = (prompt[0], -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim)), runs)
-            merge = self.branch_merge and one_rest_tile_per_query(g, prompt[0], tree.n_queries)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
                          self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt,
                          branch, merge)  # fmt: skip

@@ -251,10 +251,8 @@ def one_rest_tile_per_query(g: KVGroups, first: int, n_queries: int) -> bool:
     t = g.section("tiles").reshape(-1, len(TILE_FIELDS))[first:]
     if n_queries == 0 or len(t) == 0:
         return False
-    edges = np.zeros(n_queries + 1, dtype=np.int64)
-    np.add.at(edges, t[:, 2], 1)
-    np.add.at(edges, t[:, 3], -1)
-    return bool((np.add.accumulate(edges[:-1]) == 1).all())
+    edges = np.bincount(t[:, 2], minlength=n_queries + 1) - np.bincount(t[:, 3], minlength=n_queries + 1)
+    return bool((np.add.accumulate(edges[:n_queries]) == 1).all())
 
 
 def _repack(

@@ -168,8 +168,6 @@ def _smid(anchor):
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,l", [anchor], dtype=tl.int32, is_pure=False, pack=1)
 
 
-# ``meta``'s alignment is not specialised either: a launch over a plan's later tiles (the Gluon path's rest, a split
-# plan's small tiles) gets a view starting ``n x TILE_FIELDS`` words in, 16-byte aligned or not with ``n``'s parity
 @triton.jit
 def _write_timeline(timeline, t_start, anchor):
     """Diagnostics: this program's start (``t_start``), end (now, global ns) and SM at 4 int64 per program of a
@@ -180,6 +178,8 @@ def _write_timeline(timeline, t_start, anchor):
     tl.store(timeline + pid + 2, _smid(anchor).to(tl.int64))
 
 
+# ``meta``'s alignment is not specialised either: a launch over a plan's later tiles (the Gluon path's rest, a split
+# plan's small tiles) gets a view starting ``n x TILE_FIELDS`` words in, 16-byte aligned or not with ``n``'s parity
 @triton.jit(
     do_not_specialize=["off_tok_slot", "off_tok_node", "off_nodes", "off_queries", "off_red_ptr", "off_red_idx"],
     do_not_specialize_on_alignment=["meta"],
