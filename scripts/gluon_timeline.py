@@ -39,7 +39,6 @@ from triton.experimental.gluon import language as gl
 
 from deft.bench.timing import BACKLOG_CYCLES, flush_l2, l2_flush_buffer, spin_up, time_device
 from deft.kernels import prompt_gluon
-from deft.kernels.branch_heads import heads_per_program
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, relative_error
 from deft.tree import DecodingTree
@@ -103,10 +102,10 @@ def node_ordered_slots(tree: DecodingTree) -> DecodingTree:
                         tree.query_visible, n)  # fmt: skip
 
 
-def rest_head_blocks(plan) -> int:
+def rest_head_blocks(method, plan) -> int:
     """Programs per rest tile: one per KV head in the fused kernel, one per block of heads in the branches' kernel."""
     if plan.rest_heads:
-        return -(-SHAPE.n_kv_heads // heads_per_program(SHAPE.n_kv_heads, plan.rest_heads, SHAPE.head_dim))
+        return method.branch_head_blocks(SHAPE, plan.rest_heads)
     return SHAPE.n_kv_heads
 
 
@@ -233,7 +232,7 @@ def main() -> None:
                 m._side[dev] = side_s
                 n_ctas = plan.n_prompt - plan.n_pairs
                 n_rest = plan.groups.n_tiles - plan.n_prompt
-                rest_programs = (plan.rest_programs or n_rest) * rest_head_blocks(plan)
+                rest_programs = (plan.rest_programs or n_rest) * rest_head_blocks(m, plan)
                 tls = (torch.empty(4 * n_ctas * SHAPE.n_kv_heads, dtype=torch.int64, device=dev),
                        torch.zeros(4 * max(rest_programs, 1), dtype=torch.int64, device=dev))  # fmt: skip
                 out = torch.empty_like(q)

@@ -95,7 +95,8 @@ def test_a_masked_or_big_rest_tile_keeps_the_fused_launch():
 
 def test_bad_branch_settings_are_refused():
     for kw, msg in (({"branch_block_n": 8}, "branch_block_n"), ({"branch_stages": 0}, "branch_stages"),
-                    ({"branch_warps": 3}, "branch_warps"), ({"branch_spread": -1}, "branch_spread")):  # fmt: skip
+                    ({"branch_warps": 3}, "branch_warps"), ({"branch_spread": -1}, "branch_spread"),
+                    ({"branch_block_h": 3}, "branch_block_h"), ({"branch_maxnreg": 8}, "branch_maxnreg")):  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             DeftFlatten(**kw)
 
@@ -105,6 +106,7 @@ def test_heads_per_program_keeps_the_accumulator_bounded():
     assert branch_heads.heads_per_program(8, 16, 64) == 8
     assert branch_heads.heads_per_program(32, 16, 128) == 8 and branch_heads.heads_per_program(32, 16, 64) == 16
     assert branch_heads.heads_per_program(3, 16, 16) == 4  # a power of two; the fourth head is masked
+    assert branch_heads.heads_per_program(8, 16, 128, 4) == 4 and branch_heads.heads_per_program(8, 16, 128, 16) == 8
 
 
 # ---------------------------------------------------------------------- against fp64 (interpreter or GPU)
@@ -145,17 +147,34 @@ def test_branch_kernel_blocks_and_head_blocks_match_reference(block, monkeypatch
     assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.rest_programs > 0
 
 
+@needs_kernels
+@pytest.mark.parametrize("block_h", [1, 2])
 @pytest.mark.parametrize("spread", [0.0, 1.0])
-def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread):
+def test_branch_kernel_with_fewer_heads_per_program_matches_reference(block_h, spread):
+    """``branch_block_h``: a tile's KV heads split over programs of one or two heads (four KV heads, GQA 4), with
+    ``branch_maxnreg`` set as on the GPU's two-programs-per-SM setting; one program per tile or spread."""
+    rng = np.random.default_rng(block_h + int(spread))
+    tree = branch_tree(rng, 400, rng.integers(1, 70, size=20).tolist(), [1] * 20)
+    m = DeftFlatten(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_spread=spread,
+                    branch_block_h=block_h, branch_maxnreg=128, n_sms=16)  # fmt: skip
+    plan = check(m, tree, 16, 4, D, torch.bfloat16, seed=5)
+    assert plan.n_prompt > 0 and plan.rest_heads == 16 and m.branch_head_blocks(plan.shape, 16) == 4 // block_h
+    assert (plan.rest_programs > 0) == (spread > 0)
+
+
+@pytest.mark.parametrize("block_h", [0, 4])
+@pytest.mark.parametrize("spread", [0.0, 1.0])
+def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread, block_h):
     """``io()`` with ``branch_heads``, from the plan's records: the same K/V as without it (every piece's tokens once,
     all heads); the prompt kernel's records read per KV head as before; the branches' records (pieces, with
     ``branch_spread``) once per block of KV heads, each with a slot index per token and one word per query, plus each
     run's two bounds; partial rows and the reduction's lists as the plan has them."""
     shape = AttentionShape(32, 8, 128, "bfloat16")
     tree = fan(16000, 50, 200, np.random.default_rng(0))
-    m = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=spread)
+    m = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=spread, branch_block_h=block_h)
     base = DeftFlatten(n_sms=132)
     plan, io, io_base = m.plan(tree, shape, "cpu"), m.io(tree, shape), base.io(tree, shape)
+    blocks = 8 // (block_h or 8)
     t = tile_records(plan)
     first, pairs, n = plan.n_prompt, plan.n_pairs, len(t)
     ntok, nq = t[:, 1] - t[:, 0], t[:, 3] - t[:, 2]
@@ -166,7 +185,7 @@ def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread):
     before = (first * 6 + first - pairs + int(nq[:first].sum()) * 3) * 4  # prompt tiles: affine, one slot (a pair's once)
     after = ((n - first) * 6 + int(ntok[first:].sum()) + int(nq[first:].sum()) + 2 * plan.rest_programs) * 4
     reduce = shape.n_heads * (tree.n_queries * 12 + plan.groups.n_partials * 4)
-    assert io.meta == 8 * before + 1 * after + reduce
+    assert io.meta == 8 * before + blocks * after + reduce
     if spread == 0:
         assert io.partial == io_base.partial and n == base.plan(tree, shape, "cpu").groups.n_tiles
 

@@ -234,10 +234,11 @@ def _wait_prompt(sync, target, n_programs):
         tl.atomic_xchg(sync + 1, 0, sem="relaxed", scope="gpu")
 
 
-def heads_per_program(n_kv: int, rows: int, head_dim: int) -> int:
+def heads_per_program(n_kv: int, rows: int, head_dim: int, most: int = 0) -> int:
     """KV heads one program runs: all of them (a power of two at least) while the accumulator stays within
-    :data:`ACC_ELEMS` (8 at head_dim 128 and 16 rows, 16 at 64)."""
-    return max(1, min(triton.next_power_of_2(n_kv), ACC_ELEMS // (rows * head_dim)))
+    :data:`ACC_ELEMS` (8 at head_dim 128 and 16 rows, 16 at 64), and at most ``most`` (a power of two; 0: no cap)."""
+    h = max(1, min(triton.next_power_of_2(n_kv), ACC_ELEMS // (rows * head_dim)))
+    return min(h, most) if most > 0 else h
 
 
 def launch_branch_heads(
@@ -258,6 +259,8 @@ def launch_branch_heads(
     warmup: bool = False,
     launch_pdl: bool = False,
     merge: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    block_h: int = 0,
+    maxnreg: int = 0,
 ):
     """Launch one program per (tile record of ``meta``, block of KV heads) over ``n_tiles`` records, every one of them
     unmasked with at most ``rows`` rows per KV head (the plan checks: ``kv_groups.rest_small_unmasked``); with
@@ -269,7 +272,9 @@ def launch_branch_heads(
     with ``merge`` only after its count). ``merge`` = (``out``, ``sync``, target): one program per tile (no ``n_programs``),
     each the only one after the prompt kernel's for its queries, merges its rows with the other partial rows of its
     queries (the prompt kernel's, stored once ``sync[0]`` reaches target) into ``out`` (module docstring); ``sync``: three
-    int32 words, zero before the launch, zero after it. Returns the compiled kernel."""
+    int32 words, zero before the launch, zero after it. ``block_h``: at most that many KV heads per program (0: as many
+    as :func:`heads_per_program` allows). ``maxnreg``: registers per thread the compiler may use (0: its choice; 128 at 8
+    warps lets two programs share an SM's registers). Returns the compiled kernel."""
     n_kv, d = k_pool.shape[1], k_pool.shape[2]
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
@@ -277,7 +282,7 @@ def launch_branch_heads(
         raise ValueError(f"block_n must be a power of two of at least 16 (tl.dot), got {block_n}")
     if merge is not None and n_programs > 0:
         raise ValueError("merge runs one program per tile (n_programs must be 0)")
-    block_h = heads_per_program(n_kv, rows, d)
+    block_h = heads_per_program(n_kv, rows, d, block_h)
     grid = (n_programs if n_programs > 0 else n_tiles, triton.cdiv(n_kv, block_h))
     out, sync, target = merge if merge is not None else (q, part_lse, 0)
     args = (
@@ -298,6 +303,8 @@ def launch_branch_heads(
         # one partial row per iteration: H100, session 21, few-shot 16k step 200, the merge after the wait took 3.5 µs
         # so against 20 µs loading four rows at once ([4, 32 heads, 128]), with or without .cg loads
         consts["MERGE_P"] = MERGE_ROWS
+    if maxnreg:
+        consts["maxnreg"] = int(maxnreg)
     if launch_pdl:
         consts["launch_pdl"] = True
     if warmup:

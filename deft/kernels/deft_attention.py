@@ -367,6 +367,8 @@ class DeftAttention(AttentionMethod):
         branch_spread: float = 1.0,
         prompt_order: str = "chain",
         branch_merge: bool = False,
+        branch_block_h: int = 0,
+        branch_maxnreg: int = 0,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -468,6 +470,12 @@ class DeftAttention(AttentionMethod):
         if branch_merge and not (branch_heads and float(branch_spread) == 0):
             raise ValueError("branch_merge needs branch_heads=True and branch_spread=0 (one program per branch tile)")
         self.branch_merge = bool(branch_merge)
+        if branch_block_h < 0 or branch_block_h & (branch_block_h - 1):
+            raise ValueError(f"branch_block_h must be 0 (as many as fit) or a power of two, got {branch_block_h}")
+        self.branch_block_h = int(branch_block_h)
+        if branch_maxnreg and not 24 <= int(branch_maxnreg) <= 255:
+            raise ValueError(f"branch_maxnreg must be 0 (the compiler's choice) or 24..255, got {branch_maxnreg}")
+        self.branch_maxnreg = int(branch_maxnreg)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -707,6 +715,8 @@ class DeftAttention(AttentionMethod):
             "branch_spread": self.branch_spread,
             "prompt_order": self.prompt_order,
             "branch_merge": self.branch_merge,
+            "branch_block_h": self.branch_block_h,
+            "branch_maxnreg": self.branch_maxnreg,
             "small_block_n": self.small_block_n,
             "rest_chunk": self.rest_chunk,
             "small_stages": self.small_stages,
@@ -1072,12 +1082,18 @@ class DeftAttention(AttentionMethod):
         free = self.n_sms - prompt_ctas * shape.n_kv_heads
         if free < self.n_sms // 8:
             free = self.n_sms
-        blocks = -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim))
-        return max(1, round(self.branch_spread * free / blocks))
+        return max(1, round(self.branch_spread * free / self.branch_head_blocks(shape, rows)))
+
+    def branch_head_blocks(self, shape: AttentionShape, rows: int) -> int:
+        """``branch_heads``: the blocks of KV heads the branches' kernel runs a tile in (programs per tile)."""
+        return -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim, self.branch_block_h))
 
     def branch_args(self) -> dict[str, int]:
         """``branch_heads``: :func:`~deft.kernels.branch_heads.launch_branch_heads`' keyword arguments from the knobs."""
-        return dict(block_n=self.branch_block_n, stages=self.branch_stages, num_warps=self.branch_warps)
+        return dict(
+            block_n=self.branch_block_n, stages=self.branch_stages, num_warps=self.branch_warps,
+            block_h=self.branch_block_h, maxnreg=self.branch_maxnreg,
+        )
 
     def rest_launch_args(self, rows: int = 16, head_dim: int = 128) -> dict[str, Any]:
         """``small_rest``: :func:`~deft.kernels.tree_attention.launch_partials`' arguments (after the tile rows) for the
@@ -1240,7 +1256,7 @@ class DeftAttention(AttentionMethod):
         g, rows, runs, merge = self._branch_plan(g, prompt[0], prompt[1], small, shape, tree.n_queries, None)
         if rows:
             heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
-            branch = (prompt[0], -(-shape.n_kv_heads // heads_per_program(shape.n_kv_heads, rows, shape.head_dim)), runs)
+            branch = (prompt[0], self.branch_head_blocks(shape, rows), runs)
         return groups_io(g, tree.n_queries, shape, self.partial_dtype, self.contiguous, small, heads,
                          self.unified_for(g, shape), self.small_affine, self.fused_reduce, prefetch, prompt,
                          branch, merge)  # fmt: skip
