@@ -224,6 +224,18 @@ ALL_SWEEP = {
     "bhm_s5": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "branch_stages": 5},
     "bhm_ps1.0": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "prompt_share": 1.0},
     "bhm_w4": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "branch_warps": 4},
+    # session 22: one branch program per (branch, half of the KV heads) at 4 warps (168 registers, 49 KB: two or three
+    # share an SM, where a program of all 8 heads at 8 warps takes an SM's registers alone), so the prompt kernel can
+    # take 96 SMs at step 200 (prompt_share 1.25) and the branches still fit on the 36 it leaves; fewer heads per
+    # program, a deeper pipeline, longer K/V blocks
+    "h4": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4},
+    "h4_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4, "prompt_share": 1.25},
+    "h2_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 2, "branch_warps": 4, "prompt_share": 1.25},
+    "h2w2_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 2, "branch_warps": 2, "prompt_share": 1.25},
+    "h4s4_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4, "branch_stages": 4,
+                    "prompt_share": 1.25},
+    "h4n32_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4,
+                     "branch_block_n": 32, "prompt_share": 1.25},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
