@@ -74,12 +74,25 @@ def test_spread_programs_follow_the_sms_the_prompt_leaves():
     tokens over the 50 branches of 200; with ``branch_spread=0`` one program per branch."""
     shape = AttentionShape(32, 8, 128, "bfloat16")
     tree = fan(16000, 50, 200, np.random.default_rng(0))
-    plan = DeftFlatten(n_sms=132, branch_heads=True).plan(tree, shape, "cpu")
+    kw = dict(n_sms=132, branch_heads=True, branch_block_h=0, branch_warps=8, prompt_share=1.1)
+    plan = DeftFlatten(branch_spread=1.0, **kw).plan(tree, shape, "cpu")
     ctas = (plan.n_prompt - plan.n_pairs) * 8
-    assert plan.rest_heads == 16 and plan.rest_programs == 132 - ctas
-    flat = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=0).plan(tree, shape, "cpu")
+    assert ctas == 80 and plan.rest_heads == 16 and plan.rest_programs == 132 - ctas
+    flat = DeftFlatten(branch_spread=0, **kw).plan(tree, shape, "cpu")
     assert flat.rest_programs == 0 and flat.groups.n_tiles - flat.n_prompt == 50
-    assert DeftFlatten(n_sms=132).plan(tree, shape, "cpu").rest_heads == 0  # off by default
+    assert DeftFlatten(n_sms=132, branch_heads=False).plan(tree, shape, "cpu").rest_heads == 0
+
+
+def test_the_default_runs_the_branches_in_their_kernel_beside_a_larger_prompt_share():
+    """Session 22's default: few-shot 16k step 200 gives the prompt kernel 96 CTAs (6 chunks; 80 at the old share
+    of 1.1) and its 50 branches one program per (branch, pair of KV heads): 200 programs of 2 warps on the 36 SMs left."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan(16000, 50, 200, np.random.default_rng(0))
+    m = DeftFlatten(n_sms=132)
+    plan = m.plan(tree, shape, "cpu")
+    assert (plan.n_prompt - plan.n_pairs) * 8 == 96 and plan.rest_heads == 16 and plan.rest_programs == 0
+    assert plan.groups.n_tiles - plan.n_prompt == 50 and m.branch_head_blocks(shape, 16) == 4
+    assert (m.branch_heads, m.branch_spread, m.branch_block_h, m.branch_warps, m.prompt_share) == (True, 0.0, 2, 2, 1.25)
 
 
 def test_a_masked_or_big_rest_tile_keeps_the_fused_launch():
@@ -87,7 +100,7 @@ def test_a_masked_or_big_rest_tile_keeps_the_fused_launch():
     queries (32 rows, causal among them) keeps the fused kernel's launch."""
     shape = AttentionShape(32, 8, 128, "bfloat16")
     rng = np.random.default_rng(0)
-    m = DeftFlatten(n_sms=132, branch_heads=True)
+    m = DeftFlatten(n_sms=132)
     tree = branch_tree(rng, 16000, [200] * 50, [1] * 49 + [8])
     plan = m.plan(tree, shape, "cpu")
     assert plan.n_prompt > 0 and plan.rest_heads == 0 and "progs" not in plan.groups.offsets
@@ -142,21 +155,21 @@ def test_branch_kernel_blocks_and_head_blocks_match_reference(block, monkeypatch
     rng = np.random.default_rng(block[0] + block[1])
     tree = branch_tree(rng, 400, rng.integers(1, 70, size=20).tolist(), [1] * 20)
     m = DeftFlatten(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_block_n=block[0],
-                    branch_stages=block[1], branch_warps=block[2], n_sms=16)  # fmt: skip
+                    branch_stages=block[1], branch_warps=block[2], branch_spread=1.0, branch_block_h=0, n_sms=16)  # fmt: skip
     plan = check(m, tree, 16, 4, D, torch.bfloat16, seed=3)
     assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.rest_programs > 0
 
 
 @needs_kernels
-@pytest.mark.parametrize("block_h", [1, 2])
+@pytest.mark.parametrize("block_h,warps,maxnreg", [(1, 4, 128), (2, 2, 0), (2, 8, 128)])
 @pytest.mark.parametrize("spread", [0.0, 1.0])
-def test_branch_kernel_with_fewer_heads_per_program_matches_reference(block_h, spread):
-    """``branch_block_h``: a tile's KV heads split over programs of one or two heads (four KV heads, GQA 4), with
-    ``branch_maxnreg`` set as on the GPU's two-programs-per-SM setting; one program per tile or spread."""
-    rng = np.random.default_rng(block_h + int(spread))
+def test_branch_kernel_with_fewer_heads_per_program_matches_reference(block_h, warps, maxnreg, spread):
+    """``branch_block_h``: a tile's KV heads split over programs of one or two heads (four KV heads, GQA 4), at 2, 4
+    and 8 warps (2 warps and two heads: the default), with ``branch_maxnreg`` or without; one program per tile or spread."""
+    rng = np.random.default_rng(block_h + warps + int(spread))
     tree = branch_tree(rng, 400, rng.integers(1, 70, size=20).tolist(), [1] * 20)
     m = DeftFlatten(chunk_size=128, block_n=16, prompt_min_tokens=0, branch_heads=True, branch_spread=spread,
-                    branch_block_h=block_h, branch_maxnreg=128, n_sms=16)  # fmt: skip
+                    branch_block_h=block_h, branch_warps=warps, branch_maxnreg=maxnreg, n_sms=16)  # fmt: skip
     plan = check(m, tree, 16, 4, D, torch.bfloat16, seed=5)
     assert plan.n_prompt > 0 and plan.rest_heads == 16 and m.branch_head_blocks(plan.shape, 16) == 4 // block_h
     assert (plan.rest_programs > 0) == (spread > 0)
@@ -172,7 +185,7 @@ def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread, block_h):
     shape = AttentionShape(32, 8, 128, "bfloat16")
     tree = fan(16000, 50, 200, np.random.default_rng(0))
     m = DeftFlatten(n_sms=132, branch_heads=True, branch_spread=spread, branch_block_h=block_h)
-    base = DeftFlatten(n_sms=132)
+    base = DeftFlatten(n_sms=132, branch_heads=False)
     plan, io, io_base = m.plan(tree, shape, "cpu"), m.io(tree, shape), base.io(tree, shape)
     blocks = 8 // (block_h or 8)
     t = tile_records(plan)
@@ -193,9 +206,10 @@ def test_io_counts_the_branch_kernel_s_reads_from_the_plan(spread, block_h):
 # ---------------------------------------------------------------------- branch_merge: no reduction launch
 def test_branch_merge_needs_one_program_per_branch_tile():
     with pytest.raises(ValueError, match="branch_merge"):
-        DeftFlatten(branch_merge=True)  # branch_heads off
+        DeftFlatten(branch_merge=True, branch_heads=False)
     with pytest.raises(ValueError, match="branch_merge"):
-        DeftFlatten(branch_merge=True, branch_heads=True)  # branch_spread 1 (the default)
+        DeftFlatten(branch_merge=True, branch_spread=1.0)
+    assert DeftFlatten(branch_merge=True).branch_merge  # the defaults: the branches' kernel, one program per tile
 
 
 def test_one_rest_tile_per_query_tells_which_plans_merge():
@@ -264,7 +278,8 @@ def test_io_of_a_merging_plan_drops_the_branches_partials_and_the_reduction(merg
     assert (io.kv, io.q, io.o, io.mask, io.partial) == (io_base.kv, io_base.q, io_base.o, io_base.mask, io_base.partial)
     assert io.partial == 2 * plan.groups.n_partials * shape.n_heads * (shape.head_dim * 2 + 4)
     reduce_base = shape.n_heads * (tree.n_queries * 12 + plan.groups.n_partials * 4)
-    merge_meta = (first - pairs) * 8 * 8 + (2 * tree.n_queries + plan.groups.n_partials) * 4 + (n - first) * 12
+    blocks = m.branch_head_blocks(shape, plan.rest_heads)  # each block of KV heads' program merges its own heads
+    merge_meta = (first - pairs) * 8 * 8 + blocks * ((2 * tree.n_queries + plan.groups.n_partials) * 4 + (n - first) * 12)
     assert io.meta == io_base.meta - reduce_base + merge_meta
 
 
