@@ -266,7 +266,7 @@ class DeftAttention(AttentionMethod):
     tiles in the fused kernel beside it (``prompt_order``, below); the reduction waits for both. Off a Hopper GPU,
     or on pools a TMA descriptor cannot address, the prompt tiles run in the fused kernel instead, in a launch of
     their own (same plan, same partials: how the CPU tests check the split). ``prompt_min_tokens`` (2048) and
-    ``prompt_share`` (1.1; 0: ``wide_waves``' fixed share) decide per tree (:meth:`prompt_plan`): the Gluon kernel's
+    ``prompt_share`` (1.25, session 22; 1.1 before; 0: ``wide_waves``' fixed share) decide per tree (:meth:`prompt_plan`): the Gluon kernel's
     CTAs hold an SM each for a whole chunk, so it pays only on long prompt chunks, and the prompt's share of the SMs
     should follow its share of the step's tokens. H100, session 16, graph µs (``results/h100/kernel_snapshots_2026-12-06_s16*``):
     few-shot 16k steps 1 / 200 / 399 62.2 / 72.9 / 89.9 -> 51.6 / 62.9 / 76.5 (the launches the rule makes, measured
@@ -281,11 +281,17 @@ class DeftAttention(AttentionMethod):
     kernel compiled for the small tile's rows alone (:meth:`rest_launch_args`: 115 registers and 39 KB at 5 stages,
     four programs per SM, instead of 225 and 112 KB). H100, session 17: the branches alone 25.5 -> 25.0 µs (Nsight
     Compute), the few-shot 16k steps no faster (graph µs, geomean of three 64.2 -> 65.4; 3 stages 66.7).
-    ``branch_heads`` (off by default; session 19), ``branch_block_n`` / ``branch_stages`` / ``branch_warps`` and
-    ``branch_spread``: with the Gluon prompt kernel, when every tile after its own is small and unmasked (one-query
-    branches), the rest's launch is the branches' kernel (:mod:`deft.kernels.branch_heads`: a program loads a
-    token's K and V rows for all KV heads at once), one program per tile, or with ``branch_spread`` > 0 that many times
-    the SMs the prompt kernel leaves, each over an equal run of tile pieces (:meth:`branch_programs`). H100, session 19,
+    ``branch_heads`` (on by default from session 22; session 19), ``branch_block_h`` (2), ``branch_warps`` (2),
+    ``branch_block_n`` / ``branch_stages`` / ``branch_maxnreg`` and ``branch_spread`` (0): with the Gluon prompt kernel,
+    when every tile after its own is small and unmasked (one-query branches), the rest's launch is the branches' kernel
+    (:mod:`deft.kernels.branch_heads`: a program loads a token's K and V rows for ``branch_block_h`` KV heads at once),
+    one program per (tile, block of heads), or with ``branch_spread`` > 0 that many times the SMs the prompt kernel
+    leaves, each over an equal run of tile pieces (:meth:`branch_programs`). H100, session 22, graph µs at few-shot 16k
+    steps 1 / 200 / 399, with ``prompt_share`` 1.25: 43.4 / 54.5 / 66.1 (the fused kernel's rest, share 1.1) -> 44.3 /
+    49.6 / 63.3 (two heads at two warps: 168 registers and 25 KB, several programs per SM, so the prompt kernel's sixth
+    chunk at step 200 leaves its 36 SMs enough; all 8 heads at 8 warps take an SM's registers alone and ran in two
+    waves there, 72 µs); over the width-50 few-shot traces 8 % less attention time at 16k and 20k, widths 20 and 30
+    unchanged (``notes/deft_kernels.md``, session 22). H100, session 19,
     graph µs: few-shot 16k step 200 61.5-62.4 -> 59.3-60.1 (one program per tile, 3 stages), but step 399 73.8-74.6 ->
     76.2-77.3, and over the whole width-50 trace at 16k and 20k no net change (within the +-2 % spread of the default's
     repeats): the branches' kernel moves its bytes faster alone (24.9 against 42 µs on the 52 SMs the prompt leaves at
