@@ -65,6 +65,50 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def branch_signature() -> dict:
+    """:func:`~deft.kernels.branch_heads.branch_heads_kernel`'s signature for ``ASTSource`` (bf16 tensors, int32 plan
+    words and offsets; the timeline slot typed as the launcher passes it without a timeline)."""
+    import inspect
+
+    from deft.kernels.branch_heads import branch_heads_kernel
+
+    def kind(name: str) -> str:
+        if name.isupper():
+            return "constexpr"
+        if name in ("q_ptr", "k_ptr", "v_ptr", "part_o", "out_ptr"):
+            return "*bf16"
+        if name in ("part_lse", "timeline"):
+            return "*fp32"
+        if name in ("meta", "sync"):
+            return "*i32"
+        return "fp32" if name == "qk_scale" else "i32"
+
+    return {n: kind(n) for n in inspect.signature(branch_heads_kernel.fn).parameters}
+
+
+def compile_branch_for_hopper(
+    block_h: int = 2, num_warps: int = 2, stages: int = 3, block_n: int = 16, maxnreg: int = 0, n_kv: int = 8
+):
+    """The branches' kernel (:mod:`deft.kernels.branch_heads`) compiled for sm_90 as ``launch_branch_heads`` launches it
+    for one-query branches at GQA 4 and head_dim 128 (16-row tiles): ``block_h`` KV heads per program, ``maxnreg``
+    registers per thread (0: the compiler's choice). Defaults: ``DeftAttention``'s (session 22)."""
+    from deft.kernels.branch_heads import branch_heads_kernel
+
+    sig = branch_signature()
+    const = dict(GROUP=4, ROWS=16, N_KV=n_kv, BLOCK_H=block_h, HEAD_DIM=128, BLOCK_N=block_n, STAGES=stages, DOT_F32=False,
+                 SPREAD=False, TIMELINE=False, MERGE=False, MERGE_H=1, MERGE_P=1)  # fmt: skip
+    src = ASTSource(fn=branch_heads_kernel, signature=sig, constexprs=const, attrs=launch_hints(sig))
+    options = {"num_warps": num_warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=TARGET, options=options)
+
+
+def programs_per_sm(regs: int, num_warps: int, smem: int) -> int:
+    """How many programs of a kernel one H100 SM holds by its registers (64K, allocated per warp in units of 256) and
+    shared memory (228 KB, 1 KB reserved per program)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), (233472 // (smem + 1024)) if smem else 32)
+
+
 def compile_prompt_for_hopper(
     head_dim: int = 128, dtype: str = "bf16", group: int = 4, timeline: bool = False, pdl_trigger: bool = False,
     signal: bool = False,
@@ -132,6 +176,13 @@ def main() -> None:
             UNIFIED=False, AFFINE_BIG=False, SMALL_STAGES=5, SMALL_BLOCK_N=32, SMALL_AFFINE=False, FUSED_REDUCE=False, L2_PREFETCH=False,
             BIG_GATHER_BLOCK_N=64, BIG_GATHER_STAGES=None))  # fmt: skip
         rows.append(report(f"deft_small{small}_contig{int(contig)}" + ("_timeline" if timeline else ""), k, out))
+    # the branches' kernel: KV heads x warps per program (session 22: 8 x 8 takes an SM's registers alone; the default
+    # 2 x 2 fits six programs an SM beside nothing, so 200 of them fit the 36 SMs the prompt kernel's 96 CTAs leave)
+    for block_h, warps, maxnreg in ((8, 8, 0), (8, 8, 128), (4, 4, 0), (2, 4, 0), (2, 2, 0)):
+        k = compile_branch_for_hopper(block_h, warps, maxnreg=maxnreg)
+        r = report(f"branch_h{block_h}_w{warps}" + (f"_r{maxnreg}" if maxnreg else ""), k, out)
+        r["kernel"] += f" ({programs_per_sm(r['regs'], warps, r['smem'])}/SM)"
+        rows.append(r)
     print(f"{'kernel':26s} {'regs':>5s} {'smem':>7s} {'sass':>6s} {'async':>6s} {'wgmma':>6s}")
     for r in rows:
         print(f"{r['kernel']:26s} {r['regs']:5d} {r['smem']:7d} {r['sass_instr']:6d} {r['async_copies']:6d} {r['wgmma']:6d}")

@@ -62,3 +62,35 @@ def test_deft_kernel_compiles_for_hopper_with_pipelined_loads_and_no_spills(
     # two programs per SM (228 KB of shared memory on Hopper): the small tile's deeper pipeline (small_stages=5) must
     # reuse the big tile's K/V buffers, not add its own
     assert r["smem"] <= 116 * 1024
+
+
+BRANCH_CHILD = """
+import json, sys
+from pathlib import Path
+from scripts.kernel_aot import compile_branch_for_hopper, programs_per_sm, report
+k = compile_branch_for_hopper()
+r = report("branch", k, Path(sys.argv[1]))
+r["spill_stores"] = (Path(sys.argv[1]) / "branch.sass").read_text().count("STL")
+r["per_sm"] = programs_per_sm(r["regs"], 2, r["smem"])
+print(json.dumps(r))
+"""
+
+
+def test_default_branch_kernel_fits_six_programs_an_sm(tmp_path):
+    """The default branches' kernel (two KV heads, two warps, 16-token blocks, 3 stages; ``DeftAttention``'s defaults)
+    for sm_90: no spills, and registers and shared memory for six programs per SM, so that the 200 programs of
+    few-shot 16k step 200 fit the 36 SMs the prompt kernel's 96 CTAs leave (session 22: all 8 heads at 8 warps took an
+    SM's registers alone, and the branches ran in two waves)."""
+    from deft.kernels.deft_flatten import DeftFlatten
+
+    m = DeftFlatten()
+    assert (m.branch_block_h, m.branch_warps, m.branch_block_n, m.branch_stages, m.branch_maxnreg) == (2, 2, 16, 3, 0)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    res = subprocess.run([sys.executable, "-c", BRANCH_CHILD, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 < r["regs"] <= 168 and r["spill_stores"] == 0
+    assert r["per_sm"] >= 6, r
