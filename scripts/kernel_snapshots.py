@@ -45,6 +45,9 @@ SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 #: graph-replayed device time) is then used for all three variants on every snapshot
 V5 = {"idx_inloop": True, "block_n": 32, "snap": 0.3, "partial_dtype": "input"}
 V6 = {**V5, "small_m": 16}
+#: session 21's branches' kernel settings, which its sweep entries pin (the defaults changed in session 22)
+S21_BRANCHES = {"branch_heads": True, "branch_spread": 0, "branch_block_h": 0, "branch_warps": 8, "prompt_share": 1.1}
+
 ALL_SWEEP = {
     "default": {},
     "v5": V5,
@@ -195,13 +198,13 @@ ALL_SWEEP = {
     # gathered loops 5 (small_stages), 8 or 3 stages deep at 32-token blocks (sm_90 build at 5: 115 registers, 39 KB of
     # shared memory, four programs per SM; at 3: 96 and 22 KB, five; the fused kernel: 225 and 112 KB, two), and the
     # prompt's share scaled up for it (the branches then take fewer SMs for the same time)
-    "gluon_sr": {"small_rest": True},
-    "gluon_sr_s8": {"small_rest": True, "rest_stages": 8},
-    "gluon_sr_s3": {"small_rest": True, "rest_stages": 3},
-    "gluon_sr_ps1.25": {"small_rest": True, "prompt_share": 1.25},
-    "gluon_sr_ps1.4": {"small_rest": True, "prompt_share": 1.4},
-    "gluon_sr_s3_ps1.25": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.25},
-    "gluon_sr_s3_ps1.4": {"small_rest": True, "rest_stages": 3, "prompt_share": 1.4},
+    "gluon_sr": {"small_rest": True, "branch_heads": False},
+    "gluon_sr_s8": {"small_rest": True, "branch_heads": False, "rest_stages": 8},
+    "gluon_sr_s3": {"small_rest": True, "branch_heads": False, "rest_stages": 3},
+    "gluon_sr_ps1.25": {"small_rest": True, "branch_heads": False, "prompt_share": 1.25},
+    "gluon_sr_ps1.4": {"small_rest": True, "branch_heads": False, "prompt_share": 1.4},
+    "gluon_sr_s3_ps1.25": {"small_rest": True, "branch_heads": False, "rest_stages": 3, "prompt_share": 1.25},
+    "gluon_sr_s3_ps1.4": {"small_rest": True, "branch_heads": False, "rest_stages": 3, "prompt_share": 1.4},
     # session 20: the branches' launch kept from starting before the prompt kernel's CTAs (prompt_order): on the same
     # stream as a programmatic dependent of the prompt kernel (the default from session 20 on, so "default" =
     # "order_chain"), or on a side stream forked before it (before). A PDL marker kernel with the side stream waiting
@@ -209,33 +212,38 @@ ALL_SWEEP = {
     "order_chain": {"prompt_order": "chain"},
     "order_streams": {"prompt_order": "streams"},
     # session 21: the branches' kernel (branch_heads, session 19) again, now chained to the prompt kernel and timed with
-    # the reading flush: spread over the free SMs (branch_spread 1, the knob's default) or one program per tile, 3 or 5
-    # stages, and with the prompt's share scaled
-    "bh": {"branch_heads": True},
-    "bh_s5": {"branch_heads": True, "branch_stages": 5},
-    "bh_tile": {"branch_heads": True, "branch_spread": 0},
-    "bh_tile_s5": {"branch_heads": True, "branch_spread": 0, "branch_stages": 5},
-    "bh_ps1.0": {"branch_heads": True, "prompt_share": 1.0},
-    "bh_ps1.25": {"branch_heads": True, "prompt_share": 1.25},
-    "bh_tile_ps1.25": {"branch_heads": True, "branch_spread": 0, "prompt_share": 1.25},
-    # ... and merging each query's partials in the branches' programs once the prompt kernel has counted its own
-    # stored (branch_merge: no reduction launch)
-    "bhm": {"branch_heads": True, "branch_spread": 0, "branch_merge": True},
-    "bhm_s5": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "branch_stages": 5},
-    "bhm_ps1.0": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "prompt_share": 1.0},
-    "bhm_w4": {"branch_heads": True, "branch_spread": 0, "branch_merge": True, "branch_warps": 4},
-    # session 22: one branch program per (branch, half of the KV heads) at 4 warps (168 registers, 49 KB: two or three
-    # share an SM, where a program of all 8 heads at 8 warps takes an SM's registers alone), so the prompt kernel can
-    # take 96 SMs at step 200 (prompt_share 1.25) and the branches still fit on the 36 it leaves; fewer heads per
-    # program, a deeper pipeline, longer K/V blocks
-    "h4": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4},
-    "h4_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4, "prompt_share": 1.25},
-    "h2_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 2, "branch_warps": 4, "prompt_share": 1.25},
-    "h2w2_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 2, "branch_warps": 2, "prompt_share": 1.25},
-    "h4s4_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4, "branch_stages": 4,
-                    "prompt_share": 1.25},
-    "h4n32_ps1.25": {"branch_heads": True, "branch_spread": 0, "branch_block_h": 4, "branch_warps": 4,
-                     "branch_block_n": 32, "prompt_share": 1.25},
+    # the reading flush: spread over the free SMs (branch_spread 1) or one program per tile, 3 or 5 stages, and with
+    # the prompt's share scaled; all 8 KV heads per program at 8 warps and prompt_share 1.1, session 21's settings
+    # (pinned: from session 22 the branches' kernel is the default, at 2 heads, 2 warps and 1.25)
+    **{name: {**S21_BRANCHES, **kw} for name, kw in {
+        "bh": {"branch_spread": 1.0},
+        "bh_s5": {"branch_spread": 1.0, "branch_stages": 5},
+        "bh_tile": {},
+        "bh_tile_s5": {"branch_stages": 5},
+        "bh_ps1.0": {"branch_spread": 1.0, "prompt_share": 1.0},
+        "bh_ps1.25": {"branch_spread": 1.0, "prompt_share": 1.25},
+        "bh_tile_ps1.25": {"prompt_share": 1.25},
+        # ... and merging each query's partials in the branches' programs once the prompt kernel has counted its own
+        # stored (branch_merge: no reduction launch)
+        "bhm": {"branch_merge": True},
+        "bhm_s5": {"branch_merge": True, "branch_stages": 5},
+        "bhm_ps1.0": {"branch_merge": True, "prompt_share": 1.0},
+        "bhm_w4": {"branch_merge": True, "branch_warps": 4},
+    }.items()},
+    # session 22: one branch program per (branch, block of KV heads) small enough to share an SM (4 heads at 4 warps:
+    # 168 registers, 49 KB, three per SM; 2 at 2 warps: six; all 8 at 8 warps take an SM's registers alone), so the
+    # prompt kernel can take 96 SMs at step 200 (prompt_share 1.25) and the branches still fit on the 36 it leaves;
+    # fewer heads per program, a deeper pipeline, longer K/V blocks. h2w2_ps1.25 is the default from 7baa412 on, and
+    # "fused_rest" the default before it (the rest in the fused kernel, prompt_share 1.1)
+    "fused_rest": {"branch_heads": False, "prompt_share": 1.1},
+    **{name: {"branch_heads": True, "branch_spread": 0, **kw} for name, kw in {
+        "h4": {"branch_block_h": 4, "branch_warps": 4, "prompt_share": 1.1},
+        "h4_ps1.25": {"branch_block_h": 4, "branch_warps": 4, "prompt_share": 1.25},
+        "h2_ps1.25": {"branch_block_h": 2, "branch_warps": 4, "prompt_share": 1.25},
+        "h2w2_ps1.25": {"branch_block_h": 2, "branch_warps": 2, "prompt_share": 1.25},
+        "h4s4_ps1.25": {"branch_block_h": 4, "branch_warps": 4, "branch_stages": 4, "prompt_share": 1.25},
+        "h4n32_ps1.25": {"branch_block_h": 4, "branch_warps": 4, "branch_block_n": 32, "prompt_share": 1.25},
+    }.items()},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
