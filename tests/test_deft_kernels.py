@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from deft.attention import AttentionShape, UnsupportedInput
-from deft.kernels import deft_attention
+from deft.kernels import deft_attention, kv_groups
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
+from deft.kernels.kv_groups import build_groups
 from deft.kernels.tree_attention import small_tile_rows
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
@@ -617,6 +618,52 @@ def test_few_split_cuts_few_query_chunks_as_node_chunk_does():
     fan = fan_tree(100, 9, 30, rng)
     assert DeftFlatten(chunk_size=70, few_split=16).groups(fan, shape).n_chunks > DeftFlatten(chunk_size=70, few_split=0).groups(fan, shape).n_chunks
     assert DeftFlatten().few_split == 64 and DeftNodeChunk().few_split == 0  # Flatten's default only
+
+
+def _sliver_free_and_not(tree, monkeypatch, chunk_size=32):
+    """Flatten's few-query cuts of ``tree`` (group 4, 16-row tiles, numpy) with and without the edge move."""
+    args = (tree, 4, "flatten", chunk_size, 16, None, 0.0)
+    moved = build_groups(*args, native=False, few_split=16)
+    with monkeypatch.context() as mp:
+        mp.setattr(kv_groups, "SLIVER_DIV", 1 << 40)  # chunk_size // SLIVER_DIV == 0: no edge moves
+        kept = build_groups(*args, native=False, few_split=16)
+    return moved, kept
+
+
+def test_few_split_moves_a_run_edge_onto_a_node_cut_next_to_it(monkeypatch):
+    """A chunk inside one branch is kept as it was; the few run after it used to start a token or two short of the
+    branch's Node-Chunk cut and leave a sliver there. The edge now moves onto the cut: fewer tiles, and every cut is
+    a node start or a chunk's multiple from one, as Node-Chunk's are."""
+    tree = fan_tree(20, 5, 30)
+    moved, kept = _sliver_free_and_not(tree, monkeypatch)
+    assert moved.n_tiles < kept.n_tiles
+    t, nodes = moved.records("tiles"), moved.records("nodes")
+    end = np.append(nodes["off"][1:], moved.n_tokens)
+    node_cuts = {int(o) + k for o, e in zip(nodes["off"], end, strict=True) for k in range(0, int(e - o), 32)}
+    assert set(t["tok_lo"].tolist()) - set(kept.records("tiles")["tok_lo"].tolist()) <= node_cuts
+    lens = kept.records("tiles")["tok_hi"] - kept.records("tiles")["tok_lo"]
+    assert lens.min() <= 32 // kv_groups.SLIVER_DIV  # the sliver the move removes
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_few_split_moved_edges_match_reference(seed):
+    rng = np.random.default_rng(90 + seed)
+    tree = fan_tree(20, 5, 30, rng) if seed == 0 else fan_tree(20, 5, 22, rng)
+    check(DeftFlatten(chunk_size=32 - 16 * seed, block_n=16, few_split=16, snap=0.0), tree, dtype=torch.bfloat16, seed=seed)
+
+
+def test_few_shot_4k_step_399_cuts_as_node_chunk():
+    """Few-shot 4k step 399 on 132 SMs (chunk 363, branches of 399): 5 branches were cut 362 + 1 + 36 (133 tiles
+    against Node-Chunk's 128, sessions 13-22); now Flatten's tile lengths are Node-Chunk's."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan_tree(4000, 50, 399)
+
+    def lens(m) -> list[int]:
+        t = m.groups(tree, shape).records("tiles")
+        return sorted((t["tok_hi"] - t["tok_lo"]).tolist())
+
+    flat = lens(DeftFlatten(n_sms=132))
+    assert flat == lens(DeftNodeChunk(n_sms=132)) and len(flat) == 128 and min(flat) == 36
 
 
 # ---------------------------------------------------------------------- consecutive slots (affine addresses)

@@ -165,6 +165,16 @@ def test_deep_chains_wide_fans_and_single_nodes_are_bit_identical(mode):
     assert_native_matches_numpy(one_query, 1, mode, 1, 16, 0.49)
 
 
+@pytest.mark.parametrize("branch,chunk", [(30, 32), (22, 16), (29, 16), (399, 363)])
+def test_few_split_edge_moves_are_bit_identical(branch, chunk):
+    """Fans whose few runs start beside a branch's Node-Chunk cut (the edge move of ``_split_few_query_chunks``)."""
+    from tests.test_deft_kernels import fan_tree as fan
+
+    tree = fan(20 if branch < 100 else 4000, 5 if branch < 100 else 50, branch)
+    for use_out in (False, True):
+        assert_native_matches_numpy(tree, 4, "flatten", chunk, 16, few_split=16, use_out=use_out)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_unseen_nodes_are_dropped_and_query_free_trees_are_empty(mode):
     rng = np.random.default_rng(11)

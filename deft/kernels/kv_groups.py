@@ -47,6 +47,9 @@ FLAG_CONTIG = 2
 FLAG_SHIFT = 2
 NODE_FIELDS = ("off", "tin", "end")
 QUERY_FIELDS = ("idx", "tin", "vis")
+#: Flatten's few-query re-cut moves a run's edge onto a Node-Chunk cut of its node at most ``chunk_size //
+#: SLIVER_DIV`` tokens away (:func:`_split_few_query_chunks`); the C plan uses the same number
+SLIVER_DIV = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -720,11 +723,25 @@ def _split_few_query_chunks(
     few = (cnq * group <= rows) & (first != last)
     if not few.any():
         return bounds
+    per = (n_end - n_off + (chunk_size - 1)) // chunk_size  # Node-Chunk's cuts: node starts, then every chunk
+    # an edge between a few run and a kept chunk, strictly inside a node, moves to that node's nearest Node-Chunk
+    # cut (or its end) when that is within SLIVER_DIV-th of a chunk: else the re-cut leaves a sliver beside it
+    # (few-shot 4k step 399: a branch of 399 as 362 + 1 + 36, not 363 + 36)
+    edge = np.flatnonzero(few[:-1] != few[1:]) + 1
+    if edge.size:
+        e = bounds[edge]
+        j = n_end.searchsorted(e, "right")
+        o = e - n_off[j]
+        near = np.minimum((o + chunk_size // 2) // chunk_size * chunk_size, n_end[j] - n_off[j])
+        to = n_off[j] + near
+        ok = (o > 0) & (np.abs(to - e) <= chunk_size // SLIVER_DIV) & (to > bounds[edge - 1]) & (to < bounds[edge + 1])
+        if ok.any():
+            bounds = bounds.copy()
+            bounds[edge[ok]] = to[ok]
     keep = np.ones(bounds.size, dtype=bool)
     keep[1:-1] = ~(few[:-1] & few[1:])  # merge runs of few chunks
     merged = bounds[keep]
     merged_few = few[keep[:-1]]  # a merged region is few iff its first chunk is
-    per = (n_end - n_off + (chunk_size - 1)) // chunk_size  # Node-Chunk's cuts: node starts, then every chunk
     first_cut = np.add.accumulate(per) - per
     nc = n_off.repeat(per) + (np.arange(int(per.sum())) - first_cut.repeat(per)) * chunk_size
     region = merged.searchsorted(nc, "right") - 1

@@ -28,6 +28,7 @@ enum {
     H_SIZE = 40
 };
 #define N_SECTIONS 7
+#define SLIVER_DIV 16 /* kv_groups.SLIVER_DIV */
 
 /* Pre-order DFS with children in increasing id order, as DecodingTree._dfs walks it: returns the number
  * of nodes reached from the first root; unreached nodes (invalid trees) keep entry 0 and size 1.
@@ -522,7 +523,22 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
         }
         if (any) {
             i64 *cut = cq_lo; /* scratch: cq_lo and cq_hi hold 2 * cap entries, the new cuts at most cap + 1 */
-            i64 w = 0, j = 0;
+            i64 *moved = cq_hi, w = 0, j = 0;
+            /* an edge between a few run and a kept chunk, strictly inside a node, moves to that node's nearest
+             * Node-Chunk cut (or its end) when that is at most chunk_size / SLIVER_DIV away; every edge is
+             * tested against the unmoved bounds, then all move at once (as numpy does) */
+            for (i64 c = 1; c < n_c; c++) { /* moved[c] for the inner bounds only: cq_hi holds cap entries */
+                moved[c] = bounds[c];
+                if (thr[c - 1] == thr[c])
+                    continue;
+                i64 f = cfirst[c], o = bounds[c] - koff[f], len = kend[f] - koff[f];
+                i64 near = (o + chunk_size / 2) / chunk_size * chunk_size;
+                i64 to = koff[f] + (near < len ? near : len), d = to > bounds[c] ? to - bounds[c] : bounds[c] - to;
+                if (o > 0 && d <= chunk_size / SLIVER_DIV && to > bounds[c - 1] && to < bounds[c + 1])
+                    moved[c] = to;
+            }
+            for (i64 c = 1; c < n_c; c++)
+                bounds[c] = moved[c];
             for (i64 c = 0; c < n_c; c++) {
                 if (!(c > 0 && thr[c - 1] && thr[c])) /* the start of a merged run, or of a kept chunk */
                     cut[w++] = bounds[c];
