@@ -12,8 +12,13 @@ Environment: ``DEFT_SNAP_SWEEP`` (the DeFT-Flatten configurations swept, names f
 configuration; default: the sweep's fastest), ``DEFT_PROMPT_VARIANT`` (a :data:`scripts.prompt_probe.VARIANTS`
 name: the Gluon prompt kernel's module settings for the whole run, recorded in a ``prompt_gluon`` column), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
 all 9), ``DEFT_TRACES_DIR``, ``DEFT_PLAN_CORE`` (the CPU the plan's host time is measured on, the timing thread
-pinned to it; default the last one the process may use; ``off``: unpinned). Run on the GPU machine:
-``python -m scripts.kernel_snapshots``.
+pinned to it; default the last one the process may use; ``off``: unpinned), ``DEFT_SNAP_PAIRED`` (rounds of the
+paired comparison, default 300; 0: none). Run on the GPU machine: ``python -m scripts.kernel_snapshots``.
+
+The paired comparison: after each snapshot's table rows, every table variant's CUDA graph is replayed in
+interleaved rounds (:func:`~deft.bench.timing.time_device_interleaved`); ``kernel_paired_<date>.csv`` gets, per
+variant, the median of its per-round time over DeFT-Flatten's and that ratio's bootstrap 95 % interval (above 1:
+DeFT-Flatten faster with that confidence; below 1: slower), and ``kernel_paired_samples_<date>.csv`` the samples.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ import torch
 import triton
 
 from deft.attention import AttentionShape, floor_io
-from deft.bench.timing import copy_bandwidth, l2_flush_mode, pinned_thread, time_device, time_host
+from deft.bench.timing import (
+    copy_bandwidth,
+    l2_flush_mode,
+    paired_ratio,
+    pinned_thread,
+    time_device,
+    time_device_interleaved,
+    time_host,
+)
 from deft.kernels.autotune import fan_tree
 from deft.kernels.deft_flatten import DeftFlatten
 from deft.kernels.deft_node import DeftNode, DeftNodeChunk
@@ -472,6 +485,33 @@ def sweep_summary(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([piv, geo.to_frame("geomean").T, ratio.to_frame(f"x {first}").T])
 
 
+def paired(variants: dict[str, object], tree: DecodingTree, q, k, v, rounds: int, dev) -> tuple[list[dict], pd.DataFrame]:
+    """Each variant's graph replayed in :func:`time_device_interleaved` rounds; rows of its median µs and its
+    per-round ratio to ``flatten`` (median, bootstrap 95 % interval), and the samples (µs) in long form."""
+    plans = {n: m.plan(tree, SHAPE, dev) for n, m in variants.items()}
+    digests = {n: m.launch_digest(p) if hasattr(m, "launch_digest") else "" for (n, m), p in zip(variants.items(), plans.values(), strict=True)}
+    graphs = {n: graph_of(lambda m=m, p=plans[n]: m.run(q, k, v, p)) for n, m in variants.items()}
+    us = {n: ms * 1e3 for n, ms in time_device_interleaved({n: g.replay for n, g in graphs.items()}, rounds=rounds, device=dev).items()}
+    rows = []
+    for n, x in us.items():
+        med, lo, hi = paired_ratio(x, us["flatten"]) if n != "flatten" else (1.0, 1.0, 1.0)
+        rows.append({"variant": n, "paired_us": float(np.median(x)), "paired_p10_us": float(np.percentile(x, 10)),
+                     "paired_p90_us": float(np.percentile(x, 90)), "vs_flatten": med, "vs_flatten_lo": lo,
+                     "vs_flatten_hi": hi, "rounds": rounds, "same_launch": n != "flatten" and digests[n] == digests["flatten"],
+                     "launch_digest": digests[n]})  # fmt: skip
+    samples = pd.DataFrame([{"variant": n, "round": i, "us": float(t)} for n, x in us.items() for i, t in enumerate(x)])
+    return rows, samples
+
+
+def verdict(r: dict) -> str:
+    """What a paired row says of DeFT-Flatten against that variant."""
+    if r["variant"] == "flatten":
+        return ""
+    if r["same_launch"]:
+        return "same launch"
+    return "Flatten faster" if r["vs_flatten_lo"] > 1 else "Flatten SLOWER" if r["vs_flatten_hi"] < 1 else "tie (within the interval)"
+
+
 def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -486,7 +526,11 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "results/h100"))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernel_snapshots_{date}.csv"
+    paired_path, samples_path = out_dir / f"kernel_paired_{date}.csv", out_dir / f"kernel_paired_samples_{date}.csv"
+    rounds = int(os.environ.get("DEFT_SNAP_PAIRED", "300"))
     rows: list[dict] = []
+    pair_rows: list[dict] = []
+    pair_samples: list[pd.DataFrame] = []
 
     # correctness on random trees with the real shape
     rng = np.random.default_rng(0)
@@ -573,6 +617,12 @@ def main() -> None:
                 }
             )
         write_rows(path, rows)
+        if rounds > 0 and "flatten" in table:
+            pr, ps = paired({n: cls(**kw) for n, (cls, kw) in table.items()}, tree, q, k, v, rounds, dev)
+            pair_rows += [{**prov, "snapshot": sname, **r} for r in pr]
+            pair_samples.append(ps.assign(snapshot=sname, git_commit=prov["git_commit"], gpu=prov["gpu"]))
+            write_rows(paired_path, pair_rows)
+            pd.concat(pair_samples).to_csv(samples_path, index=False)
         print(f"done {sname} ({time.time() - t_start:.0f}s)", flush=True)
 
     import cProfile
@@ -610,6 +660,14 @@ def main() -> None:
                 f"{r['groups_us']:6.0f} {r['floor_us']:6.1f} {r['read_us']:6.1f} {r['achieved_TBps']:5.2f} {r['frac_copy_bw']:5.2f} "
                 f"{r['graph_frac_copy_bw']:5.2f} {r['rel_err']:7.1e} {r['n_tiles']:5d} {r['chunk_size']:5d} {r['rows']:4d} "
                 f"{r['graph_mma_tflops']:6.0f} {same}"
+            )
+
+    if pair_rows:
+        print(f"\npaired: {rounds} interleaved rounds per snapshot; ratio = variant / DeFT-Flatten per round, median [95 % CI]")
+        for r in pair_rows:
+            print(
+                f"{r['snapshot'][:26]:26s} {r['variant']:15s} {r['paired_us']:7.1f} "
+                f"{r['vs_flatten']:6.3f} [{r['vs_flatten_lo']:.3f}, {r['vs_flatten_hi']:.3f}] {verdict(r)}"
             )
 
 

@@ -1,8 +1,13 @@
-"""``steadiest``: a pass of repetitions whose median sits far above its fastest repetition is measured again."""
+"""``steadiest``: a pass of repetitions whose median sits far above its fastest repetition is measured again;
+``paired_ratio`` and ``time_device_interleaved``: paired comparisons of two launches."""
 
 from __future__ import annotations
 
-from deft.bench.timing import TimingStats, steadiest
+import numpy as np
+import pytest
+import torch
+
+from deft.bench.timing import TimingStats, paired_ratio, steadiest, time_device_interleaved
 
 
 def stats(median: float, low: float) -> TimingStats:
@@ -54,3 +59,38 @@ def test_pinned_thread_runs_on_one_core_and_restores_the_affinity():
     with pinned_thread(min(before)) as cpu:
         assert os.sched_getaffinity(0) == {min(before)}
     assert os.sched_getaffinity(0) == before
+
+
+def test_paired_ratio_finds_a_two_percent_gap_under_a_shared_drift():
+    """Rounds drift by up to 20 % together; b is 2 % slower in every round, plus 0.5 % noise of its own: the
+    interval excludes 1 though the two samples' ranges overlap almost wholly."""
+    rng = np.random.default_rng(0)
+    drift = 40.0 * (1.0 + 0.2 * rng.random(300))
+    a = drift * (1.0 + 0.005 * rng.standard_normal(300))
+    b = 1.02 * drift * (1.0 + 0.005 * rng.standard_normal(300))
+    med, lo, hi = paired_ratio(b, a)
+    assert 1.0 < lo < med < hi and abs(med - 1.02) < 0.005
+    med, lo, hi = paired_ratio(a, b)
+    assert lo < med < hi < 1.0
+
+
+def test_paired_ratio_of_one_launch_against_itself_straddles_one():
+    rng = np.random.default_rng(1)
+    drift = 40.0 * (1.0 + 0.2 * rng.random(300))
+    a, b = (drift * (1.0 + 0.01 * rng.standard_normal(300)) for _ in range(2))
+    med, lo, hi = paired_ratio(a, b)
+    assert lo < 1.0 < hi and hi - lo < 0.01
+
+
+def test_paired_ratio_refuses_unpaired_samples():
+    with pytest.raises(ValueError, match="paired samples"):
+        paired_ratio(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="paired samples"):
+        paired_ratio(np.ones(0), np.ones(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_interleaved_rounds_give_each_callable_one_sample_a_round():
+    x = torch.ones(1 << 20, device="cuda")
+    out = time_device_interleaved({"small": lambda: x[:1024].sum(), "big": lambda: (x * 2).sum()}, rounds=20)
+    assert set(out) == {"small", "big"} and all(v.shape == (20,) and (v > 0).all() for v in out.values())
