@@ -59,7 +59,8 @@ SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 V5 = {"idx_inloop": True, "block_n": 32, "snap": 0.3, "partial_dtype": "input"}
 V6 = {**V5, "small_m": 16}
 #: session 21's branches' kernel settings, which its sweep entries pin (the defaults changed in session 22)
-S21_BRANCHES = {"branch_heads": True, "branch_spread": 0, "branch_block_h": 0, "branch_warps": 8, "prompt_share": 1.1}
+S21_BRANCHES = {"branch_heads": True, "branch_spread": 0, "branch_block_h": 0, "branch_warps": 8, "prompt_share": 1.1,
+                "leaf_split": False}
 
 ALL_SWEEP = {
     "default": {},
@@ -249,7 +250,7 @@ ALL_SWEEP = {
     # fewer heads per program, a deeper pipeline, longer K/V blocks. h2w2_ps1.25 is the default from 7baa412 on, and
     # "fused_rest" the default before it (the rest in the fused kernel, prompt_share 1.1)
     "fused_rest": {"branch_heads": False, "prompt_share": 1.1},
-    **{name: {"branch_heads": True, "branch_spread": 0, **kw} for name, kw in {
+    **{name: {"branch_heads": True, "branch_spread": 0, "leaf_split": False, **kw} for name, kw in {
         "h4": {"branch_block_h": 4, "branch_warps": 4, "prompt_share": 1.1},
         "h4_ps1.25": {"branch_block_h": 4, "branch_warps": 4, "prompt_share": 1.25},
         "h2_ps1.25": {"branch_block_h": 2, "branch_warps": 4, "prompt_share": 1.25},
@@ -257,6 +258,9 @@ ALL_SWEEP = {
         "h4s4_ps1.25": {"branch_block_h": 4, "branch_warps": 4, "branch_stages": 4, "prompt_share": 1.25},
         "h4n32_ps1.25": {"branch_block_h": 4, "branch_warps": 4, "branch_block_n": 32, "prompt_share": 1.25},
     }.items()},
+    # session 23: Flatten's chunks of leaves only packed into masked tiles again (few-shot 16k step 1; the default cuts
+    # them at their nodes when the prompt goes to the Gluon kernel and the branches to theirs: Node-Chunk's launch)
+    "leaf0": {"leaf_split": False},
 }
 #: the configurations swept (``DEFT_SNAP_SWEEP=name,name``; default: the set for session 10)
 SWEEP = {
@@ -593,9 +597,9 @@ def main() -> None:
     }
     if best != "default":
         table["flatten_default"] = (DeftFlatten, {})
-    keep = os.environ.get("DEFT_SNAP_TABLE")  # e.g. flatten,node_chunk: the table's variants
+    keep = os.environ.get("DEFT_SNAP_TABLE")  # e.g. flatten,node_chunk: the table's variants (an ALL_SWEEP name: Flatten at it)
     if keep:
-        table = {n: table[n] for n in keep.split(",") if n in table}
+        table = {n: table[n] if n in table else (DeftFlatten, ALL_SWEEP[n]) for n in keep.split(",") if n in table or n in ALL_SWEEP}
     for sname, tree in snaps:
         q, k, v, ref = inputs(tree, dev)
         kv_bytes = tree.unique_kv_tokens * SHAPE.kv_token_bytes

@@ -106,6 +106,26 @@ def test_a_masked_or_big_rest_tile_keeps_the_fused_launch():
     assert plan.n_prompt > 0 and plan.rest_heads == 0 and "progs" not in plan.groups.offsets
 
 
+def test_leaf_split_gives_few_shot_step_1_node_chunk_s_launch_beside_the_prompt_kernel():
+    """Few-shot 16k step 1 (50 one-token leaves, 132 SMs): with ``leaf_split`` (the default) Flatten cuts the leaves at
+    their nodes, one-query tiles for the branches' kernel, Node-Chunk's launch byte for byte; without it the 50 tokens
+    pack into masked tiles of the fused launch, four query slices each reading all 50. At 4k (no prompt kernel) the
+    packed tiles stay either way."""
+    shape = AttentionShape(32, 8, 128, "bfloat16")
+    tree = fan(16000, 50, 1, np.random.default_rng(0))
+    m, packed, nc = DeftFlatten(n_sms=132), DeftFlatten(n_sms=132, leaf_split=False), DeftNodeChunk(n_sms=132)
+    plan, plan_packed, plan_nc = m.plan(tree, shape, "cpu"), packed.plan(tree, shape, "cpu"), nc.plan(tree, shape, "cpu")
+    assert plan.rest_heads == 16 and plan.groups.n_tiles - plan.n_prompt == 50
+    assert m.launch_digest(plan) == nc.launch_digest(plan_nc)
+    assert plan_packed.rest_heads == 0 and (tile_records(plan_packed)[plan_packed.n_prompt :, 5] & FLAG_MASK).all()
+    # each leaf's token once, where the packed tiles (four query slices of the 50 leaves) read the 50 tokens four times
+    assert packed.io(tree, shape).kv == m.io(tree, shape).kv + 3 * 50 * shape.kv_token_bytes
+    small = fan(4000, 50, 1, np.random.default_rng(0))
+    p4, p4_packed = m.plan(small, shape, "cpu"), packed.plan(small, shape, "cpu")
+    assert p4.n_prompt == 0 and m.launch_digest(p4) == packed.launch_digest(p4_packed)
+    assert DeftNodeChunk(leaf_split=True).leaf_split_for(True) is False  # Flatten's re-cut only
+
+
 def test_bad_branch_settings_are_refused():
     for kw, msg in (({"branch_block_n": 8}, "branch_block_n"), ({"branch_stages": 0}, "branch_stages"),
                     ({"branch_warps": 3}, "branch_warps"), ({"branch_spread": -1}, "branch_spread"),
@@ -173,6 +193,22 @@ def test_branch_kernel_with_fewer_heads_per_program_matches_reference(block_h, w
     plan = check(m, tree, 16, 4, D, torch.bfloat16, seed=5)
     assert plan.n_prompt > 0 and plan.rest_heads == 16 and m.branch_head_blocks(plan.shape, 16) == 4 // block_h
     assert (plan.rest_programs > 0) == (spread > 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("leaf_len", [1, 3])
+def test_leaf_split_matches_reference(dtype, leaf_len):
+    """``leaf_split``: 30 leaves of 1 or 3 tokens and one query each (120 rows with GQA 4: too many for ``few_split``'s
+    64) beside a prompt in the prompt's launch; the leaves cut at their nodes go to the branches' kernel. NaN-poisoned
+    partials and output, against fp64; the same tree without it packs them into masked tiles of the fused launch."""
+    rng = np.random.default_rng(leaf_len)
+    tree = branch_tree(rng, 512, [leaf_len] * 30, [1] * 30)
+    kw = dict(chunk_size=128, block_n=16, prompt_min_tokens=0, n_sms=16)
+    plan = check(DeftFlatten(**kw), tree, 16, 4, D, dtype, seed=leaf_len)
+    assert plan.n_prompt > 0 and plan.rest_heads == 16 and plan.groups.n_tiles - plan.n_prompt == 30
+    packed = check(DeftFlatten(leaf_split=False, **kw), tree, 16, 4, D, dtype, seed=leaf_len)
+    assert packed.n_prompt > 0 and packed.rest_heads == 0
 
 
 @pytest.mark.parametrize("block_h", [0, 4])

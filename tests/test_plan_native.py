@@ -50,7 +50,7 @@ def assert_same_groups(a: KVGroups, b: KVGroups) -> None:
 
 def assert_native_matches_numpy(
     tree, group, mode, chunk_size=0, block_m_max=128, snap=0.0, use_out=False, wide_budget=0, few_split=0,
-    fill_tiles=False, fill_small=0,
+    fill_tiles=False, fill_small=0, leaf_split=False,
 ):  # fmt: skip
     """Native plan (``use_out``: into a buffer given by out_alloc) equals the numpy plan of the same tree."""
     bufs = []
@@ -63,17 +63,18 @@ def assert_native_matches_numpy(
         out_alloc = alloc if use_out else None
         nat = plan_native.build_groups_native(
             tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split, fill_tiles=fill_tiles,
-            fill_small=fill_small,
+            fill_small=fill_small, leaf_split=leaf_split,
         )
         assert nat is not None
     else:
         nat = build_groups(
             tree, group, mode, chunk_size, block_m_max, alloc if use_out else None, snap, native=True,
             wide_budget=wide_budget, few_split=few_split, fill_tiles=fill_tiles, fill_small=fill_small,
+            leaf_split=leaf_split,
         )  # fmt: skip
     ref = build_groups(
         python_tree(tree), group, mode, chunk_size, block_m_max, None, snap, native=False, wide_budget=wide_budget,
-        few_split=few_split, fill_tiles=fill_tiles, fill_small=fill_small,
+        few_split=few_split, fill_tiles=fill_tiles, fill_small=fill_small, leaf_split=leaf_split,
     )  # fmt: skip
     assert_same_groups(nat, ref)
     if use_out:
@@ -173,6 +174,15 @@ def test_few_split_edge_moves_are_bit_identical(branch, chunk):
     tree = fan(20 if branch < 100 else 4000, 5 if branch < 100 else 50, branch)
     for use_out in (False, True):
         assert_native_matches_numpy(tree, 4, "flatten", chunk, 16, few_split=16, use_out=use_out)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_leaf_split_is_bit_identical(seed, make_random_tree):
+    """``leaf_split``: chunks of leaves only count as few; fans of short leaves and random trees."""
+    rng = np.random.default_rng(400 + seed)
+    tree = fan_tree(rng, int(rng.integers(3, 60)), 40) if seed % 2 else make_random_tree(rng)
+    params = {**random_params(rng, tree), "mode": "flatten", "few_split": int(rng.choice([4, 16, 64]))}
+    assert_native_matches_numpy(tree, **params, leaf_split=True, use_out=bool(seed % 3 == 0))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -375,6 +375,7 @@ class DeftAttention(AttentionMethod):
         branch_merge: bool = False,
         branch_block_h: int = 2,
         branch_maxnreg: int = 0,
+        leaf_split: bool = True,
     ) -> None:
         self.__dict__["_gargs"] = {}  # per shape: build_groups' arguments and their C form (_group_args)
         self.__dict__["_ctx"] = {}  # per (device, shape): the plan context (_plan_context)
@@ -482,6 +483,7 @@ class DeftAttention(AttentionMethod):
         if branch_maxnreg and not 24 <= int(branch_maxnreg) <= 255:
             raise ValueError(f"branch_maxnreg must be 0 (the compiler's choice) or 24..255, got {branch_maxnreg}")
         self.branch_maxnreg = int(branch_maxnreg)
+        self.leaf_split = bool(leaf_split)
         self._tuned: dict[tuple, dict[str, Any]] = {}
         self._config_source = "constructor"
         self._staging: dict[torch.device, PinnedStaging] = {}
@@ -524,28 +526,46 @@ class DeftAttention(AttentionMethod):
             raise ValueError("chunk_for(None, shape) needs a fixed chunk_size: the automatic one depends on the tree")
         return auto_chunk_size(tree.unique_kv_tokens, *self.chunk_policy(shape))
 
-    def groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None, share: float | None = None) -> KVGroups:
+    def groups(
+        self, tree: DecodingTree, shape: AttentionShape, out_alloc=None, share: float | None = None, leaf: bool = False
+    ) -> KVGroups:
         """The KV-guided grouping of ``tree`` (host only); ``share``: the wide nodes' share of a wave, for
-        ``wide_waves``' (``prompt_share``'s pick, :meth:`prompt_plan`)."""
+        ``wide_waves``' (``prompt_share``'s pick, :meth:`prompt_plan`); ``leaf``: Flatten's chunks of leaves only cut
+        at their nodes (:meth:`leaf_split_for`). :meth:`plan_groups` gives the grouping :meth:`plan` runs."""
         if self.wide_pick and self.mode != "node" and self.wide_waves > 0:
             g = self._pick_wide(tree, shape, out_alloc)
-        elif share is not None:
-            g = self._build(tree, shape, out_alloc, share)
         else:
-            g = self._build(tree, shape, out_alloc)
+            g = self._build(tree, shape, out_alloc, share, leaf)
         if self.rest_chunk > 0:
             g = self._cut_rest(g, shape, out_alloc)
         return g
 
-    def _build(self, tree: DecodingTree, shape: AttentionShape, out_alloc, share: float | None = None) -> KVGroups:
+    def _build(
+        self, tree: DecodingTree, shape: AttentionShape, out_alloc, share: float | None = None, leaf: bool = False
+    ) -> KVGroups:
         """The grouping with the wide nodes' budget of ``share`` of a wave (None: ``wide_waves``)."""
-        kw, prep = self._group_args(shape, share)
+        kw, prep = self._group_args(shape, share, leaf)
         g = None
         if prep is not None:  # the C plan with arguments checked once per shape (the usual case)
             g = plan_native.build_prepared(tree, prep, out_alloc)
         if g is None:
             g = build_groups(tree, out_alloc=out_alloc, **kw)
         return g
+
+    def plan_groups(self, tree: DecodingTree, shape: AttentionShape, out_alloc=None) -> tuple[bool, KVGroups]:
+        """``(gluon, groups)``: whether ``tree``'s plan gives the Gluon kernel its prompt tiles (:meth:`prompt_plan`), and
+        the grouping that :meth:`plan`, :meth:`io` and :meth:`tensor_flops` take for it."""
+        gluon, share = self.prompt_plan(tree, shape)
+        return gluon, self.groups(tree, shape, out_alloc, share, self.leaf_split_for(gluon))
+
+    def leaf_split_for(self, gluon: bool) -> bool:
+        """``leaf_split``: whether Flatten's few-query re-cut (``few_split``) takes a chunk of leaves only whatever its
+        queries, on a tree whose prompt goes to the Gluon kernel (``gluon``) and whose rest may then go to the branches'
+        kernel (``branch_heads``, one-query unmasked tiles). Each query reads only its own leaf's tokens there, so the
+        bytes are the same either way; the masked tiles that packed 50 one-token leaves (few-shot 16k step 1) run in
+        the one-launch kernel, after the prompt kernel's SMs, where per-leaf tiles run beside it. Elsewhere (no prompt
+        kernel: the 4k trees' step 1) the packed tiles stay: there they were the faster launch (H100, session 22)."""
+        return gluon and self.leaf_split and self.branch_heads and self.mode == "flatten" and self.few_split > 0
 
     def prompt_plan(self, tree: DecodingTree, shape: AttentionShape) -> tuple[bool, float | None]:
         """``prompt_kernel="gluon"``: whether ``tree``'s plan gives the Gluon kernel its prompt tiles, and the wide
@@ -619,13 +639,13 @@ class DeftAttention(AttentionMethod):
         return cut
 
     def _group_args(
-        self, shape: AttentionShape, share: float | None = None
+        self, shape: AttentionShape, share: float | None = None, leaf: bool = False
     ) -> tuple[dict[str, Any], plan_native.NativePlanArgs | None]:
         """:func:`~deft.kernels.kv_groups.build_groups`'s keyword arguments for ``shape`` and their C form (None
-        when the C plan is off or declines them), made once per shape (and wide share, for ``wide_pick``'s candidates;
-        None: ``wide_waves``): a method plans every step with the same ones, and on a slow host their Python costs as
+        when the C plan is off or declines them), made once per shape (and wide share, None: ``wide_waves``'; and
+        ``leaf_split``): a method plans every step with the same ones, and on a slow host their Python costs as
         much as the C plan itself. Setting a knob drops them (:meth:`__setattr__`)."""
-        key = shape if share is None or share == self.wide_waves else (shape, float(share))
+        key = (shape, None if share is None or share == self.wide_waves else float(share), bool(leaf))
         got = self._gargs.get(key)
         if got is not None:
             return got
@@ -638,7 +658,7 @@ class DeftAttention(AttentionMethod):
             wide_budget=self.wide_budget(shape, share) if self.mode != "node" else 0,
             chunk_policy=self.chunk_policy(shape) if auto else None, lpt_small_m=self.small_m if self.lpt else None,
             lpt_mix=(self.mix, self.wide_ctas_per_sm * self.n_sms / shape.n_kv_heads), fill_tiles=self.fill_tiles,
-            fill_small=self.fill_small(shape),
+            fill_small=self.fill_small(shape), leaf_split=bool(leaf) and self.mode == "flatten",
         )  # fmt: skip
         prep = None
         if kw["mode"] in MODES and (kw["mode"] == "node" or kw["chunk_size"] > 0 or auto):
@@ -770,8 +790,7 @@ class DeftAttention(AttentionMethod):
         if ctx is None:
             ctx = self._plan_context(device, shape)
         staging = ctx.staging
-        gluon, share = self.prompt_plan(tree, shape)
-        g = self.groups(tree, shape, staging.alloc if staging is not None else None, share)
+        gluon, g = self.plan_groups(tree, shape, staging.alloc if staging is not None else None)
         n_big = small = -1
         n_prompt = n_pairs = rest_rows = rest_heads = rest_programs = 0
         merge = False
@@ -1238,15 +1257,13 @@ class DeftAttention(AttentionMethod):
         to the tile (:func:`groups_tensor_flops`), and what the tree needs (each query's visible tokens, every head,
         ``4 x head_dim`` each). Their ratio is the padding's cost; the executed flops over a measured tensor throughput
         are the compute side of the floor that bytes over bandwidth are the memory side of."""
-        _, share = self.prompt_plan(tree, shape)
-        g = self.groups(tree, shape, share=share)
+        _, g = self.plan_groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         executed = groups_tensor_flops(g, shape, small if small < g.rows else 0, self.unified_for(g, shape))
         return executed, tree.path_kv_tokens * shape.n_heads * 4 * shape.head_dim
 
     def io(self, tree: DecodingTree, shape: AttentionShape) -> IOCounts:
-        gluon, share = self.prompt_plan(tree, shape)
-        g = self.groups(tree, shape, share=share)
+        gluon, g = self.plan_groups(tree, shape)
         small = small_tile_rows(shape.group_size, g.rows, self.small_m)
         heads = reduce_heads(shape.n_heads, shape.head_dim, reduce_block(g.max_parts), self.reduce_heads)
         prefetch = (self.block_n, self.small_block or self.block_n) if self.l2_prefetch else None

@@ -343,6 +343,7 @@ def build_groups(
     lpt_mix: tuple[float, float] = (0.0, 0.0),
     fill_tiles: bool = False,
     fill_small: int = 0,
+    leaf_split: bool = False,
 ) -> KVGroups:
     """Group the tree's KV for one step.
 
@@ -363,7 +364,8 @@ def build_groups(
     ``few_split`` (flatten only): a chunk whose queries x ``group`` fit this many rows and that spans
     several nodes is *few*; runs of few chunks are re-cut as Node-Chunk cuts them (node starts, then every
     ``chunk_size`` tokens inside a node), so a fan's branches run unmasked one-node programs instead of
-    masked tiles over two branches; 0 is off (see :func:`_split_few_query_chunks`).
+    masked tiles over two branches; 0 is off (see :func:`_split_few_query_chunks`). ``leaf_split`` (with
+    ``few_split``): a chunk of leaves only is few too, whatever its queries (each reads only its own leaf there).
     ``wide_budget`` (flatten and node_chunk): cut nodes that need two or more row
     tiles into long chunks, at most this many (chunk x tile) programs per KV head (see
     :func:`_wide_node_bounds`); 0 is off.
@@ -388,7 +390,7 @@ def build_groups(
             raise RuntimeError("native plan requested but unavailable (no C compiler, or DEFT_NATIVE_PLAN=0)")
         g = pn.build_groups_native(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, wide_budget, few_split,
                                    chunk_policy if auto else None, lpt_small_m, lpt_mix, fill_tiles,
-                                   fill_small)  # fmt: skip
+                                   fill_small, leaf_split)  # fmt: skip
         if g is not None:
             return g
     if tree.unique_kv_tokens >= 1 << (31 - FLAG_SHIFT):  # a tile's flags hold its unmasked length above 2 bits
@@ -398,7 +400,7 @@ def build_groups(
     if auto:
         chunk_size = auto_chunk_size(tree.unique_kv_tokens, *chunk_policy)
     g = _build_groups_numpy(tree, group, mode, chunk_size, block_m_max, out_alloc, snap, few_split, wide_budget,
-                            fill_tiles, fill_small)  # fmt: skip
+                            fill_tiles, fill_small, leaf_split)  # fmt: skip
     if lpt_small_m is not None:
         order_tiles_longest_first(g, group, small_tile_rows(group, g.rows, lpt_small_m), *lpt_mix)
     return g
@@ -435,6 +437,7 @@ def _build_groups_numpy(
     wide_budget: int = 0,
     fill_tiles: bool = False,
     fill_small: int = 0,
+    leaf_split: bool = False,
 ) -> KVGroups:
     """:func:`build_groups` in numpy, for a tree with queries: the reference the C code matches."""
     nq = tree.n_queries
@@ -482,7 +485,9 @@ def _build_groups_numpy(
                 fill_small if fill_tiles else -1,
             )
         if few_split > 0:  # after the wide nodes' re-cut, which re-cuts the rest of the tree too
-            bounds = _split_few_query_chunks(bounds, n_off, n_end, ntin, nend, q_tin, group, few_split, chunk_size)
+            bounds = _split_few_query_chunks(
+                bounds, n_off, n_end, ntin, nend, q_tin, group, few_split, chunk_size, leaf_split
+            )
         c_lo, c_hi = bounds[:-1], bounds[1:]
         first = n_end.searchsorted(c_lo, "right")
         last = n_end.searchsorted(c_hi)
@@ -709,10 +714,12 @@ def _split_few_query_chunks(
     group: int,
     rows: int,
     chunk_size: int,
+    leaf_split: bool = False,
 ) -> np.ndarray:
     """Cut the few-query part of the tree as Node-Chunk does. A chunk that spans several nodes and whose
-    queries x ``group`` fit ``rows`` (the same query ranges the plan derives next) is *few*; each run of
-    few chunks is merged and re-cut at its node boundaries and every ``chunk_size`` tokens inside a node
+    queries x ``group`` fit ``rows`` (the same query ranges the plan derives next) is *few*, and so, with
+    ``leaf_split``, is one whose nodes are all leaves (each query there reads only its own leaf's tokens); each
+    run of few chunks is merged and re-cut at its node boundaries and every ``chunk_size`` tokens inside a node
     (counted from the node's start), so its tiles need no visibility mask (branches, one query each)."""
     c_lo, c_hi = bounds[:-1], bounds[1:]
     first = n_end.searchsorted(c_lo, "right")
@@ -720,7 +727,11 @@ def _split_few_query_chunks(
     maxend = np.maximum.reduceat(nend, first)
     np.maximum(maxend, nend[last], out=maxend)
     cnq = q_tin.searchsorted(maxend) - q_tin.searchsorted(ntin[first])
-    few = (cnq * group <= rows) & (first != last)
+    fit = cnq * group <= rows
+    if leaf_split:  # no inner node among first..last: a prefix count of inner nodes
+        inner = np.concatenate(([0], np.add.accumulate((nend - ntin != 1).astype(np.int64))))
+        fit |= inner[last + 1] == inner[first]
+    few = fit & (first != last)
     if not few.any():
         return bounds
     per = (n_end - n_off + (chunk_size - 1)) // chunk_size  # Node-Chunk's cuts: node starts, then every chunk

@@ -256,8 +256,8 @@ static i64 chunk_subtree_end(i64 c, i64 n_c, const i64 *cfirst, const i64 *clast
  * caller checks nq >= 1, slot_ptr has n + 1 entries, group >= 1, chunk_size >= 1 (node mode: any). */
 i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, const i64 *slots, i64 nq,
                    const i64 *qnode, const i64 *qvis, i64 group, i64 mode, i64 chunk_size, i64 block_m_max,
-                   double snap, i64 wide_budget, i64 few_rows, const i64 *chunk_policy, i64 fill_tiles,
-                   i64 fill_small, i64 *ws, i64 ws_cap)
+                   double snap, i64 wide_budget, i64 few_rows, i64 leaf_split, const i64 *chunk_policy,
+                   i64 fill_tiles, i64 fill_small, i64 *ws, i64 ws_cap)
 {
     if (ws_cap < H_SIZE)
         return -1;
@@ -509,16 +509,22 @@ i64 deft_plan_size(i64 n, const i64 *parent, const i64 *slot_ptr, i64 n_slots, c
         qpos[e] = s;
     }
 
-    /* Flatten, few_rows > 0: a chunk over several nodes whose queries x group fit few_rows is few; runs of
-     * few chunks are merged and re-cut as Node-Chunk cuts (node starts, every chunk_size inside a node)
-     * (kv_groups._split_few_query_chunks) */
+    /* Flatten, few_rows > 0: a chunk over several nodes whose queries x group fit few_rows (or, with
+     * leaf_split, whose nodes are all leaves) is few; runs of few chunks are merged and re-cut as Node-Chunk
+     * cuts (node starts, every chunk_size inside a node) (kv_groups._split_few_query_chunks) */
     if (mode == MODE_FLATTEN && few_rows > 0) {
         i64 any = 0;
         if (chunk_nodes(n_c, bounds, kend, k, cfirst, clast) != 0)
             return -7;
         for (i64 c = 0; c < n_c; c++) {
-            i64 f = cfirst[c], m = chunk_subtree_end(c, n_c, cfirst, clast, knend, k);
-            thr[c] = f != clast[c] && (qpos[m] - qpos[ktin[f]]) * group <= few_rows;
+            i64 f = cfirst[c], l = clast[c], m = chunk_subtree_end(c, n_c, cfirst, clast, knend, k);
+            thr[c] = f != l && (qpos[m] - qpos[ktin[f]]) * group <= few_rows;
+            if (f != l && !thr[c] && leaf_split) { /* leaf_split: a chunk of leaves only is few too */
+                i64 leaves = 1;
+                for (i64 i = f; i <= l && leaves; i++)
+                    leaves = knend[i] - ktin[i] == 1;
+                thr[c] = leaves;
+            }
             any |= thr[c];
         }
         if (any) {

@@ -104,7 +104,7 @@ def _load() -> ctypes.CDLL | None:
             lib.deft_tree_derive.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr]
             lib.deft_tree_derive.restype = i64
             lib.deft_plan_size.argtypes = [i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
-                                           ctypes.c_double, i64, i64, ptr, i64, i64, ptr, i64]  # fmt: skip
+                                           ctypes.c_double, i64, i64, i64, ptr, i64, i64, ptr, i64]  # fmt: skip
             lib.deft_plan_size.restype = i64
             lib.deft_plan_fill.argtypes = [ptr, _P32]
             lib.deft_plan_fill.restype = None
@@ -218,6 +218,7 @@ def prepare_plan(
     lpt_mix: tuple[float, float] = (0.0, 0.0),
     fill_tiles: bool = False,
     fill_small: int = 0,
+    leaf_split: bool = False,
 ) -> NativePlanArgs | None:
     """The tree-independent arguments of :func:`build_groups_native`, checked and converted once (a method
     plans every step with the same ones); None when the C code cannot take them (the caller uses numpy)."""
@@ -233,8 +234,8 @@ def prepare_plan(
         return None
     policy = _policy_view(chunk_policy) if auto else None
     scalars = (int(group), _MODE_ID[mode], int(chunk_size) if mode != "node" else 0, int(block_m_max), float(snap),
-               int(wide_budget), int(few_split) if mode == "flatten" else 0, policy, int(bool(fill_tiles)),
-               int(fill_small))  # fmt: skip
+               int(wide_budget), int(few_split) if mode == "flatten" else 0, int(bool(leaf_split)), policy,
+               int(bool(fill_tiles)), int(fill_small))  # fmt: skip
     order = None if lpt_small_m is None else (int(lpt_small_m), float(lpt_mix[0]), float(lpt_mix[1]))
     return NativePlanArgs(scalars, int(group), order)
 
@@ -254,6 +255,7 @@ def build_groups_native(
     lpt_mix: tuple[float, float] = (0.0, 0.0),
     fill_tiles: bool = False,
     fill_small: int = 0,
+    leaf_split: bool = False,
 ) -> KVGroups | None:
     """:func:`~deft.kernels.kv_groups.build_groups` in C, for a tree with queries (the caller checks the
     mode and chunk size); None when the native code is off or cannot take these inputs. ``chunk_policy``
@@ -263,11 +265,11 @@ def build_groups_native(
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``; ``lpt_mix``: its
     ``(mix, slots)``). ``fill_tiles``: a chunk's query slices fill a tile each, the rest last (else near-equal);
     ``fill_small``: rows of a small tile (0: none), whose rest the wide nodes' budget does not count.
-    The same as :func:`prepare_plan` then :func:`build_prepared`."""
+    ``leaf_split``: with ``few_split``, a chunk of leaves only is few too. The same as :func:`prepare_plan` then :func:`build_prepared`."""
     if not ENABLED:
         return None
     args = prepare_plan(group, mode, chunk_size, block_m_max, snap, wide_budget, few_split, chunk_policy,
-                        lpt_small_m, lpt_mix, fill_tiles, fill_small)  # fmt: skip
+                        lpt_small_m, lpt_mix, fill_tiles, fill_small, leaf_split)  # fmt: skip
     return None if args is None else build_prepared(tree, args, out_alloc)
 
 
