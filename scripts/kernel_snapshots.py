@@ -13,12 +13,15 @@ configuration; default: the sweep's fastest), ``DEFT_PROMPT_VARIANT`` (a :data:`
 name: the Gluon prompt kernel's module settings for the whole run, recorded in a ``prompt_gluon`` column), ``DEFT_SNAP_SNAPS`` (snapshot name prefixes, comma-separated; default
 all 9), ``DEFT_TRACES_DIR``, ``DEFT_PLAN_CORE`` (the CPU the plan's host time is measured on, the timing thread
 pinned to it; default the last one the process may use; ``off``: unpinned), ``DEFT_SNAP_PAIRED`` (rounds of the
-paired comparison, default 300; 0: none). Run on the GPU machine: ``python -m scripts.kernel_snapshots``.
+paired comparison, default 400; 0: none), ``DEFT_SNAP_INSTANCES`` (each variant built that many times apart for it,
+default 4). Run on the GPU machine: ``python -m scripts.kernel_snapshots``.
 
-The paired comparison: after each snapshot's table rows, every table variant's CUDA graph is replayed in
-interleaved rounds (:func:`~deft.bench.timing.time_device_interleaved`); ``kernel_paired_<date>.csv`` gets, per
-variant, the median of its per-round time over DeFT-Flatten's and that ratio's bootstrap 95 % interval (above 1:
-DeFT-Flatten faster with that confidence; below 1: slower), and ``kernel_paired_samples_<date>.csv`` the samples.
+The paired comparison: after each snapshot's table rows, every table variant is built ``DEFT_SNAP_INSTANCES`` times
+apart (own plan, buffers and CUDA graph) and the graphs replayed in interleaved rounds, random order
+(:func:`~deft.bench.timing.time_device_interleaved`); ``kernel_paired_<date>.csv`` gets, per variant, its instances'
+medians, the median of its per-round time over DeFT-Flatten's and that ratio's two-level bootstrap 95 % interval
+(instances, then rounds; above 1: DeFT-Flatten faster with that confidence; below 1: slower), and
+``kernel_paired_samples_<date>.csv`` the samples.
 """
 
 from __future__ import annotations
@@ -489,21 +492,36 @@ def sweep_summary(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([piv, geo.to_frame("geomean").T, ratio.to_frame(f"x {first}").T])
 
 
-def paired(variants: dict[str, object], tree: DecodingTree, q, k, v, rounds: int, dev) -> tuple[list[dict], pd.DataFrame]:
-    """Each variant's graph replayed in :func:`time_device_interleaved` rounds; rows of its median µs and its
-    per-round ratio to ``flatten`` (median, bootstrap 95 % interval), and the samples (µs) in long form."""
-    plans = {n: m.plan(tree, SHAPE, dev) for n, m in variants.items()}
-    digests = {n: m.launch_digest(p) if hasattr(m, "launch_digest") else "" for (n, m), p in zip(variants.items(), plans.values(), strict=True)}
-    graphs = {n: graph_of(lambda m=m, p=plans[n]: m.run(q, k, v, p)) for n, m in variants.items()}
-    us = {n: ms * 1e3 for n, ms in time_device_interleaved({n: g.replay for n, g in graphs.items()}, rounds=rounds, device=dev).items()}
+def paired(
+    variants: dict[str, tuple[type, dict]], tree: DecodingTree, q, k, v, rounds: int, instances: int, dev
+) -> tuple[list[dict], pd.DataFrame]:
+    """Each variant built ``instances`` times apart (own method, plan, buffers and CUDA graph) and replayed in
+    :func:`time_device_interleaved` rounds; rows of its median µs, its instances' medians, and its per-round ratio to
+    ``flatten`` (median, two-level bootstrap 95 % interval over instances and rounds), and the samples (µs) in long
+    form."""
+    built: dict[str, list] = {}
+    digests: dict[str, str] = {}
+    for n, (cls, kw) in variants.items():
+        built[n] = []
+        for _ in range(instances):
+            m = cls(**kw)
+            p = m.plan(tree, SHAPE, dev)
+            digests[n] = m.launch_digest(p) if hasattr(m, "launch_digest") else ""
+            built[n].append((m, p, graph_of(lambda m=m, p=p: m.run(q, k, v, p))))
+    fns = {n: [g.replay for _, _, g in b] for n, b in built.items()}
+    us = {n: ms * 1e3 for n, ms in time_device_interleaved(fns, rounds=rounds, device=dev).items()}
     rows = []
     for n, x in us.items():
-        med, lo, hi = paired_ratio(x, us["flatten"]) if n != "flatten" else (1.0, 1.0, 1.0)
+        med, lo, hi = paired_ratio(x, us["flatten"], instances) if n != "flatten" else (1.0, 1.0, 1.0)
+        per = [float(np.median(x[i::instances])) for i in range(instances)]
         rows.append({"variant": n, "paired_us": float(np.median(x)), "paired_p10_us": float(np.percentile(x, 10)),
-                     "paired_p90_us": float(np.percentile(x, 90)), "vs_flatten": med, "vs_flatten_lo": lo,
-                     "vs_flatten_hi": hi, "rounds": rounds, "same_launch": n != "flatten" and digests[n] == digests["flatten"],
-                     "launch_digest": digests[n]})  # fmt: skip
-    samples = pd.DataFrame([{"variant": n, "round": i, "us": float(t)} for n, x in us.items() for i, t in enumerate(x)])
+                     "paired_p90_us": float(np.percentile(x, 90)), "instances": instances,
+                     "instance_us": "/".join(f"{u:.2f}" for u in per), "instance_spread": (max(per) - min(per)) / float(np.median(x)),
+                     "vs_flatten": med, "vs_flatten_lo": lo, "vs_flatten_hi": hi, "rounds": rounds,
+                     "same_launch": n != "flatten" and digests[n] == digests["flatten"], "launch_digest": digests[n]})  # fmt: skip
+    samples = pd.DataFrame(
+        [{"variant": n, "round": i, "instance": i % instances, "us": float(t)} for n, x in us.items() for i, t in enumerate(x)]
+    )
     return rows, samples
 
 
@@ -531,7 +549,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernel_snapshots_{date}.csv"
     paired_path, samples_path = out_dir / f"kernel_paired_{date}.csv", out_dir / f"kernel_paired_samples_{date}.csv"
-    rounds = int(os.environ.get("DEFT_SNAP_PAIRED", "300"))
+    rounds = int(os.environ.get("DEFT_SNAP_PAIRED", "400"))
+    instances = int(os.environ.get("DEFT_SNAP_INSTANCES", "4"))
     rows: list[dict] = []
     pair_rows: list[dict] = []
     pair_samples: list[pd.DataFrame] = []
@@ -622,7 +641,7 @@ def main() -> None:
             )
         write_rows(path, rows)
         if rounds > 0 and "flatten" in table:
-            pr, ps = paired({n: cls(**kw) for n, (cls, kw) in table.items()}, tree, q, k, v, rounds, dev)
+            pr, ps = paired(table, tree, q, k, v, rounds, instances, dev)
             pair_rows += [{**prov, "snapshot": sname, **r} for r in pr]
             pair_samples.append(ps.assign(snapshot=sname, git_commit=prov["git_commit"], gpu=prov["gpu"]))
             write_rows(paired_path, pair_rows)
@@ -667,11 +686,14 @@ def main() -> None:
             )
 
     if pair_rows:
-        print(f"\npaired: {rounds} interleaved rounds per snapshot; ratio = variant / DeFT-Flatten per round, median [95 % CI]")
+        print(
+            f"\npaired: {rounds} interleaved rounds per snapshot over {instances} instances a variant; "
+            "ratio = variant / DeFT-Flatten per round, median [95 % CI, instances then rounds]; instances' medians"
+        )
         for r in pair_rows:
             print(
                 f"{r['snapshot'][:26]:26s} {r['variant']:15s} {r['paired_us']:7.1f} "
-                f"{r['vs_flatten']:6.3f} [{r['vs_flatten_lo']:.3f}, {r['vs_flatten_hi']:.3f}] {verdict(r)}"
+                f"{r['vs_flatten']:6.3f} [{r['vs_flatten_lo']:.3f}, {r['vs_flatten_hi']:.3f}] {r['instance_us']:28s} {verdict(r)}"
             )
 
 

@@ -89,8 +89,28 @@ def test_paired_ratio_refuses_unpaired_samples():
         paired_ratio(np.ones(0), np.ones(0))
 
 
+def test_two_level_interval_holds_for_the_launch_not_for_one_placement():
+    """Four instances a side, each with its own steady offset (+-2 %, as buffer placement gave identical launches on
+    the H100) and no difference between the launches: one level (rounds only) calls the placement's offset a
+    difference; two levels (instances, then rounds) do not."""
+    rng = np.random.default_rng(2)
+    rounds, k = 400, 4
+    drift = 40.0 * (1.0 + 0.1 * rng.random(rounds))
+    off_a, off_b = 1.0 + 0.02 * rng.standard_normal(k), 1.0 + 0.02 * rng.standard_normal(k)
+    inst = np.arange(rounds) % k
+    a = drift * off_a[inst] * (1.0 + 0.005 * rng.standard_normal(rounds))
+    b = drift * off_b[inst] * (1.0 + 0.005 * rng.standard_normal(rounds))
+    _, lo1, hi1 = paired_ratio(a, b)
+    _, lo2, hi2 = paired_ratio(a, b, instances=k)
+    assert not lo1 < 1.0 < hi1 and lo2 < 1.0 < hi2 and hi2 - lo2 > 3 * (hi1 - lo1)
+    with pytest.raises(ValueError, match="instances"):
+        paired_ratio(a, b, instances=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_interleaved_rounds_give_each_callable_one_sample_a_round():
+def test_interleaved_rounds_give_each_name_one_sample_a_round():
     x = torch.ones(1 << 20, device="cuda")
-    out = time_device_interleaved({"small": lambda: x[:1024].sum(), "big": lambda: (x * 2).sum()}, rounds=20)
+    out = time_device_interleaved({"small": [lambda: x[:1024].sum()], "big": [lambda: (x * 2).sum()] * 2}, rounds=20)
     assert set(out) == {"small", "big"} and all(v.shape == (20,) and (v > 0).all() for v in out.values())
+    with pytest.raises(ValueError, match="instance"):
+        time_device_interleaved({"none": []}, rounds=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,58 +153,81 @@ def time_device(
 
 
 def time_device_interleaved(
-    fns: Mapping[str, Callable[[], object]],
+    fns: Mapping[str, Sequence[Callable[[], object]]],
     rounds: int = 200,
     warmup: int = 5,
     device: torch.device | str | None = None,
+    seed: int = 0,
     backlog_cycles: int = BACKLOG_CYCLES,
     lead_cycles: int = LEAD_CYCLES,
 ) -> dict[str, np.ndarray]:
-    """Millisecond samples of each callable, taken in rounds: every round runs each callable once, cold L2 and
-    backlogged as :func:`time_device` does, in an order rotated by one each round. A clock or temperature drift,
-    or a neighbour's burst, then falls on every callable of a round alike, so sample ``i`` of two callables is a
-    pair (:func:`paired_ratio`). Sequential passes (one callable's repetitions, then the next's) cannot tell a
-    0.5 % difference from drift: identical launches measured 43.4-44.3 µs apart in one call (session 22)."""
+    """Millisecond samples of each named launch, taken in rounds: round ``r`` runs instance ``r % len(fns[name])`` of
+    every name once, cold L2 and backlogged as :func:`time_device` does, the names in a random order (``seed``).
+
+    A clock or temperature drift, or a neighbour's burst, then falls on every name of a round alike, so sample ``r``
+    of two names is a pair (:func:`paired_ratio`); sequential passes (one launch's repetitions, then the next's)
+    cannot tell a 0.5 % difference from drift (identical launches measured 43.4-44.3 µs apart in one call, session
+    22). The instances are the same launch built apart (own plan, buffers and graph): identical launches built apart
+    measured 26.0 and 25.3 µs, steadily, over 400 interleaved rounds (H100, session 23), so a comparison that is to
+    hold for the launch, not for one placement of its buffers, needs several."""
     device = torch.device(device or "cuda")
     spin_up(device)
     names = list(fns)
+    if not names or any(len(fns[n]) == 0 for n in names):
+        raise ValueError("every name needs at least one instance to time")
     for name in names:
-        for _ in range(warmup):
-            fns[name]()
+        for fn in fns[name]:
+            for _ in range(warmup):
+                fn()
     torch.cuda.synchronize(device)
     flush = l2_flush_buffer(device)
     events = {
         n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
         for n in names
     }
+    order = np.random.default_rng(seed)
     if lead_cycles > 0 and backlog_cycles > 0:
         torch.cuda._sleep(int(lead_cycles))
     for r in range(rounds):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
+        for k in order.permutation(len(names)):
+            name = names[k]
             flush_l2(flush)
             if backlog_cycles > 0:
                 torch.cuda._sleep(int(backlog_cycles))
             start, end = events[name][r]
             start.record()
-            fns[name]()
+            fns[name][r % len(fns[name])]()
             end.record()
     torch.cuda.synchronize(device)
     return {n: np.array([s.elapsed_time(e) for s, e in events[n]]) for n in names}
 
 
 def paired_ratio(
-    a: np.ndarray, b: np.ndarray, boot: int = 2000, level: float = 0.95, seed: int = 0
+    a: np.ndarray,
+    b: np.ndarray,
+    instances: int = 1,
+    boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Median of the per-round ratios ``a[i] / b[i]`` of two paired samples (:func:`time_device_interleaved`) and
-    its bootstrap interval at ``level`` (percentile method, ``boot`` resamples of the rounds): ``a`` is slower than
-    ``b`` with that confidence when the interval's low end is above 1."""
+    """Median of the per-round ratios ``a[r] / b[r]`` of two paired samples (:func:`time_device_interleaved`) and its
+    bootstrap interval at ``level`` (percentile method, ``boot`` resamples): ``a`` is slower than ``b`` with that
+    confidence when the interval's low end is above 1. With ``instances`` > 1, round ``r`` timed instance
+    ``r % instances`` of each, and each resample draws instances first, then rounds within each drawn instance
+    (two levels), so the interval holds for the launches, not for one placement of their buffers."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired samples need one equal, non-empty length, got {a.shape} and {b.shape}")
+    if not 1 <= instances <= a.size:
+        raise ValueError(f"instances must be in [1, {a.size}], got {instances}")
     r = a / b
-    pick = np.random.default_rng(seed).integers(0, r.size, size=(boot, r.size))
-    meds = np.median(r[pick], axis=1)
+    rng = np.random.default_rng(seed)
+    per = [r[i::instances] for i in range(instances)]
+    n = min(p.size for p in per)
+    per = np.stack([p[:n] for p in per])  # instances x rounds of each
+    inst = rng.integers(0, instances, size=(boot, instances)) if instances > 1 else np.zeros((boot, 1), dtype=np.int64)
+    rows = rng.integers(0, n, size=(boot, instances, n))
+    meds = np.median(per[inst[:, :, None], rows].reshape(boot, -1), axis=1)
     tail = (1.0 - level) / 2
     lo, hi = np.quantile(meds, [tail, 1.0 - tail])
     return float(np.median(r)), float(lo), float(hi)
