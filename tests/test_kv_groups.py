@@ -257,5 +257,5 @@ def test_the_c_plan_declines_a_tree_too_large_for_the_flags_field():
     for n_tok, want in ((1 << 29, -7), ((1 << 29) - 1, 0)):
         slot_ptr, qv = np.array([0, n_tok], np.int64), np.array([n_tok], np.int64)
         rc = lib.deft_plan_size(1, i64(parent), i64(slot_ptr), 1 << 30, i64(slots), 1, i64(qn), i64(qv), 1, 0,
-                                1 << 20, 64, 0.0, 0, 0, None, 0, 0, i64(ws), ws.size)  # fmt: skip
+                                1 << 20, 64, 0.0, 0, 0, 0, None, 0, 0, i64(ws), ws.size)  # fmt: skip
         assert rc == want
