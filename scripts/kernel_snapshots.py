@@ -54,7 +54,7 @@ from deft.kernels.deft_node import DeftNode, DeftNodeChunk
 from deft.kernels.global_reduce import launch_reduce
 from deft.reference import TOLERANCE, reference_attention, relative_error
 from deft.tree import DecodingTree
-from scripts.tables import sweep_pivot
+from scripts.tables import paired_verdict, sweep_pivot
 
 SHAPE = AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128, dtype="bfloat16")
 #: DeFT-Flatten tile/pipeline configurations swept on the key snapshots; the best (geometric mean of
@@ -525,15 +525,6 @@ def paired(
     return rows, samples
 
 
-def verdict(r: dict) -> str:
-    """What a paired row says of DeFT-Flatten against that variant."""
-    if r["variant"] == "flatten":
-        return ""
-    if r["same_launch"]:
-        return "same launch"
-    return "Flatten faster" if r["vs_flatten_lo"] > 1 else "Flatten SLOWER" if r["vs_flatten_hi"] < 1 else "tie (within the interval)"
-
-
 def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -693,7 +684,7 @@ def main() -> None:
         for r in pair_rows:
             print(
                 f"{r['snapshot'][:26]:26s} {r['variant']:15s} {r['paired_us']:7.1f} "
-                f"{r['vs_flatten']:6.3f} [{r['vs_flatten_lo']:.3f}, {r['vs_flatten_hi']:.3f}] {r['instance_us']:28s} {verdict(r)}"
+                f"{r['vs_flatten']:6.3f} [{r['vs_flatten_lo']:.3f}, {r['vs_flatten_hi']:.3f}] {r['instance_us']:28s} {paired_verdict(r)}"
             )
 
 

@@ -367,6 +367,38 @@ def sweep_ledger(results_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_verdict(r: pd.Series | dict) -> str:
+    """What a ``kernel_paired`` row says of DeFT-Flatten against its variant: the ratio variant / Flatten's 95 %
+    interval above 1 (Flatten faster), below 1 (slower), or across 1 (a tie); "same launch" where the plans and
+    kernels were byte-identical (the ratio then measures placement and spread alone)."""
+    if r["variant"] == "flatten":
+        return ""
+    if bool(r["same_launch"]):
+        return "same launch"
+    if r["vs_flatten_lo"] > 1:
+        return "Flatten faster"
+    return "Flatten SLOWER" if r["vs_flatten_hi"] < 1 else "tie (within the interval)"
+
+
+def paired_table(results_dir: str | Path, gpu: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The newest ``results/<gpu>/kernel_paired_*.csv`` (``kernel_snapshots``' paired comparison) as snapshots x variants
+    of "ratio [low, high] verdict", and its rows (empty frames when there is none)."""
+    paths = sorted(Path(results_dir, gpu).glob("kernel_paired_2*.csv"))  # by name: the date, then the call tag
+    paths = [p for p in paths if "samples" not in p.name]
+    if not paths:
+        return pd.DataFrame(), pd.DataFrame()
+    rows = pd.read_csv(paths[-1])
+    rows = rows[rows["variant"] != "flatten"]
+    cell = rows.apply(
+        lambda r: f"{r['vs_flatten']:.3f} [{r['vs_flatten_lo']:.3f}, {r['vs_flatten_hi']:.3f}] {paired_verdict(r)}", axis=1
+    )
+    table = rows.assign(cell=cell).pivot(index="snapshot", columns="variant", values="cell")
+    table = table.reindex(index=list(dict.fromkeys(rows["snapshot"])), columns=list(dict.fromkeys(rows["variant"])))
+    # provenance_line's columns, from the script's own (its rows name the GPU in "gpu" and carry no CUDA or dirty flag)
+    rows = rows.assign(gpu_name=rows["gpu"], cuda=rows["torch"].astype(str).str.partition("+")[2], git_dirty=False)
+    return table.rename_axis("snapshot").reset_index(), rows
+
+
 def gpu_folders(results_dir: str | Path) -> list[str]:
     """GPU result folders (everything under ``results_dir`` holding bench folders, except ``cpu``)."""
     root = Path(results_dir)
@@ -408,6 +440,15 @@ def build_all(results_dir: str | Path, out_dir: str | Path | None = None) -> lis
             write_table(out / f"e2e_{gpu}.md", f"End-to-end tree decoding, {gpu}", e2e_table(df), e2e,
                         [f"paper x Radix e2e: {PAPER_E2E_SOURCE}."]),
         ]  # fmt: skip
+    for gpu in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        table, rows = paired_table(root, gpu)
+        written.append(write_table(
+            out / f"paired_{gpu}.md", f"DeFT-Flatten against the other DeFT variants, paired, {gpu}", table, rows,
+            ["Each cell: variant's time / DeFT-Flatten's, per interleaved round (CUDA graphs, cold L2, random order "
+             "each round), median [95 % interval, bootstrapped over the variant's instances, each built apart, then "
+             "rounds]; above 1: DeFT-Flatten faster. `python -m scripts.kernel_snapshots` (`DEFT_SNAP_PAIRED`, "
+             "`DEFT_SNAP_INSTANCES`); the newest `kernel_paired_*.csv` of the folder."],
+        ))  # fmt: skip
     ledger = sweep_ledger(root)
     if not ledger.empty:
         path = out / "kernel_sweeps.md"

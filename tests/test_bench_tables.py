@@ -206,3 +206,25 @@ def test_timing_reads_the_flush_buffer_unless_told_to_zero_it(monkeypatch):
     assert seen == [8, 0]
     with pytest.raises(ValueError, match="l2 flush"):
         timing.set_l2_flush("zero")
+
+
+def test_paired_table_gives_each_variant_its_verdict(tmp_path):
+    """``kernel_snapshots``' paired rows -> snapshots x variants with the interval's verdict; the newest call (by
+    name) wins; build_all writes it with its provenance."""
+    prov = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11.0+cu130", triton="3.6.0", git_commit="abc1234", date="2026-12-06", l2_flush="read")
+    def row(snap, var, med, lo, hi, same=False):
+        return {**prov, "snapshot": snap, "variant": var, "vs_flatten": med, "vs_flatten_lo": lo, "vs_flatten_hi": hi, "same_launch": same}
+    (tmp_path / "h100").mkdir()
+    pd.DataFrame([row("s1", "node_chunk", 2.0, 1.9, 2.1)]).to_csv(tmp_path / "h100" / "kernel_paired_2026-12-05.csv", index=False)
+    pd.DataFrame([
+        row("s1", "flatten", 1.0, 1.0, 1.0), row("s1", "node_chunk", 1.05, 1.03, 1.07), row("s1", "node", 0.99, 0.98, 0.995),
+        row("s2", "flatten", 1.0, 1.0, 1.0), row("s2", "node_chunk", 0.998, 0.99, 1.01, True), row("s2", "node", 1.001, 0.99, 1.01),
+    ]).to_csv(tmp_path / "h100" / "kernel_paired_2026-12-06_s23b.csv", index=False)  # fmt: skip
+    table, rows = tables.paired_table(tmp_path, "h100")
+    got = table.set_index("snapshot")
+    assert list(got.columns) == ["node_chunk", "node"] and list(got.index) == ["s1", "s2"]
+    assert got.loc["s1", "node_chunk"].endswith("Flatten faster") and got.loc["s1", "node"].endswith("Flatten SLOWER")
+    assert got.loc["s2", "node_chunk"].endswith("same launch") and got.loc["s2", "node"].endswith("tie (within the interval)")
+    written = tables.build_all(tmp_path, tmp_path / "tables")
+    text = (tmp_path / "tables" / "paired_h100.md").read_text()
+    assert tmp_path / "tables" / "paired_h100.md" in written and "commits abc1234" in text and "1.050 [1.030, 1.070]" in text
