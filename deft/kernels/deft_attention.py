@@ -314,6 +314,11 @@ class DeftAttention(AttentionMethod):
     prompt's CTAs waited for them) the step took 100 µs instead of 75 (H100, session 20, few-shot 16k step 399, one of
     three graphs captured). H100, session 20, graph µs, few-shot 16k steps 1 / 200 / 399: 52.2 / 63.3 / 75.9 ->
     50.1 / 60.6 / 72.9.
+    ``leaf_split`` (on; session 23; Flatten with ``few_split``): on a tree whose prompt goes to the Gluon kernel, with
+    ``branch_heads``, a chunk whose nodes are all leaves counts as few whatever its queries and is cut at its nodes
+    (:meth:`leaf_split_for`): few-shot 16k step 1's 50 one-token leaves go to the branches' kernel as one-query tiles,
+    Node-Chunk's launch, instead of four masked query slices each reading all 50 tokens (H100, session 23, paired over
+    400 rounds: the packed tiles 2.2 % slower).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
