@@ -318,7 +318,7 @@ class DeftAttention(AttentionMethod):
     ``branch_heads``, a chunk whose nodes are all leaves counts as few whatever its queries and is cut at its nodes
     (:meth:`leaf_split_for`): few-shot 16k step 1's 50 one-token leaves go to the branches' kernel as one-query tiles,
     Node-Chunk's launch, instead of four masked query slices each reading all 50 tokens (H100, session 23, paired over
-    400 rounds: the packed tiles 2.2 % slower).
+    400 rounds: the packed tiles 2.2-2.4 % slower).
     ``partial_dtype``: ``"input"`` stores partial outputs in q's dtype (half the bytes of
     ``"float32"``; measured faster on H100, notes/deft_kernels.md); LSEs are always fp32. ``autotune``: on first CUDA plan, load (or measure and
     cache) the best of a few tree-independent configurations for this GPU and shape.
