@@ -167,9 +167,10 @@ def time_device_interleaved(
     A clock or temperature drift, or a neighbour's burst, then falls on every name of a round alike, so sample ``r``
     of two names is a pair (:func:`paired_ratio`); sequential passes (one launch's repetitions, then the next's)
     cannot tell a 0.5 % difference from drift (identical launches measured 43.4-44.3 µs apart in one call, session
-    22). The instances are the same launch built apart (own plan, buffers and graph): identical launches built apart
-    measured 26.0 and 25.3 µs, steadily, over 400 interleaved rounds (H100, session 23), so a comparison that is to
-    hold for the launch, not for one placement of its buffers, needs several."""
+    22). The instances are the same launch built apart (own plan, buffers and graph). H100, session 23: with one build
+    each and a fixed rotated order, two identical launches read 26.0 and 25.3 µs, steadily over 400 rounds; with the
+    order random and 4 builds each, identical launches read within 0.5 % of each other, while 8 builds of one launch
+    spread by 0.6-1.3 % in their own medians. So a comparison that is to hold for the launch needs several builds."""
     device = torch.device(device or "cuda")
     spin_up(device)
     names = list(fns)
