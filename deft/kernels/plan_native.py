@@ -265,7 +265,8 @@ def build_groups_native(
     (:func:`~deft.kernels.kv_groups.order_tiles_longest_first`, small tiles from this ``small_m``; ``lpt_mix``: its
     ``(mix, slots)``). ``fill_tiles``: a chunk's query slices fill a tile each, the rest last (else near-equal);
     ``fill_small``: rows of a small tile (0: none), whose rest the wide nodes' budget does not count.
-    ``leaf_split``: with ``few_split``, a chunk of leaves only is few too. The same as :func:`prepare_plan` then :func:`build_prepared`."""
+    ``leaf_split``: with ``few_split``, a chunk of leaves only is few too.
+    The same as :func:`prepare_plan` then :func:`build_prepared`."""
     if not ENABLED:
         return None
     args = prepare_plan(group, mode, chunk_size, block_m_max, snap, wide_budget, few_split, chunk_policy,
